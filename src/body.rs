@@ -1,0 +1,393 @@
+//! Body wrappers: where body-level limits and the response half of a request's story live.
+//!
+//! [`RequestBody`] carries the client's upload to the upstream. It records whether the
+//! upload completed or was cut short by the client (so that a client's departure is never
+//! mistaken for an upstream failure, and a half request is never completed upstream), and
+//! it enforces the body read timeout, counted only while the upstream is actually waiting
+//! for the client's bytes.
+//!
+//! [`UpstreamBody`] streams the upstream's response to the client. It owns the upstream
+//! connection (which it keeps driving), the whole-exchange deadline, the idle timer and the
+//! request's [`InFlight`] guard, declared in that order so that dropping the body closes
+//! the upstream before the guard records the outcome. Chunks are passed through as the
+//! upstream produced them: no copy, no buffering beyond hyper's own read buffer, and
+//! back-pressure is hyper polling us only when the client's socket can take more.
+
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::outcome::{CancelledBy, InFlight, Outcome};
+use crate::upstream::Conn;
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The client went away (or stopped sending) in the middle of its request body.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("the client left while sending the request body")]
+    Gone,
+    #[error("the client sent no request body bytes for {0:?}")]
+    TooSlow(Duration),
+}
+
+/// A timer of the route fired while the response streamed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamTimeout(pub &'static str);
+
+/// Progress of one request body, shared by the body (inside the upstream connection) and
+/// the request's guard and handler.
+#[derive(Default)]
+pub struct UploadState(AtomicU8);
+
+const UPLOADING: u8 = 0;
+const DONE: u8 = 1;
+const CLIENT_GONE: u8 = 2;
+const CLIENT_SLOW: u8 = 3;
+
+impl UploadState {
+    pub fn is_done(&self) -> bool {
+        self.0.load(Ordering::Acquire) == DONE
+    }
+
+    /// Why the client's upload failed, if it did.
+    pub fn client_failure(&self) -> Option<ClientBodyError> {
+        match self.0.load(Ordering::Acquire) {
+            CLIENT_GONE => Some(ClientBodyError::Gone),
+            CLIENT_SLOW => Some(ClientBodyError::TooSlow(Duration::ZERO)),
+            _ => None,
+        }
+    }
+
+    fn set(&self, state: u8) {
+        let _ = self
+            .0
+            .compare_exchange(UPLOADING, state, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// The client's request body on its way upstream.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    upload: Arc<UploadState>,
+    /// Declared `Content-Length`, to catch an upload that ended short.
+    expected: Option<u64>,
+    received: u64,
+    read_timeout: Duration,
+    /// Armed only while we wait for the client with the upstream wanting bytes.
+    timer: Option<Pin<Box<Sleep>>>,
+    timer_armed: bool,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, upload: Arc<UploadState>, read_timeout: Duration) -> RequestBody {
+        let expected = inner.size_hint().exact();
+        if inner.is_end_stream() {
+            upload.set(DONE);
+        }
+        RequestBody {
+            inner: Some(inner),
+            upload,
+            expected,
+            received: 0,
+            read_timeout,
+            timer: None,
+            timer_armed: false,
+        }
+    }
+
+    /// A body-less request.
+    pub fn empty() -> RequestBody {
+        let upload = Arc::new(UploadState::default());
+        upload.set(DONE);
+        RequestBody {
+            inner: None,
+            upload,
+            expected: Some(0),
+            received: 0,
+            read_timeout: Duration::MAX,
+            timer: None,
+            timer_armed: false,
+        }
+    }
+
+    fn fail(&mut self, state: u8) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.upload.set(state);
+        self.inner = None;
+        Poll::Ready(Some(Err(match state {
+            CLIENT_SLOW => Box::new(ClientBodyError::TooSlow(self.read_timeout)),
+            _ => Box::new(ClientBodyError::Gone),
+        })))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                }
+                this.timer_armed = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(_))) => this.fail(CLIENT_GONE),
+            Poll::Ready(None) => {
+                // hyper reports a connection dropped mid-body as an error; the length
+                // check is a second line of defence that costs one comparison.
+                if this.expected.is_some_and(|n| this.received < n) {
+                    return this.fail(CLIENT_GONE);
+                }
+                this.upload.set(DONE);
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.read_timeout;
+                if this.read_timeout == Duration::MAX {
+                    return Poll::Pending;
+                }
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.timer_armed {
+                    timer.as_mut().reset(deadline);
+                    this.timer_armed = true;
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.fail(CLIENT_SLOW),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The upstream's response body on its way to the client. See the module comment.
+pub struct UpstreamBody {
+    conn: Option<Conn>,
+    body: Option<Incoming>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    guard: InFlight,
+    status: u16,
+    finished: bool,
+}
+
+impl UpstreamBody {
+    pub fn new(
+        conn: Conn,
+        body: Incoming,
+        deadline: Option<Pin<Box<Sleep>>>,
+        idle_timeout: Option<Duration>,
+        guard: InFlight,
+        status: u16,
+    ) -> UpstreamBody {
+        let idle = idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        UpstreamBody {
+            conn: Some(conn),
+            body: Some(body),
+            deadline,
+            idle,
+            guard,
+            status,
+            finished: false,
+        }
+    }
+
+    /// A timer fired: the response is cut short and the upstream call closed now.
+    fn abort_timeout(
+        &mut self,
+        what: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.guard.decide_at(
+            Outcome::Timeout,
+            504,
+            Some(CancelledBy::Timeout),
+            Instant::now(),
+        );
+        self.close_upstream();
+        self.guard.reason(what);
+        self.finished = true;
+        Poll::Ready(Some(Err(Box::new(StreamTimeout(what)))))
+    }
+
+    fn close_upstream(&mut self) {
+        self.conn = None;
+        self.body = None;
+        self.guard.upstream_aborted();
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if let Some(d) = this.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return this.abort_timeout("route timeout fired while streaming the response");
+        }
+        if let Some((_, idle)) = this.idle.as_mut()
+            && idle.as_mut().poll(cx).is_ready()
+        {
+            return this.abort_timeout("idle_timeout fired between response chunks");
+        }
+        if let Some(conn) = this.conn.as_mut() {
+            // An error here surfaces through the body below, with more context.
+            let _ = conn.poll_drive(cx);
+        }
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.guard.add_bytes_out(data.len() as u64);
+                }
+                if let Some((d, idle)) = this.idle.as_mut() {
+                    idle.as_mut().reset(tokio::time::Instant::now() + *d);
+                }
+                // hyper stops polling once a body's declared length has been written, so
+                // the end must be noticed with the last frame, not after it.
+                if this.body.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.complete(cx);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.guard.decide(Outcome::UpstreamError, 502, None);
+                this.guard
+                    .reason(format!("upstream response body failed: {e}"));
+                this.close_upstream();
+                this.finished = true;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.complete(cx);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.body {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl UpstreamBody {
+    /// The upstream's last byte arrived and was handed on: the exchange is a success.
+    /// One more drive lets a clean connection go back to the pool; one that is not ready
+    /// yet is closed rather than kept waiting.
+    pub fn complete(&mut self, cx: &mut Context<'_>) {
+        self.guard.upstream_completed();
+        if let Some(conn) = self.conn.as_mut() {
+            let _ = conn.poll_drive(cx);
+        }
+        self.conn = None;
+        self.body = None;
+        self.guard.decide(Outcome::Ok, self.status, None);
+        self.finished = true;
+    }
+
+    /// For a response that has no body at all (HEAD, 204, 304, `Content-Length: 0`): hyper
+    /// may never poll it, so the exchange is settled at once.
+    pub fn complete_now(&mut self) {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        self.complete(&mut cx);
+    }
+}
+
+/// Every response the proxy sends: the upstream's, or one it made itself.
+pub enum ProxyBody {
+    Local(Option<Bytes>),
+    /// Boxed: it holds the upstream connection and the guard, about a kilobyte, and
+    /// responses move by value through hyper.
+    Upstream(Box<UpstreamBody>),
+    Protected(crate::protected::ProtectedBody),
+}
+
+impl ProxyBody {
+    pub fn text(s: &'static str) -> ProxyBody {
+        ProxyBody::Local(Some(Bytes::from_static(s.as_bytes())))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            ProxyBody::Protected(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Local(b) => b.is_none(),
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Protected(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Protected(b) => b.size_hint(),
+        }
+    }
+}

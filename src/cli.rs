@@ -1,0 +1,166 @@
+//! The commands: run (optionally with the demo API), `check`, `news-api`.
+//!
+//! Everything that touches the outside world before serving lives here: reading the
+//! config, binding sockets (so that the log can name the real ports, including `:0`
+//! ones), installing the metrics recorder and the signal handlers, building the runtime.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::config::{self, Config};
+use crate::shutdown::{self, Lifecycle};
+
+/// A reverse proxy that stops upstream work the moment nobody can use its result.
+#[derive(Parser)]
+#[command(name = "cutoff", version, about)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    /// Also run the demo news API on 127.0.0.1:9000, which the shipped proxy.toml uses.
+    #[arg(long)]
+    demo: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print the route table; on error print PATH:LINE:COL.
+    Check,
+    /// Run only the demo news API.
+    NewsApi {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+}
+
+pub const DEMO_API_ADDR: &str = "127.0.0.1:9000";
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check) => check(&cli.config),
+        Some(Command::NewsApi { listen }) => {
+            crate::logging::init(&config::LogConfig {
+                format: config::LogFormat::Text,
+                level: "info".into(),
+            });
+            runtime().block_on(async {
+                match TcpListener::bind(listen).await {
+                    Ok(l) => {
+                        log_listening("news_api", &l);
+                        let _ = crate::news_api::serve(l, std::future::pending()).await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("cutoff: cannot listen on {listen}: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        None => match config::load(&cli.config) {
+            Ok(config) => {
+                crate::logging::init(&config.log);
+                runtime().block_on(serve(config, cli.demo))
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(config) => {
+            let table = crate::routes::RouteTable::build(&config, None);
+            println!(
+                "{}: ok, listening on {}",
+                path.display(),
+                config.server.listen
+            );
+            print!("{}", table.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+async fn serve(config: Config, demo: bool) -> ExitCode {
+    let exporter = match crate::metrics::install() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the metrics recorder");
+            None
+        }
+    };
+    let proxy = match bind("proxy", config.server.listen).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let admin = match &config.admin {
+        Some(a) => match bind("admin", a.listen).await {
+            Ok(l) => Some(l),
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    if demo {
+        let addr: SocketAddr = DEMO_API_ADDR.parse().expect("valid constant");
+        match bind("news_api", addr).await {
+            Ok(l) => {
+                tokio::spawn(crate::news_api::serve(l, std::future::pending()));
+            }
+            Err(code) => return code,
+        }
+    }
+    let lifecycle = Arc::new(Lifecycle::default());
+    tokio::spawn(shutdown::on_signals(lifecycle.clone()));
+    crate::run(
+        config,
+        crate::Listeners { proxy, admin },
+        exporter,
+        lifecycle,
+    )
+    .await;
+    ExitCode::SUCCESS
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => {
+            log_listening(what, &l);
+            Ok(l)
+        }
+        Err(e) => {
+            tracing::error!(listener = what, %addr, error = %e, "cannot listen");
+            eprintln!("cutoff: cannot listen on {addr} ({what}): {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn log_listening(what: &str, l: &TcpListener) {
+    if let Ok(addr) = l.local_addr() {
+        tracing::info!(target: "cutoff::server", listener = what, addr = %addr, "listening");
+    }
+}

@@ -1,0 +1,226 @@
+//! Header and URI rewriting between client and upstream.
+//!
+//! Hop-by-hop headers (RFC 9110 section 7.6.1: `Connection` and every header it names,
+//! plus `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`) describe one
+//! connection, so they are dropped in both directions; hyper frames each side's body
+//! itself. `TE: trailers` is kept because gRPC needs it end to end. The client's address
+//! is appended to `X-Forwarded-For`; `X-Forwarded-Proto` and `X-Forwarded-Host` say what
+//! the client asked for, and `Host` becomes the upstream's unless the route preserves it.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Uri, request};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What the proxy knows of the client's connection.
+pub struct ClientInfo {
+    /// The client's IP, formatted once per connection.
+    pub ip: HeaderValue,
+    pub tls: bool,
+}
+
+impl ClientInfo {
+    pub fn new(ip: IpAddr, tls: bool) -> ClientInfo {
+        ClientInfo {
+            ip: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            tls,
+        }
+    }
+}
+
+/// Removes the hop-by-hop headers of one connection.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if name != header::TE || !keep_te_trailers {
+                headers.remove(&name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::UPGRADE);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    if let Some(te) = headers.get(header::TE) {
+        let trailers_only = te.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        if keep_te_trailers && trailers_only {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// Rewrites a client request's head for the upstream: path, forwarding headers, `Host`.
+pub fn to_upstream(
+    parts: &mut request::Parts,
+    client: &ClientInfo,
+    path_prefix: &str,
+    strip_prefix: bool,
+    preserve_host: bool,
+) {
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers, true);
+
+    let xff = match parts.headers.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + client.ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client.ip.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client.ip.clone())
+        }
+        None => client.ip.clone(),
+    };
+    parts.headers.insert(X_FORWARDED_FOR.clone(), xff);
+    parts.headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if client.tls { "https" } else { "http" }),
+    );
+    match (&host, preserve_host) {
+        (Some(h), true) => {
+            parts.headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        (Some(h), false) => {
+            parts.headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+            parts.headers.remove(header::HOST);
+        }
+        (None, _) => {
+            parts.headers.remove(header::HOST);
+        }
+    }
+
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = if strip_prefix {
+        Uri::from(strip(&pq, path_prefix))
+    } else {
+        Uri::from(pq)
+    };
+}
+
+/// `/news/v2/x?q` with prefix `/news/` becomes `/v2/x?q`: the result always starts with `/`.
+fn strip(pq: &PathAndQuery, prefix: &str) -> PathAndQuery {
+    let path = pq.path();
+    let rest = path.strip_prefix(prefix).unwrap_or(path);
+    let mut s = String::with_capacity(pq.as_str().len() + 1);
+    if !rest.starts_with('/') {
+        s.push('/');
+    }
+    s.push_str(rest);
+    if let Some(q) = pq.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+}
+
+/// Prepends an upstream URL's path (`http://host/api` forwards `/x` as `/api/x`).
+pub fn with_base_path(uri: &Uri, base: &str) -> Uri {
+    if base.is_empty() {
+        return uri.clone();
+    }
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    PathAndQuery::try_from(format!("{base}{pq}"))
+        .map(Uri::from)
+        .unwrap_or_else(|_| uri.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> request::Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_named() {
+        let mut p = parts(
+            "/x",
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers, deflate"),
+                ("upgrade", "h2c"),
+                ("x-kept", "yes"),
+                ("host", "example.com"),
+            ],
+        );
+        let client = ClientInfo::new("10.1.2.3".parse().unwrap(), false);
+        to_upstream(&mut p, &client, "/", false, false);
+        let h = &p.headers;
+        for gone in ["connection", "x-secret", "keep-alive", "upgrade", "host"] {
+            assert!(!h.contains_key(gone), "{gone} should be gone");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn appends_forwarded_for_and_preserves_host() {
+        let mut p = parts(
+            "/x",
+            &[("x-forwarded-for", "1.1.1.1"), ("host", "a.example")],
+        );
+        let client = ClientInfo::new("10.0.0.9".parse().unwrap(), true);
+        to_upstream(&mut p, &client, "/", false, true);
+        assert_eq!(p.headers["x-forwarded-for"], "1.1.1.1, 10.0.0.9");
+        assert_eq!(p.headers["host"], "a.example");
+        assert_eq!(p.headers["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn strip_prefix_and_base_path() {
+        let client = ClientInfo::new("127.0.0.1".parse().unwrap(), false);
+        for (uri, prefix, want) in [
+            ("/news/v2/top?x=1", "/news/", "/v2/top?x=1"),
+            ("/news", "/news", "/"),
+            ("/news/", "/news", "/"),
+            ("/newsy", "/news", "/y"),
+        ] {
+            let mut p = parts(uri, &[]);
+            to_upstream(&mut p, &client, prefix, true, false);
+            assert_eq!(p.uri, want);
+        }
+        let u: Uri = "/v2/x?q=1".parse().unwrap();
+        assert_eq!(with_base_path(&u, "/api"), "/api/v2/x?q=1");
+    }
+}

@@ -1,0 +1,117 @@
+//! cutoff: a reverse proxy that stops upstream work the moment nobody can use its result.
+//!
+//! The library's one door is [`run`]: it takes a checked [`config::Config`], listeners
+//! that are already bound (tests bind `127.0.0.1:0`), and the [`shutdown::Lifecycle`] that
+//! signals drive. Everything else is one concern per module:
+//!
+//! | module | concern |
+//! |---|---|
+//! | `config` | `proxy.toml`: types, defaults, validation, errors with line and key |
+//! | `routes` | the route table and longest-prefix matching |
+//! | `server` | accept loop, connection tasks, the hang-up watch |
+//! | `proxy` | the story of one request, top to bottom |
+//! | `protected` | `continue` routes: calls that outlive their client |
+//! | `headers` | hop-by-hop removal, `X-Forwarded-*`, `Host`, paths |
+//! | `body` | body wrappers: deadlines, idle timer, upload tracking |
+//! | `outcome` | the guard: one outcome per request, recorded on drop |
+//! | `access_log` | the access-log line |
+//! | `metrics` | metric names, buckets, handles, the saved-work estimator |
+//! | `upstream` | endpoints, idle connections, one HTTP/1.1 exchange |
+//! | `admin` | `/metrics`, `/healthz`, `/readyz` |
+//! | `reload` | file watch, SIGHUP, validate-then-swap |
+//! | `shutdown` | signals, drain, cancel after grace |
+//! | `news_api` | the demo upstream |
+
+pub mod access_log;
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod headers;
+pub mod logging;
+pub mod metrics;
+pub mod news_api;
+pub mod outcome;
+pub mod protected;
+pub mod proxy;
+pub mod reload;
+pub mod routes;
+pub mod server;
+pub mod shutdown;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::metrics::Exporter;
+use crate::proxy::Shared;
+use crate::routes::RouteTable;
+use crate::server::ServerSettings;
+use crate::shutdown::Lifecycle;
+
+/// Sockets bound before [`run`], so that the caller learns the real ports.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+/// How long after the forced end connection tasks have to wind down before `run` returns.
+const FORCED_EXIT_WAIT: Duration = Duration::from_millis(700);
+
+/// Serves until `lifecycle` drains, gives in-flight work `shutdown_grace`, then forces
+/// the end (cancelling every upstream call still running) and returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    exporter: Option<Exporter>,
+    lifecycle: Arc<Lifecycle>,
+) {
+    let shared = Arc::new(Shared {
+        table: arc_swap::ArcSwap::from_pointee(RouteTable::build(&config, None)),
+        lifecycle: lifecycle.clone(),
+        body_read_timeout: config.server.body_read_timeout,
+        tasks: tokio_util::task::TaskTracker::new(),
+    });
+    if let Some(admin) = listeners.admin {
+        tokio::spawn(admin::serve(admin, exporter.clone(), lifecycle.clone()));
+    }
+    if let Some(exporter) = exporter {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                exporter.run_upkeep();
+            }
+        });
+    }
+    let grace = config.server.shutdown_grace;
+    let settings = ServerSettings {
+        header_read_timeout: config.server.header_read_timeout,
+        max_header_bytes: config.server.max_header_bytes,
+        max_connections: config.server.max_connections,
+    };
+    let reload = tokio::spawn(reload::watch(shared.clone(), config));
+    let accept = server::serve(listeners.proxy, shared.clone(), settings);
+
+    accept.await;
+    // Draining: the listener is closed. Wait for in-flight work, at most the grace.
+    shared.tasks.close();
+    let in_flight = shared.tasks.len();
+    tracing::info!(in_flight, grace_ms = grace.as_millis() as u64, "draining");
+    tokio::select! {
+        _ = shared.tasks.wait() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(remaining = shared.tasks.len(), "grace ran out: cancelling what is left");
+            lifecycle.force();
+        }
+        _ = lifecycle.forced() => {}
+    }
+    if lifecycle.is_forced() {
+        let _ = tokio::time::timeout(FORCED_EXIT_WAIT, shared.tasks.wait()).await;
+    }
+    reload.abort();
+    tracing::info!("shutdown complete");
+}

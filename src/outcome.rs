@@ -1,0 +1,425 @@
+//! The guard that gives every request exactly one outcome.
+//!
+//! Cancellation in Rust is a dropped future: when a client leaves, hyper drops the
+//! handler's future (or the response body), and no code after the current `.await` ever
+//! runs. So the bookkeeping cannot live in the happy path. [`InFlight`] is created when a
+//! request arrives and travels with it (in the handler, then inside the response body);
+//! whatever ends the request, its `Drop` runs and records the outcome, the metrics and the
+//! one access-log line.
+//!
+//! The first cause wins: the proxy's own code decides `timeout`, `upstream_error`,
+//! `shutdown` or `ok` explicitly with [`InFlight::decide`] the moment it sees them. A guard
+//! dropped undecided was dropped from outside: by the shutdown's forced end (the shared
+//! [`Lifecycle`] says so), otherwise by hyper because the client left (`client_closed`).
+//!
+//! Ordering guarantee relied on for `cutoff_cancel_propagation_seconds`: the owner of an
+//! upstream call drops it (closing the connection or resetting the stream) before the
+//! guard, so the guard's drop time is the moment the upstream learnt of the cancellation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Uri};
+
+use crate::access_log::{self, AccessRecord};
+use crate::body::UploadState;
+use crate::metrics::RouteMetrics;
+use crate::shutdown::Lifecycle;
+
+/// How a request ended. The discriminant indexes the per-route metric handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok = 0,
+    ClientClosed = 1,
+    Timeout = 2,
+    UpstreamError = 3,
+    Shutdown = 4,
+    NoRoute = 5,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Ok,
+        Outcome::ClientClosed,
+        Outcome::Timeout,
+        Outcome::UpstreamError,
+        Outcome::Shutdown,
+        Outcome::NoRoute,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientClosed => "client_closed",
+            Outcome::Timeout => "timeout",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Shutdown => "shutdown",
+            Outcome::NoRoute => "no_route",
+        }
+    }
+}
+
+/// Who stopped the request: never confuse a client's departure with an upstream failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelledBy {
+    Client = 0,
+    Timeout = 1,
+    Shutdown = 2,
+}
+
+impl CancelledBy {
+    pub const ALL: [CancelledBy; 3] = [
+        CancelledBy::Client,
+        CancelledBy::Timeout,
+        CancelledBy::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelledBy::Client => "client",
+            CancelledBy::Timeout => "timeout",
+            CancelledBy::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Where the upstream call was when it was aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Queued = 0,
+    Connecting = 1,
+    AwaitingHeaders = 2,
+    StreamingBody = 3,
+    Uploading = 4,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Queued,
+        Phase::Connecting,
+        Phase::AwaitingHeaders,
+        Phase::StreamingBody,
+        Phase::Uploading,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Connecting => "connecting",
+            Phase::AwaitingHeaders => "awaiting_headers",
+            Phase::StreamingBody => "streaming_body",
+            Phase::Uploading => "uploading",
+        }
+    }
+}
+
+/// What the route contributes to the record: its name, handles and timeout.
+#[derive(Clone)]
+pub struct RouteInfo {
+    pub name: Arc<str>,
+    pub metrics: Arc<RouteMetrics>,
+    pub timeout: Option<Duration>,
+    pub protected: bool,
+}
+
+/// Per downstream connection: when its client was seen leaving, if it was. Set by the
+/// hang-up watch, read by the guards of the connection's requests.
+#[derive(Default)]
+pub struct ClientConn {
+    gone_at: std::sync::OnceLock<Instant>,
+}
+
+impl ClientConn {
+    pub fn mark_gone(&self) {
+        let _ = self.gone_at.set(Instant::now());
+    }
+
+    pub fn gone_at(&self) -> Option<Instant> {
+        self.gone_at.get().copied()
+    }
+}
+
+struct Decision {
+    outcome: Outcome,
+    status: u16,
+    cancelled_by: Option<CancelledBy>,
+    /// When the cause was seen; the start of cancellation propagation.
+    cause_at: Instant,
+}
+
+/// One request in flight. See the module comment.
+pub struct InFlight {
+    route: Option<RouteInfo>,
+    method: Method,
+    uri: Uri,
+    started: Instant,
+    client: Arc<ClientConn>,
+    lifecycle: Arc<Lifecycle>,
+
+    phase: Phase,
+    /// Set when the upstream call was dispatched (the request handed to a connection).
+    dispatched: Option<Instant>,
+    /// Set when the upstream's last response byte was read.
+    upstream_done: Option<Instant>,
+    /// The in-flight gauge was raised and must be lowered exactly once.
+    counted_inflight: bool,
+    /// Set when the call was given up while still queued (it cost the upstream nothing).
+    left_queue: bool,
+    /// Set when the proxy closed the upstream call itself (timeout, failure, shutdown).
+    upstream_closed_at: Option<Instant>,
+    /// The request body's progress, to tell `uploading` from `awaiting_headers`.
+    upload: Option<Arc<UploadState>>,
+
+    bytes_out: u64,
+    discarded: u64,
+    /// A `continue` route whose client left: the call goes on without it.
+    client_left: Option<Instant>,
+    reason: Option<String>,
+    decision: Option<Decision>,
+}
+
+impl InFlight {
+    pub fn new(
+        route: Option<RouteInfo>,
+        method: Method,
+        uri: Uri,
+        client: Arc<ClientConn>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> InFlight {
+        InFlight {
+            route,
+            method,
+            uri,
+            started: Instant::now(),
+            client,
+            lifecycle,
+            phase: Phase::Connecting,
+            dispatched: None,
+            upstream_done: None,
+            counted_inflight: false,
+            left_queue: false,
+            upstream_closed_at: None,
+            upload: None,
+            bytes_out: 0,
+            discarded: 0,
+            client_left: None,
+            reason: None,
+            decision: None,
+        }
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        if phase == Phase::Connecting
+            && !self.counted_inflight
+            && let Some(r) = &self.route
+        {
+            r.metrics.inflight.increment(1.0);
+            self.counted_inflight = true;
+        }
+    }
+
+    /// The request was handed to an upstream connection: upstream time starts now.
+    pub fn dispatched(&mut self, phase: Phase) {
+        self.dispatched = Some(Instant::now());
+        self.set_phase(phase);
+    }
+
+    /// The upstream's response is complete (its last byte read).
+    pub fn upstream_completed(&mut self) {
+        if self.upstream_done.is_none() {
+            self.upstream_done = Some(Instant::now());
+        }
+    }
+
+    /// The proxy closed the upstream call (the connection or stream is gone as of now).
+    pub fn upstream_aborted(&mut self) {
+        if self.upstream_closed_at.is_none() {
+            self.upstream_closed_at = Some(Instant::now());
+        }
+    }
+
+    pub fn watch_upload(&mut self, upload: Arc<UploadState>) {
+        self.upload = Some(upload);
+    }
+
+    /// The phase as of now: an upload that finished means the call awaits headers.
+    fn current_phase(&self) -> Phase {
+        match (&self.upload, self.phase) {
+            (_, _) if self.left_queue => Phase::Queued,
+            (Some(u), Phase::Uploading) if u.is_done() => Phase::AwaitingHeaders,
+            (_, p) => p,
+        }
+    }
+
+    pub fn is_decided(&self) -> bool {
+        self.decision.is_some()
+    }
+
+    pub fn add_bytes_out(&mut self, n: u64) {
+        self.bytes_out += n;
+    }
+
+    pub fn add_discarded(&mut self, n: u64) {
+        self.discarded += n;
+    }
+
+    /// On a `continue` route: the client left (at `at`) but the call goes on.
+    pub fn client_left(&mut self, at: Instant) {
+        if self.client_left.is_none() {
+            self.client_left = Some(at);
+        }
+    }
+
+    pub fn has_client_left(&self) -> bool {
+        self.client_left.is_some()
+    }
+
+    /// A reason for the access log (why an upstream failed, why a call was cancelled).
+    pub fn reason(&mut self, reason: impl Into<String>) {
+        if self.reason.is_none() {
+            self.reason = Some(reason.into());
+        }
+    }
+
+    /// Decides the outcome unless a cause was already recorded: the first cause wins.
+    pub fn decide(&mut self, outcome: Outcome, status: u16, cancelled_by: Option<CancelledBy>) {
+        self.decide_at(outcome, status, cancelled_by, Instant::now());
+    }
+
+    /// As [`InFlight::decide`], for a cause seen at `cause_at` (a timer's firing).
+    pub fn decide_at(
+        &mut self,
+        outcome: Outcome,
+        status: u16,
+        cancelled_by: Option<CancelledBy>,
+        cause_at: Instant,
+    ) {
+        if self.decision.is_none() {
+            self.decision = Some(Decision {
+                outcome,
+                status,
+                cancelled_by,
+                cause_at,
+            });
+        }
+    }
+
+    /// The call was still waiting in its upstream's admission queue.
+    pub fn left_queue(&mut self) {
+        self.left_queue = true;
+    }
+
+    /// The guard's verdict for a request dropped from outside.
+    fn undecided_cause(&self) -> Decision {
+        if self.lifecycle.is_forced() {
+            Decision {
+                outcome: Outcome::Shutdown,
+                status: 503,
+                cancelled_by: Some(CancelledBy::Shutdown),
+                cause_at: self.lifecycle.forced_at().unwrap_or_else(Instant::now),
+            }
+        } else {
+            Decision {
+                outcome: Outcome::ClientClosed,
+                status: 499,
+                cancelled_by: Some(CancelledBy::Client),
+                cause_at: self
+                    .client_left
+                    .or_else(|| self.client.gone_at())
+                    .unwrap_or_else(Instant::now),
+            }
+        }
+    }
+
+    fn record(&mut self) {
+        let now = Instant::now();
+        let d = match self.decision.take() {
+            Some(d) => d,
+            None => self.undecided_cause(),
+        };
+        let protected =
+            self.route.as_ref().is_some_and(|r| r.protected) && self.client_left.is_some();
+        let upstream_ms = self.dispatched.map(|t| {
+            self.upstream_done
+                .unwrap_or(now)
+                .saturating_duration_since(t)
+                .as_secs_f64()
+                * 1e3
+        });
+        if let Some(r) = &self.route {
+            let m = &r.metrics;
+            let aborted = self.counted_inflight && self.upstream_done.is_none();
+            if let (true, Some(by)) = (aborted, d.cancelled_by) {
+                // The call never completed: everything it cost was wasted, and what it
+                // would typically have gone on to cost was saved.
+                let spent = self
+                    .dispatched
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                m.cancelled(by, self.current_phase());
+                m.wasted.add(spent.as_secs_f64());
+                m.saved
+                    .add(m.estimator.saved(spent, r.timeout).as_secs_f64());
+                let closed = self.upstream_closed_at.unwrap_or(now);
+                m.propagation
+                    .record(closed.saturating_duration_since(d.cause_at).as_secs_f64());
+            } else if let (Some(t0), Some(t1)) = (self.dispatched, self.upstream_done) {
+                let took = t1.saturating_duration_since(t0);
+                m.upstream_duration.record(took.as_secs_f64());
+                m.estimator.record(took);
+                if d.outcome != Outcome::Ok {
+                    // Completed for nobody: a protected call whose client left, or a race
+                    // where the client left just as the upstream finished.
+                    m.wasted.add(took.as_secs_f64());
+                }
+                if protected {
+                    m.protected_completed.increment(1);
+                }
+            }
+            if let (true, Some(by)) = (self.left_queue, d.cancelled_by) {
+                m.cancelled(by, Phase::Queued);
+                m.saved
+                    .add(m.estimator.saved(Duration::ZERO, r.timeout).as_secs_f64());
+            }
+            if self.counted_inflight {
+                m.inflight.decrement(1.0);
+            }
+            if self.discarded > 0 {
+                m.discarded_bytes.increment(self.discarded);
+            }
+            m.request(d.outcome, now.saturating_duration_since(self.started));
+        } else {
+            RouteMetrics::unrouted()
+                .request(d.outcome, now.saturating_duration_since(self.started));
+        }
+        access_log::write(&AccessRecord {
+            route: self.route.as_ref().map_or("", |r| &r.name),
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            status: d.status,
+            outcome: d.outcome,
+            duration_ms: now.saturating_duration_since(self.started).as_secs_f64() * 1e3,
+            upstream_ms,
+            bytes_out: self.bytes_out,
+            cancelled_by: d.cancelled_by,
+            protected,
+            phase: (d.cancelled_by.is_some() && self.upstream_done.is_none())
+                .then(|| self.current_phase()),
+            reason: self.reason.as_deref(),
+        });
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.record();
+    }
+}

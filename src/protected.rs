@@ -1,0 +1,286 @@
+//! Protected routes (`on_client_disconnect = "continue"`): work that must never be
+//! interrupted once started, such as a payment or a large write.
+//!
+//! hyper drops a handler's future when its client leaves, so a call that must outlive its
+//! client cannot live in that future. Here the upstream call runs in a task of its own,
+//! which owns the request's [`InFlight`] guard and hands the response head and body frames
+//! to the client through channels. When the client leaves, the channels close and the
+//! task goes on: it reads the rest of the response and drops it (counting the discarded
+//! bytes), bounded by the route's timeout like any call.
+//!
+//! Two things still stop a protected call: a client that leaves in the middle of its
+//! upload (a half request must never be completed, so the upstream connection is closed
+//! and the log says why), and the end of a shutdown's grace. The tasks are tracked, so
+//! that a drain waits for them.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::body::{BoxError, StreamTimeout};
+use crate::headers;
+use crate::outcome::{CancelledBy, InFlight, Outcome, Phase};
+use crate::proxy::{self, ConnContext};
+use crate::routes::Route;
+
+/// The client's side of a protected response: frames from the task.
+pub struct ProtectedBody {
+    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    /// Signals the task that the client received the end of the body; dropped unsent when
+    /// the client left first.
+    delivered: Option<oneshot::Sender<()>>,
+    size_hint: SizeHint,
+    ended: bool,
+}
+
+impl Body for ProtectedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(this.rx.poll_recv(cx)) {
+            Some(item) => Poll::Ready(Some(item)),
+            None => {
+                this.ended = true;
+                if let Some(d) = this.delivered.take() {
+                    let _ = d.send(());
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.size_hint
+    }
+}
+
+pub async fn forward(
+    req: Request<Incoming>,
+    route: Arc<Route>,
+    mut guard: InFlight,
+    deadline: Option<Instant>,
+    cx: &ConnContext,
+) -> Response<crate::body::ProxyBody> {
+    let (up_req, upload) = proxy::prepare(req, &route, cx);
+    guard.watch_upload(upload.clone());
+    let (head_tx, head_rx) = oneshot::channel();
+    let lifecycle = cx.shared.lifecycle.clone();
+    cx.shared.tasks.spawn(async move {
+        let mut call = Call {
+            route,
+            guard,
+            head_tx: Some(head_tx),
+        };
+        call.run(up_req, upload, deadline, lifecycle).await;
+    });
+    match head_rx.await {
+        Ok(resp) => resp,
+        Err(_) => proxy::local(StatusCode::BAD_GATEWAY, "bad gateway\n"),
+    }
+}
+
+struct Call {
+    route: Arc<Route>,
+    guard: InFlight,
+    head_tx: Option<oneshot::Sender<Response<crate::body::ProxyBody>>>,
+}
+
+impl Call {
+    async fn run(
+        &mut self,
+        up_req: Request<crate::body::RequestBody>,
+        upload: Arc<crate::body::UploadState>,
+        deadline: Option<Instant>,
+        lifecycle: Arc<crate::shutdown::Lifecycle>,
+    ) {
+        let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
+        let deadline_header = match (&self.route.config.deadline_header, deadline) {
+            (Some(h), Some(d)) => Some((h.clone(), d)),
+            _ => None,
+        };
+
+        // Until response headers: the upstream call, the timer, a forced shutdown. The
+        // client leaving is only noted; it stops nothing.
+        let route = self.route.clone();
+        let (sent, client_left_at) = {
+            let head_closed = async {
+                if let Some(tx) = self.head_tx.as_mut() {
+                    tx.closed().await;
+                }
+                Instant::now()
+            };
+            let mut head_closed = std::pin::pin!(head_closed);
+            let mut client_left_at = None;
+            let send = route
+                .upstream
+                .send(up_req, &mut self.guard, deadline_header);
+            let mut send = std::pin::pin!(send);
+            let r = loop {
+                tokio::select! {
+                    r = &mut send => break Ok(r),
+                    at = fire(&mut timer) => break Err((CancelledBy::Timeout, at)),
+                    _ = lifecycle.forced() => break Err((CancelledBy::Shutdown, Instant::now())),
+                    at = &mut head_closed, if client_left_at.is_none() => {
+                        client_left_at = Some(at);
+                        tracing::info!(route = %self.route.config.name,
+                            "client left; protected call continues");
+                    }
+                }
+            };
+            (r, client_left_at)
+        };
+        if let Some(at) = client_left_at {
+            self.guard.client_left(at);
+        }
+        let (resp, mut conn) = match sent {
+            Ok(Ok(exchange)) => exchange,
+            Ok(Err(e)) => {
+                let resp = proxy::upstream_failed(&mut self.guard, &upload, e);
+                self.answer(resp);
+                return;
+            }
+            Err((by, at)) => {
+                let resp = proxy::cancelled(&mut self.guard, by, at);
+                self.answer(resp);
+                return;
+            }
+        };
+
+        self.guard.set_phase(Phase::StreamingBody);
+        let (mut parts, mut body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        let status = parts.status.as_u16();
+        let (tx, rx) = mpsc::channel(2);
+        let (delivered_tx, delivered_rx) = oneshot::channel();
+        let client_body = ProtectedBody {
+            rx,
+            delivered: Some(delivered_tx),
+            size_hint: body.size_hint(),
+            ended: false,
+        };
+        self.answer(Response::from_parts(
+            parts,
+            crate::body::ProxyBody::Protected(client_body),
+        ));
+        let mut client = (!self.guard.has_client_left()).then_some(tx);
+
+        loop {
+            let next = tokio::select! {
+                f = poll_fn(|cx| {
+                    let _ = conn.poll_drive(cx);
+                    Pin::new(&mut body).poll_frame(cx)
+                }) => f,
+                _ = fire(&mut timer) => {
+                    self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
+                    return;
+                }
+                _ = lifecycle.forced() => {
+                    self.stop(Outcome::Shutdown, 503, CancelledBy::Shutdown, client.take()).await;
+                    return;
+                }
+            };
+            match next {
+                Some(Ok(frame)) => {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    let delivered = match &client {
+                        Some(tx) => tokio::select! {
+                            r = tx.send(Ok(frame)) => r.is_ok(),
+                            _ = fire(&mut timer) => {
+                                self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
+                                return;
+                            }
+                        },
+                        None => false,
+                    };
+                    if delivered {
+                        self.guard.add_bytes_out(n);
+                    } else {
+                        if client.take().is_some() {
+                            self.guard.client_left(Instant::now());
+                        }
+                        self.guard.add_discarded(n);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.guard.decide(Outcome::UpstreamError, 502, None);
+                    self.guard
+                        .reason(format!("upstream response body failed: {e}"));
+                    if let Some(tx) = client.take() {
+                        let _ = tx.send(Err(Box::new(e))).await;
+                    }
+                    return;
+                }
+                None => {
+                    self.guard.upstream_completed();
+                    drop(conn);
+                    // Ok only once the client has taken the last frame.
+                    drop(client.take());
+                    let delivered = tokio::select! {
+                        r = delivered_rx => r.is_ok(),
+                        _ = fire(&mut timer) => false,
+                    };
+                    if delivered {
+                        self.guard.decide(Outcome::Ok, status, None);
+                    } else {
+                        self.guard.client_left(Instant::now());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, resp: Response<crate::body::ProxyBody>) {
+        if let Some(tx) = self.head_tx.take()
+            && tx.send(resp).is_err()
+        {
+            self.guard.client_left(Instant::now());
+        }
+    }
+
+    /// The timer or a shutdown ends the call mid-body: the upstream is closed (the caller
+    /// drops the connection on return) and the client's stream is aborted.
+    async fn stop(
+        &mut self,
+        outcome: Outcome,
+        status: u16,
+        by: CancelledBy,
+        client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>>,
+    ) {
+        self.guard.decide(outcome, status, Some(by));
+        if let Some(tx) = client {
+            let _ = tx.try_send(Err(Box::new(StreamTimeout("protected call stopped"))));
+        }
+    }
+}
+
+/// Resolves when the deadline passes; never, without one.
+async fn fire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) -> Instant {
+    match timer.as_mut() {
+        Some(t) => {
+            t.as_mut().await;
+            Instant::now()
+        }
+        None => std::future::pending().await,
+    }
+}

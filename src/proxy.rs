@@ -1,0 +1,295 @@
+//! The story of one request, top to bottom.
+//!
+//! 1. Match a route in the current table (404 `no_route` if none).
+//! 2. Start the [`InFlight`] guard: from here on, however the request ends, it records one
+//!    outcome, its metrics and one access-log line.
+//! 3. Work out the deadline: the route's `timeout`, shortened by the client's deadline
+//!    header when the route accepts one.
+//! 4. Rewrite the head for the upstream and wrap the body ([`RequestBody`]).
+//! 5. Send it upstream, racing the deadline and a forced shutdown. A client that leaves
+//!    needs no branch here: hyper (or the connection's hang-up watch) drops this future,
+//!    which closes the upstream connection, and the guard records `client_closed`.
+//! 6. Hand the response to the client inside [`UpstreamBody`], which owns the upstream
+//!    connection, the timers and the guard for the rest of the exchange.
+//!
+//! Routes with `on_client_disconnect = "continue"` take the same steps 4–6 in a task of
+//! their own (`protected.rs`), because their upstream call must outlive this future.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::{ClientBodyError, ProxyBody, RequestBody, UploadState, UpstreamBody};
+use crate::headers::{self, ClientInfo};
+use crate::outcome::{CancelledBy, ClientConn, InFlight, Outcome, Phase};
+use crate::routes::{Route, RouteTable};
+use crate::shutdown::Lifecycle;
+use crate::upstream::{Conn, UpstreamError};
+
+/// What every request of the process shares.
+pub struct Shared {
+    pub table: arc_swap::ArcSwap<RouteTable>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub body_read_timeout: Duration,
+    /// Connection tasks and protected calls: a drain waits for all of them.
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+/// What every request of one client connection shares.
+pub struct ConnContext {
+    pub shared: Arc<Shared>,
+    pub client: Arc<ClientConn>,
+    pub info: ClientInfo,
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    cx: Arc<ConnContext>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let table = cx.shared.table.load_full();
+    let lifecycle = cx.shared.lifecycle.clone();
+    let Some(route) = table.find(req.uri().path(), req.method()).cloned() else {
+        let mut guard = InFlight::new(
+            None,
+            req.method().clone(),
+            req.uri().clone(),
+            cx.client.clone(),
+            lifecycle,
+        );
+        guard.decide(Outcome::NoRoute, 404, None);
+        return Ok(local(
+            StatusCode::NOT_FOUND,
+            "no route matches this request\n",
+        ));
+    };
+    let guard = InFlight::new(
+        Some(route.info.clone()),
+        req.method().clone(),
+        req.uri().clone(),
+        cx.client.clone(),
+        lifecycle,
+    );
+    let deadline = deadline(&route, &req, guard.started());
+    if route.info.protected {
+        return Ok(crate::protected::forward(req, route, guard, deadline, &cx).await);
+    }
+    Ok(forward(req, &route, guard, deadline, &cx).await)
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    route: &Route,
+    mut guard: InFlight,
+    deadline: Option<Instant>,
+    cx: &ConnContext,
+) -> Response<ProxyBody> {
+    let (up_req, upload) = prepare(req, route, cx);
+    guard.watch_upload(upload.clone());
+
+    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
+    let fired = async {
+        match timer.as_mut() {
+            Some(t) => {
+                t.as_mut().await;
+                Instant::now()
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let deadline_header = deadline_header(route, deadline);
+    let sent = tokio::select! {
+        r = route.upstream.send(up_req, &mut guard, deadline_header) => Ok(r),
+        at = fired => Err((CancelledBy::Timeout, at)),
+        _ = cx.shared.lifecycle.forced() => Err((CancelledBy::Shutdown, Instant::now())),
+    };
+    // Whatever lost the race above has been dropped: the upstream call is closed already.
+    let (resp, conn) = match sent {
+        Ok(Ok(exchange)) => exchange,
+        Ok(Err(e)) => return upstream_failed(&mut guard, &upload, e),
+        Err((by, at)) => return cancelled(&mut guard, by, at),
+    };
+    respond(resp, conn, timer, route, guard)
+}
+
+/// Rewrites the request for the upstream; the upload's progress is shared with the guard.
+pub(crate) fn prepare(
+    req: Request<Incoming>,
+    route: &Route,
+    cx: &ConnContext,
+) -> (Request<RequestBody>, Arc<UploadState>) {
+    let (mut parts, body) = req.into_parts();
+    let c = &route.config;
+    headers::to_upstream(
+        &mut parts,
+        &cx.info,
+        &c.path_prefix,
+        c.strip_prefix,
+        c.preserve_host,
+    );
+    let upload = Arc::new(UploadState::default());
+    let body = RequestBody::new(body, upload.clone(), cx.shared.body_read_timeout);
+    (Request::from_parts(parts, body), upload)
+}
+
+/// Response headers arrived: the rest of the exchange lives in the body.
+pub(crate) fn respond(
+    resp: Response<Incoming>,
+    conn: Conn,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    route: &Route,
+    mut guard: InFlight,
+) -> Response<ProxyBody> {
+    guard.set_phase(Phase::StreamingBody);
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    let empty = http_body::Body::is_end_stream(&body);
+    let mut body = UpstreamBody::new(
+        conn,
+        body,
+        timer,
+        route.config.idle_timeout,
+        guard,
+        parts.status.as_u16(),
+    );
+    if empty {
+        body.complete_now();
+    }
+    Response::from_parts(parts, ProxyBody::Upstream(Box::new(body)))
+}
+
+/// The timer or a shutdown stopped the call before response headers.
+pub(crate) fn cancelled(guard: &mut InFlight, by: CancelledBy, at: Instant) -> Response<ProxyBody> {
+    guard.upstream_aborted();
+    match by {
+        CancelledBy::Timeout => {
+            guard.decide_at(Outcome::Timeout, 504, Some(by), at);
+            local(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
+        }
+        _ => {
+            guard.decide_at(Outcome::Shutdown, 503, Some(by), at);
+            local(StatusCode::SERVICE_UNAVAILABLE, "proxy is shutting down\n")
+        }
+    }
+}
+
+/// The call failed before response headers. If the client's own upload is what failed,
+/// the client left (or stalled): that is never the upstream's fault.
+pub(crate) fn upstream_failed(
+    guard: &mut InFlight,
+    upload: &UploadState,
+    e: UpstreamError,
+) -> Response<ProxyBody> {
+    match upload.client_failure() {
+        Some(ClientBodyError::Gone) => {
+            guard.upstream_aborted();
+            guard.decide(Outcome::ClientClosed, 499, Some(CancelledBy::Client));
+            guard.reason("the client left while sending the request body");
+            local(StatusCode::BAD_REQUEST, "incomplete request body\n")
+        }
+        Some(ClientBodyError::TooSlow(_)) => {
+            guard.upstream_aborted();
+            guard.decide(Outcome::Timeout, 408, Some(CancelledBy::Timeout));
+            guard.reason("the client stopped sending its request body (body_read_timeout)");
+            local(StatusCode::REQUEST_TIMEOUT, "request body timed out\n")
+        }
+        None => {
+            let status = e.status();
+            guard.decide(Outcome::UpstreamError, status, None);
+            guard.reason(e.to_string());
+            tracing::debug!(error = %e, "upstream call failed");
+            local(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                if status == 504 {
+                    "upstream connect timed out\n"
+                } else {
+                    "bad gateway\n"
+                },
+            )
+        }
+    }
+}
+
+/// The route timeout, shortened (never lengthened) by the client's own deadline: the
+/// route's `accept_deadline_header` in milliseconds, or gRPC's `grpc-timeout`.
+fn deadline(route: &Route, req: &Request<Incoming>, started: Instant) -> Option<Instant> {
+    let mut budget = route.config.timeout;
+    let asked = route
+        .config
+        .accept_deadline_header
+        .as_ref()
+        .and_then(|h| req.headers().get(h))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .or_else(|| {
+            req.headers()
+                .get("grpc-timeout")
+                .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+        });
+    if let Some(asked) = asked {
+        budget = Some(budget.map_or(asked, |b| b.min(asked)));
+    }
+    budget.map(|b| started + b)
+}
+
+/// The remaining budget, in milliseconds, for the route's `deadline_header`.
+fn deadline_header(route: &Route, deadline: Option<Instant>) -> Option<(HeaderName, Instant)> {
+    match (&route.config.deadline_header, deadline) {
+        (Some(h), Some(d)) => Some((h.clone(), d)),
+        _ => None,
+    }
+}
+
+/// `grpc-timeout` is digits then a unit: H, M, S, m (ms), u (µs), n (ns).
+pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A response the proxy makes itself: short plain text, never cached.
+pub fn local(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::text(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(
+            parse_grpc_timeout(b"300m"),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"12x"), None);
+        assert_eq!(parse_grpc_timeout(b"123456789S"), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! The accept loop, one task per client connection, and the hang-up watch.
+//!
+//! hyper tells a handler that its client left only by dropping the handler's future, and
+//! it notices a departure only when it happens to be reading the socket. It is not reading
+//! when pipelined bytes sit in its buffer, nor while a large request body waits unread
+//! behind a slow upstream. So every connection also has a [`HangupWatch`]: a second epoll
+//! registration of the same socket (a `dup` of its descriptor, so that hyper's own
+//! readiness state is never touched), woken by the kernel's `EPOLLRDHUP`/`EPOLLHUP`, which
+//! arrive with the client's FIN or RST whatever data is still queued in front of them.
+//! When it fires, the connection task drops hyper's connection, which drops every request
+//! future and response body of that connection, which closes their upstream calls.
+//!
+//! Consequence, documented in the README: a client that half-closes its side (sends FIN)
+//! while waiting for a response counts as gone, as with hyper's default and nginx.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::headers::ClientInfo;
+use crate::outcome::ClientConn;
+use crate::proxy::{self, ConnContext, Shared};
+
+/// Settings of the client-facing listener; changing them needs a restart.
+#[derive(Clone)]
+pub struct ServerSettings {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+}
+
+/// How long connections may go on writing the 503s of a forced shutdown before they are
+/// dropped.
+const FORCED_WRITE_WINDOW: Duration = Duration::from_millis(250);
+
+/// Accepts until the drain starts. Beyond `max_connections` it stops accepting, so that
+/// new connections wait in the kernel's backlog instead of the process running out of
+/// descriptors; they are served as soon as a slot frees.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, settings: ServerSettings) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let lifecycle = shared.lifecycle.clone();
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = lifecycle.draining() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin; the backlog holds the
+                    // connection until we can take it.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = lifecycle.draining() => break,
+        };
+        let shared = shared.clone();
+        let settings = settings.clone();
+        shared.tasks.clone().spawn(async move {
+            connection(stream, peer, shared, &settings).await;
+            drop(permit);
+        });
+    }
+    // Dropping the listener closes the socket: new connections are refused from now on.
+    drop(listener);
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    settings: &ServerSettings,
+) {
+    let _ = stream.set_nodelay(true);
+    let watch = HangupWatch::new(&stream);
+    let client = Arc::new(ClientConn::default());
+    let lifecycle = shared.lifecycle.clone();
+    let cx = Arc::new(ConnContext {
+        shared,
+        client: client.clone(),
+        info: ClientInfo::new(peer.ip(), false),
+    });
+    let service = service_fn(move |req| proxy::handle(req, cx.clone()));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = false;
+    let mut forced_window = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                break;
+            }
+            _ = hung_up(&watch) => {
+                client.mark_gone();
+                break;
+            }
+            _ = lifecycle.draining(), if !draining => {
+                // Idle keep-alive connections close now; busy ones after their response.
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = lifecycle.forced(), if forced_window.is_none() => {
+                forced_window = Some(Box::pin(tokio::time::sleep(FORCED_WRITE_WINDOW)));
+            }
+            _ = async { forced_window.as_mut().expect("guarded").await }, if forced_window.is_some() => {
+                break;
+            }
+        }
+    }
+}
+
+async fn hung_up(watch: &Option<HangupWatch>) {
+    match watch {
+        Some(w) => w.hung_up().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Notices a client's FIN or RST without reading its socket. See the module comment.
+pub struct HangupWatch {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl HangupWatch {
+    /// `None` if the descriptor cannot be duplicated or registered (hyper's own detection
+    /// then remains); that is logged, never fatal.
+    pub fn new(stream: &TcpStream) -> Option<HangupWatch> {
+        let fd = stream.as_fd().try_clone_to_owned().and_then(|fd| {
+            // SAFETY: the `OwnedFd` is a valid descriptor owned by the `AsyncFd` for its
+            // whole life; nothing else closes or replaces it.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        match fd {
+            Ok(fd) => Some(HangupWatch { fd }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch a client connection for hang-ups");
+                None
+            }
+        }
+    }
+
+    /// Resolves once the peer has closed its side or reset the connection. Readiness
+    /// without a hang-up (request bytes arriving) is cleared on this registration only.
+    pub async fn hung_up(&self) {
+        loop {
+            let Ok(mut guard) = self.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            if guard.ready().is_read_closed() {
+                return;
+            }
+            guard.clear_ready();
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Signals, drain, and the cancellation of what is left after the grace.
+//!
+//! Shutdown has two steps, each a [`CancellationToken`] so that any number of tasks can
+//! wait on it without polling:
+//!
+//! 1. *drain* (first SIGTERM or SIGINT): stop accepting, `/readyz` turns 503, idle
+//!    keep-alive connections are closed, in-flight requests may finish;
+//! 2. *force* (the grace ran out, or a second signal): requests still waiting for response
+//!    headers answer 503, every other connection task is dropped, which closes its
+//!    upstream connections. Guards dropped after this point record `shutdown`, because
+//!    they ask [`Lifecycle::is_forced`] who cancelled them.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// Where the process is in its life: serving, draining, or forcing the end.
+#[derive(Default)]
+pub struct Lifecycle {
+    drain: CancellationToken,
+    force: CancellationToken,
+    forced_at: OnceLock<Instant>,
+}
+
+impl Lifecycle {
+    pub fn start_drain(&self) {
+        self.drain.cancel();
+    }
+
+    pub fn force(&self) {
+        let _ = self.forced_at.set(Instant::now());
+        self.drain.cancel();
+        self.force.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    pub fn is_forced(&self) -> bool {
+        self.force.is_cancelled()
+    }
+
+    pub fn forced_at(&self) -> Option<Instant> {
+        self.forced_at.get().copied()
+    }
+
+    pub fn draining(&self) -> WaitForCancellationFuture<'_> {
+        self.drain.cancelled()
+    }
+
+    pub fn forced(&self) -> WaitForCancellationFuture<'_> {
+        self.force.cancelled()
+    }
+
+    pub fn force_token(&self) -> &CancellationToken {
+        &self.force
+    }
+
+    pub fn drain_token(&self) -> &CancellationToken {
+        &self.drain
+    }
+}
+
+/// Resolves at the first SIGTERM or SIGINT, and forces at the second: an operator who
+/// signals twice wants the process gone now.
+pub async fn on_signals(lifecycle: std::sync::Arc<Lifecycle>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will kill the process");
+        return;
+    };
+    let mut first = true;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        if first {
+            tracing::info!(
+                signal = name,
+                "draining: no new connections; in-flight requests may finish"
+            );
+            lifecycle.start_drain();
+            first = false;
+        } else {
+            tracing::warn!(
+                signal = name,
+                "second signal: cancelling everything still in flight"
+            );
+            lifecycle.force();
+            return;
+        }
+    }
+}
