@@ -80,9 +80,15 @@ pub fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match config::load(path) {
-        Ok(config) => {
-            let table = crate::routes::RouteTable::build(&config, None);
+    let table = config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            crate::routes::RouteTable::build(&config, None)
+                .map(|t| (config, t))
+                .map_err(|e| format!("{}: {e}", path.display()))
+        });
+    match table {
+        Ok((config, table)) => {
             println!(
                 "{}: ok, listening on {}",
                 path.display(),
@@ -135,14 +141,21 @@ async fn serve(config: Config, demo: bool) -> ExitCode {
     }
     let lifecycle = Arc::new(Lifecycle::default());
     tokio::spawn(shutdown::on_signals(lifecycle.clone()));
-    crate::run(
+    match crate::run(
         config,
         crate::Listeners { proxy, admin },
         exporter,
         lifecycle,
     )
-    .await;
-    ExitCode::SUCCESS
+    .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("cutoff: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {

@@ -84,7 +84,7 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -355,10 +355,15 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         )?,
         body_read_timeout: duration_or(at, &s.body_read_timeout, defaults::BODY_READ_TIMEOUT)?,
         max_header_bytes: positive_or(at, &s.max_header_bytes, defaults::MAX_HEADER_BYTES)?,
-        tls: s.tls.map(|t| TlsConfig {
-            cert: relative_to(at.path, t.cert.get_ref()),
-            key: relative_to(at.path, t.key.get_ref()),
-        }),
+        tls: s
+            .tls
+            .map(|t| -> Result<TlsConfig, ConfigError> {
+                Ok(TlsConfig {
+                    cert: existing_file(at, &t.cert)?,
+                    key: existing_file(at, &t.key)?,
+                })
+            })
+            .transpose()?,
     };
     if server.max_header_bytes < 8192
         && let Some(v) = &s.max_header_bytes
@@ -549,7 +554,11 @@ fn upstream(at: &Locator<'_>, name: String, u: RawUpstream) -> Result<UpstreamCo
         endpoints,
         connect_timeout: duration_or(at, &u.connect_timeout, defaults::CONNECT_TIMEOUT)?,
         protocol,
-        ca_file: u.ca_file.map(|f| relative_to(at.path, f.get_ref())),
+        ca_file: u
+            .ca_file
+            .as_ref()
+            .map(|f| existing_file(at, f))
+            .transpose()?,
         max_inflight: u
             .max_inflight
             .as_ref()
@@ -668,6 +677,16 @@ fn header_name(
                 .map_err(|_| at.spanned(v, format!("invalid header name `{}`", v.get_ref())))
         })
         .transpose()
+}
+
+/// A file the config names, which must exist now: a missing certificate is a config
+/// error (with its line), not a failure at the first handshake.
+fn existing_file(at: &Locator<'_>, v: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    let path = relative_to(at.path, v.get_ref());
+    if !path.is_file() {
+        return Err(at.spanned(v, format!("no such file `{}`", path.display())));
+    }
+    Ok(path)
 }
 
 /// Files named in the config are relative to the config's own folder, so that the config

@@ -121,6 +121,8 @@ pub fn to_upstream(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Each side's framing is its own: the upstream client decides HTTP/1.1 or HTTP/2.
+    parts.version = http::Version::HTTP_11;
     parts.uri = if strip_prefix {
         Uri::from(strip(&pq, path_prefix))
     } else {

@@ -38,6 +38,8 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -68,9 +70,17 @@ pub async fn run(
     listeners: Listeners,
     exporter: Option<Exporter>,
     lifecycle: Arc<Lifecycle>,
-) {
+) -> Result<(), String> {
+    let table = RouteTable::build(&config, None)?;
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(|t| tls::server_config(t).map(|c| Arc::new(tokio_rustls::TlsAcceptor::from(c))))
+        .transpose()?;
     let shared = Arc::new(Shared {
-        table: arc_swap::ArcSwap::from_pointee(RouteTable::build(&config, None)),
+        tls: arc_swap::ArcSwapOption::new(tls),
+        table: arc_swap::ArcSwap::from_pointee(table),
         lifecycle: lifecycle.clone(),
         body_read_timeout: config.server.body_read_timeout,
         tasks: tokio_util::task::TaskTracker::new(),
@@ -114,4 +124,5 @@ pub async fn run(
     }
     reload.abort();
     tracing::info!("shutdown complete");
+    Ok(())
 }

@@ -163,8 +163,6 @@ pub struct InFlight {
     upstream_done: Option<Instant>,
     /// The in-flight gauge was raised and must be lowered exactly once.
     counted_inflight: bool,
-    /// Set when the call was given up while still queued (it cost the upstream nothing).
-    left_queue: bool,
     /// Set when the proxy closed the upstream call itself (timeout, failure, shutdown).
     upstream_closed_at: Option<Instant>,
     /// The request body's progress, to tell `uploading` from `awaiting_headers`.
@@ -197,7 +195,6 @@ impl InFlight {
             dispatched: None,
             upstream_done: None,
             counted_inflight: false,
-            left_queue: false,
             upstream_closed_at: None,
             upload: None,
             bytes_out: 0,
@@ -254,7 +251,6 @@ impl InFlight {
     /// The phase as of now: an upload that finished means the call awaits headers.
     fn current_phase(&self) -> Phase {
         match (&self.upload, self.phase) {
-            (_, _) if self.left_queue => Phase::Queued,
             (Some(u), Phase::Uploading) if u.is_done() => Phase::AwaitingHeaders,
             (_, p) => p,
         }
@@ -311,11 +307,6 @@ impl InFlight {
                 cause_at,
             });
         }
-    }
-
-    /// The call was still waiting in its upstream's admission queue.
-    pub fn left_queue(&mut self) {
-        self.left_queue = true;
     }
 
     /// The guard's verdict for a request dropped from outside.
@@ -384,7 +375,8 @@ impl InFlight {
                     m.protected_completed.increment(1);
                 }
             }
-            if let (true, Some(by)) = (self.left_queue, d.cancelled_by) {
+            if let (Phase::Queued, Some(by)) = (self.phase, d.cancelled_by) {
+                // Never dispatched: it cost the upstream nothing, and saved all of it.
                 m.cancelled(by, Phase::Queued);
                 m.saved
                     .add(m.estimator.saved(Duration::ZERO, r.timeout).as_secs_f64());

@@ -35,8 +35,10 @@ pub struct Shared {
     pub table: arc_swap::ArcSwap<RouteTable>,
     pub lifecycle: Arc<Lifecycle>,
     pub body_read_timeout: Duration,
-    /// Connection tasks and protected calls: a drain waits for all of them.
+    /// Connection tasks, protected calls and tunnels: a drain waits for all of them.
     pub tasks: tokio_util::task::TaskTracker,
+    /// The TLS listener's acceptor, replaced when a reload brings new certificates.
+    pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
 }
 
 /// What every request of one client connection shares.
@@ -74,6 +76,9 @@ pub async fn handle(
         lifecycle,
     );
     let deadline = deadline(&route, &req, guard.started());
+    if crate::tunnel::is_upgrade(&req) {
+        return Ok(crate::tunnel::forward(req, &route, guard, deadline, &cx).await);
+    }
     if route.info.protected {
         return Ok(crate::protected::forward(req, route, guard, deadline, &cx).await);
     }

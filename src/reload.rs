@@ -43,11 +43,11 @@ pub async fn watch(shared: Arc<Shared>, mut current: Config) {
             continue;
         }
         last_text = text;
-        match config::load(&path) {
-            Ok(new) => {
-                apply(&shared, &current, &new);
-                current = new;
-            }
+        let result = config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|new| apply(&shared, &current, &new).map(|()| new));
+        match result {
+            Ok(new) => current = new,
             Err(e) => {
                 crate::metrics::config_reload(false);
                 tracing::error!(error = %e, "config reload failed; the previous routes keep serving");
@@ -57,17 +57,33 @@ pub async fn watch(shared: Arc<Shared>, mut current: Config) {
     hup.abort();
 }
 
-fn apply(shared: &Shared, old: &Config, new: &Config) {
+fn apply(shared: &Shared, old: &Config, new: &Config) -> Result<(), String> {
     let table = {
         let previous = shared.table.load();
-        RouteTable::build(new, Some(&previous))
+        RouteTable::build(new, Some(&previous))?
+    };
+    // Certificates reload with the config (a renewed cert keeps its file name). Enabling
+    // or disabling TLS changes the listener, which needs a restart.
+    let acceptor = match (&old.server.tls, &new.server.tls) {
+        (Some(_), Some(t)) => Some(Arc::new(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(t)?,
+        ))),
+        _ => None,
     };
     let routes = table.routes().len();
     shared.table.store(Arc::new(table));
+    if let Some(a) = acceptor {
+        shared.tls.store(Some(a));
+    }
     crate::metrics::config_reload(true);
     tracing::info!(path = %new.source.display(), routes, "config reloaded");
     for (what, changed) in [
-        ("[server]", old.server != new.server),
+        ("[server]", {
+            let (mut a, mut b) = (old.server.clone(), new.server.clone());
+            a.tls = a.tls.map(|_| Default::default());
+            b.tls = b.tls.map(|_| Default::default());
+            a != b
+        }),
         ("[admin]", old.admin != new.admin),
         ("[log]", old.log != new.log),
     ] {
@@ -78,6 +94,7 @@ fn apply(shared: &Shared, old: &Config, new: &Config) {
             );
         }
     }
+    Ok(())
 }
 
 /// Forwards file events for `path` into `tx`; `None` (logged) if watching is impossible,

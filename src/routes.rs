@@ -30,21 +30,20 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn build(config: &Config, previous: Option<&RouteTable>) -> RouteTable {
-        let upstreams: BTreeMap<String, Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .map(|(name, cfg)| {
-                let reused = previous
-                    .and_then(|p| p.upstreams.get(name))
-                    .filter(|u| u.config == *cfg)
-                    .cloned();
-                (
-                    name.clone(),
-                    reused.unwrap_or_else(|| Arc::new(Upstream::new(cfg.clone()))),
-                )
-            })
-            .collect();
+    /// Fails only when an upstream's TLS material cannot be loaded.
+    pub fn build(config: &Config, previous: Option<&RouteTable>) -> Result<RouteTable, String> {
+        let mut upstreams: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
+        for (name, cfg) in &config.upstreams {
+            let reused = previous
+                .and_then(|p| p.upstreams.get(name))
+                .filter(|u| u.config == *cfg)
+                .cloned();
+            let upstream = match reused {
+                Some(u) => u,
+                None => Arc::new(Upstream::new(cfg.clone())?),
+            };
+            upstreams.insert(name.clone(), upstream);
+        }
         let mut routes: Vec<Arc<Route>> = config
             .routes
             .iter()
@@ -68,7 +67,7 @@ impl RouteTable {
             .collect();
         // Stable sort: equal prefixes keep file order.
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.path_prefix.len()));
-        RouteTable { routes, upstreams }
+        Ok(RouteTable { routes, upstreams })
     }
 
     /// The route with the longest prefix of `path` that accepts `method`. Prefixes are
@@ -172,7 +171,7 @@ upstream = "a"
 "#,
         )
         .unwrap();
-        let t = RouteTable::build(&cfg, None);
+        let t = RouteTable::build(&cfg, None).unwrap();
         let name = |p: &str, m: Method| t.find(p, &m).map(|r| r.config.name.clone());
         assert_eq!(name("/x", Method::GET).as_deref(), Some("all"));
         assert_eq!(name("/news/1", Method::GET).as_deref(), Some("news"));

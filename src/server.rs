@@ -18,9 +18,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
@@ -88,21 +88,59 @@ async fn connection(
 ) {
     let _ = stream.set_nodelay(true);
     let watch = HangupWatch::new(&stream);
+    let acceptor = shared.tls.load_full();
     let client = Arc::new(ClientConn::default());
-    let lifecycle = shared.lifecycle.clone();
     let cx = Arc::new(ConnContext {
-        shared,
+        shared: shared.clone(),
         client: client.clone(),
-        info: ClientInfo::new(peer.ip(), false),
+        info: ClientInfo::new(peer.ip(), acceptor.is_some()),
     });
+    match acceptor {
+        None => serve_io(TokioIo::new(stream), cx, &watch, settings).await,
+        Some(acceptor) => {
+            // The handshake is bounded like a request head: a client that connects and
+            // says nothing must not hold a slot.
+            let handshake =
+                tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream));
+            let tls = tokio::select! {
+                r = handshake => r,
+                _ = shared.lifecycle.draining() => return,
+            };
+            match tls {
+                Ok(Ok(tls)) => serve_io(TokioIo::new(tls), cx, &watch, settings).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 (with upgrades) or HTTP/2 (by ALPN or the h2c preface) on one
+/// connection until it ends, its client hangs up, or the shutdown forces the end.
+async fn serve_io<I>(
+    io: I,
+    cx: Arc<ConnContext>,
+    watch: &Option<HangupWatch>,
+    settings: &ServerSettings,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let client = cx.client.clone();
+    let lifecycle = cx.shared.lifecycle.clone();
     let service = service_fn(move |req| proxy::handle(req, cx.clone()));
-    let mut builder = http1::Builder::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes.min(u32::MAX as usize) as u32)
+        .max_concurrent_streams(256);
+    let conn = builder.serve_connection_with_upgrades(io, service);
     let mut conn = std::pin::pin!(conn);
     let mut draining = false;
     let mut forced_window = None;
@@ -110,11 +148,11 @@ async fn connection(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    tracing::debug!(error = %e, "client connection ended with an error");
                 }
                 break;
             }
-            _ = hung_up(&watch) => {
+            _ = hung_up(watch) => {
                 client.mark_gone();
                 break;
             }

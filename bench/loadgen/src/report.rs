@@ -1,0 +1,412 @@
+//! `wrk-parse` (wrk's text → a RESULT line) and `report` (RESULT lines → markdown).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::Read;
+
+use serde_json::{Value, json};
+
+use crate::{Args, emit};
+
+/// The proxies under test, in the order tables list them; `cutoff` is the candidate and
+/// the others are the incumbents it is compared with.
+const ORDER: &[&str] = &["direct", "cutoff", "nginx", "haproxy"];
+const CANDIDATE: &str = "cutoff";
+
+pub fn wrk_parse(args: &Args) -> Result<(), String> {
+    let label = args.str("label", "proxy");
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    let mut v = json!({"bench": "wrk", "proxy": label});
+    let mut socket_errors = 0u64;
+    for line in text.lines() {
+        let l = line.trim();
+        let words: Vec<&str> = l.split_whitespace().collect();
+        if let Some(rest) = l.strip_prefix("Requests/sec:") {
+            v["rps"] = json!(rest.trim().parse::<f64>().unwrap_or(0.0));
+        } else if words.len() == 2 && ["50%", "75%", "90%", "99%"].contains(&words[0]) {
+            let key = format!("p{}_us", words[0].trim_end_matches('%'));
+            v[key] = json!(duration_us(words[1]));
+        } else if let Some(rest) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            v["non2xx"] = json!(rest.trim().parse::<u64>().unwrap_or(0));
+        } else if let Some(rest) = l.strip_prefix("Socket errors:") {
+            socket_errors = rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
+        } else if l.contains("requests in") {
+            v["requests"] = json!(words.first().and_then(|w| w.parse::<u64>().ok()).unwrap_or(0));
+        }
+    }
+    v["socket_errors"] = json!(socket_errors);
+    if v.get("rps").is_none() {
+        return Err("no Requests/sec line in wrk's output".into());
+    }
+    println!(
+        "wrk {label}: {} req/s, p50 {} µs, p99 {} µs, non-2xx {}, socket errors {socket_errors}",
+        v["rps"], v["p50_us"], v["p99_us"], v.get("non2xx").unwrap_or(&json!(0))
+    );
+    emit(v);
+    Ok(())
+}
+
+/// `620.23us`, `1.20ms`, `2.00s`, `1.00m` → microseconds.
+fn duration_us(s: &str) -> f64 {
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e6)
+    } else {
+        (s, 1.0)
+    };
+    num.parse::<f64>().map(|x| x * mult).unwrap_or(f64::NAN)
+}
+
+pub fn render(args: &Args) -> Result<(), String> {
+    let path = args.positional.first().ok_or("report FILE.jsonl")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let rows: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let of = |bench: &str| -> Vec<&Value> { rows.iter().filter(|r| r["bench"] == bench).collect() };
+    let mut out = String::new();
+
+    let meta = of("meta");
+    if !meta.is_empty() {
+        out.push_str("| run | |\n|---|---|\n");
+        for m in meta {
+            let _ = writeln!(out, "| {} | {} |", s(&m["key"]), s(&m["value"]));
+        }
+        out.push('\n');
+    }
+
+    cancel_table(&mut out, &of("cancel"));
+    timeout_table(&mut out, &of("timeout"));
+    wrk_table(&mut out, &of("wrk"));
+    rss_table(&mut out, &of("rss"));
+    soak_table(&mut out, &of("soak"));
+
+    let events = of("event");
+    if !events.is_empty() {
+        out.push_str("## Events during the run\n\n");
+        for e in events {
+            let _ = writeln!(out, "- **{}**: {}", s(&e["proxy"]), s(&e["msg"]));
+        }
+        out.push('\n');
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "—".into(),
+        other => other.to_string(),
+    }
+}
+
+fn f(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn num0(v: &Value) -> String {
+    f(v).map_or("—".into(), |x| format!("{x:.0}"))
+}
+
+fn ms1(v: &Value) -> String {
+    f(v).map_or("—".into(), |x| format!("{:.2}", x / 1000.0))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() => format!("{:.2}×", a / b),
+        _ => "—".into(),
+    }
+}
+
+fn rank(proxy: &str) -> usize {
+    ORDER.iter().position(|p| *p == proxy).unwrap_or(ORDER.len())
+}
+
+fn sorted<'a>(mut v: Vec<&'a Value>) -> Vec<&'a Value> {
+    v.sort_by_key(|r| rank(r["proxy"].as_str().unwrap_or("")));
+    v
+}
+
+fn incumbents<'a>(rows: &[&'a Value]) -> Vec<&'a Value> {
+    rows.iter()
+        .copied()
+        .filter(|r| r["proxy"] != CANDIDATE && r["proxy"] != "direct")
+        .collect()
+}
+
+fn cancel_table(out: &mut String, rows: &[&Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str("## Cancellation propagation (client leaves → upstream connection closed)\n\n");
+    out.push_str(
+        "Latency is t1 − t0: t0 just before the client's departing syscall, t1 when the \
+         upstream sees the proxy's FIN/RST. \"cancelled\" is the share of departed clients whose \
+         upstream call was closed within the bound; the rest were never cancelled. Ratios: \
+         cutoff ÷ best incumbent (the incumbent that cancelled the largest share, ties by \
+         lower p99); below 1× is better. — means no incumbent cancelled anything there.\n\n",
+    );
+    out.push_str("| phase | held | proxy | departures | cancelled | p50 µs | p99 µs | max µs | p50 vs best | p99 vs best | notes |\n");
+    out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    let phases = ["headers", "body", "upload"];
+    let helds: BTreeSet<u64> = rows.iter().filter_map(|r| r["held"].as_u64()).collect();
+    for phase in phases {
+        for &held in &helds {
+            let group: Vec<&Value> = rows
+                .iter()
+                .copied()
+                .filter(|r| r["phase"] == phase && r["held"].as_u64() == Some(held))
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let inc = incumbents(&group);
+            let best = inc
+                .iter()
+                .filter(|r| r["cancelled"].as_u64().unwrap_or(0) > 0)
+                .max_by(|a, b| {
+                    let sa = f(&a["cancelled_share"]).unwrap_or(0.0);
+                    let sb = f(&b["cancelled_share"]).unwrap_or(0.0);
+                    sa.total_cmp(&sb).then_with(|| {
+                        let pa = f(&a["latency_us"]["p99"]).unwrap_or(f64::MAX);
+                        let pb = f(&b["latency_us"]["p99"]).unwrap_or(f64::MAX);
+                        pb.total_cmp(&pa)
+                    })
+                });
+            for r in sorted(group.clone()) {
+                let lat = &r["latency_us"];
+                let is_c = r["proxy"] == CANDIDATE;
+                let (r50, r99) = match (is_c, best) {
+                    (true, Some(b)) => (
+                        format!("{} (vs {})", ratio(f(&lat["p50"]), f(&b["latency_us"]["p50"])), s(&b["proxy"])),
+                        ratio(f(&lat["p99"]), f(&b["latency_us"]["p99"])),
+                    ),
+                    _ => ("—".into(), "—".into()),
+                };
+                let mut notes = Vec::new();
+                if r["stop"] != "rounds done" {
+                    notes.push(s(&r["stop"]));
+                }
+                for k in ["not_arrived", "open_failed", "closed_before_client", "no_first_chunk"] {
+                    if r[k].as_u64().unwrap_or(0) > 0 {
+                        notes.push(format!("{k}={}", r[k]));
+                    }
+                }
+                let share = f(&r["cancelled_share"]).unwrap_or(0.0) * 100.0;
+                let _ = writeln!(
+                    out,
+                    "| {phase} | {held} | {} | {} | {share:.1}% | {} | {} | {} | {r50} | {r99} | {} |",
+                    if is_c { format!("**{}**", s(&r["proxy"])) } else { s(&r["proxy"]) },
+                    s(&r["departed"]),
+                    num0(&lat["p50"]),
+                    num0(&lat["p99"]),
+                    num0(&lat["max"]),
+                    notes.join("; "),
+                );
+            }
+        }
+    }
+    out.push('\n');
+}
+
+fn timeout_table(out: &mut String, rows: &[&Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    let rows = sorted(rows.to_vec());
+    out.push_str("## Timeout precision (route timeout 200 ms, upstream never answers)\n\n");
+    out.push_str(
+        "Lateness in ms past the timeout, measured from the instant the request was written: \
+         when the client got its response, and when the upstream saw its call closed. Ratio: \
+         cutoff's p99 response lateness ÷ the best incumbent's.\n\n",
+    );
+    out.push_str("| proxy | requests | statuses | response late p50 ms | p99 ms | max ms | upstream close late p50 ms | p99 ms | never closed | p99 vs best |\n");
+    out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let best = incumbents(&rows)
+        .into_iter()
+        .filter_map(|r| f(&r["late_response_us"]["p99"]))
+        .min_by(|a, b| a.total_cmp(b));
+    for r in rows {
+        let lr = &r["late_response_us"];
+        let lc = &r["late_close_us"];
+        let vs = if r["proxy"] == CANDIDATE {
+            ratio(f(&lr["p99"]), best)
+        } else {
+            "—".into()
+        };
+        let statuses = r["statuses"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}×{v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {statuses} | {} | {} | {} | {} | {} | {} | {vs} |",
+            s(&r["proxy"]),
+            s(&r["n"]),
+            ms1(&lr["p50"]),
+            ms1(&lr["p99"]),
+            ms1(&lr["max"]),
+            ms1(&lc["p50"]),
+            ms1(&lc["p99"]),
+            s(&r["upstream_never_closed"]),
+        );
+    }
+    out.push('\n');
+}
+
+fn wrk_table(out: &mut String, rows: &[&Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    let rows = sorted(rows.to_vec());
+    out.push_str("## Throughput (wrk -t1 -c64 -d5s, small static body from an nginx origin)\n\n");
+    out.push_str(
+        "\"vs direct\" divides by wrk straight to the origin (req/s: higher is better; \
+         latency: lower is better). \"req/s vs best\" is cutoff ÷ the faster incumbent.\n\n",
+    );
+    out.push_str("| target | req/s | req/s vs direct | p50 ms | p50 vs direct | p99 ms | p99 vs direct | req/s vs best | non-2xx | socket errors |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let direct = rows.iter().find(|r| r["proxy"] == "direct").copied();
+    let d = |k: &str| direct.and_then(|r| f(&r[k]));
+    let best = incumbents(&rows)
+        .into_iter()
+        .filter_map(|r| f(&r["rps"]))
+        .max_by(|a, b| a.total_cmp(b));
+    for r in &rows {
+        let vs_best = if r["proxy"] == CANDIDATE {
+            ratio(f(&r["rps"]), best)
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {vs_best} | {} | {} |",
+            s(&r["proxy"]),
+            num0(&r["rps"]),
+            ratio(f(&r["rps"]), d("rps")),
+            ms1(&r["p50_us"]),
+            ratio(f(&r["p50_us"]), d("p50_us")),
+            ms1(&r["p99_us"]),
+            ratio(f(&r["p99_us"]), d("p99_us")),
+            r.get("non2xx").map_or("0".into(), s),
+            s(&r["socket_errors"]),
+        );
+    }
+    out.push('\n');
+}
+
+fn mib(v: &Value) -> String {
+    f(v).map_or("—".into(), |x| format!("{:.1}", x / 1024.0))
+}
+
+fn rss_table(out: &mut String, rows: &[&Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    let rows = sorted(rows.to_vec());
+    out.push_str("## Memory per held request (upstream never answers)\n\n");
+    out.push_str(
+        "VmRSS of the proxy process (nginx: its one worker) before and while holding the \
+         requests; KiB per held request = (held − before) ÷ requests that reached the \
+         upstream. Ratio: cutoff ÷ the leaner incumbent.\n\n",
+    );
+    out.push_str("| proxy | held | RSS before MiB | RSS held MiB | KiB / held request | vs best | fds before → held → after | RSS after release MiB |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---|---:|\n");
+    let best = incumbents(&rows)
+        .into_iter()
+        .filter_map(|r| f(&r["kib_per_request"]))
+        .min_by(|a, b| a.total_cmp(b));
+    for r in rows {
+        let vs = if r["proxy"] == CANDIDATE {
+            ratio(f(&r["kib_per_request"]), best)
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {}/{} | {} | {} | {:.1} | {vs} | {} → {} → {} | {} |",
+            s(&r["proxy"]),
+            s(&r["held_ok"]),
+            s(&r["held"]),
+            mib(&r["rss_before_kib"]),
+            mib(&r["rss_held_kib"]),
+            f(&r["kib_per_request"]).unwrap_or(f64::NAN),
+            s(&r["fds_before"]),
+            s(&r["fds_held"]),
+            s(&r["fds_after"]),
+            mib(&r["rss_after_kib"]),
+        );
+    }
+    out.push('\n');
+}
+
+fn soak_table(out: &mut String, rows: &[&Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    let rows = sorted(rows.to_vec());
+    out.push_str("## Soak (half the requests abandoned while the upstream works)\n\n");
+    out.push_str(
+        "The upstream answers after 10 ms; odd requests leave (FIN) at 5 ms. \"abandoned \
+         cancelled\" is the share of abandoned calls the upstream saw closed before it \
+         answered. Descriptors and RSS: before the soak, 1 s after it, and after the \
+         upstream closed its idle keep-alive connections (a leak shows as growth there).\n\n",
+    );
+    out.push_str("| proxy | requests | req/s | ok | abandoned | errors + non-200 | upstream conns / requests | abandoned cancelled | fds before → 1 s → released | RSS MiB before → 1 s → released | alive |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---|---:|---|---|---|\n");
+    for r in rows {
+        let errs = r["errors"].as_u64().unwrap_or(0) + r["non200"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {errs} | {} / {} | {:.1}% | {} → {} → {} | {} → {} → {} | {} |",
+            s(&r["proxy"]),
+            s(&r["requests"]),
+            num0(&r["rps"]),
+            s(&r["ok"]),
+            s(&r["abandoned"]),
+            s(&r["upstream_connections"]),
+            s(&r["upstream_requests"]),
+            f(&r["abandoned_cancelled_share"]).unwrap_or(0.0) * 100.0,
+            s(&r["fds_before"]),
+            s(&r["fds_after_1s"]),
+            s(&r["fds_after_release"]),
+            mib(&r["rss_before_kib"]),
+            mib(&r["rss_after_1s_kib"]),
+            mib(&r["rss_after_release_kib"]),
+            s(&r["alive"]),
+        );
+    }
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration_us;
+
+    #[test]
+    fn wrk_units() {
+        assert_eq!(duration_us("620.00us"), 620.0);
+        assert_eq!(duration_us("1.50ms"), 1500.0);
+        assert_eq!(duration_us("2.00s"), 2e6);
+    }
+}

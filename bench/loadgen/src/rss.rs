@@ -1,0 +1,114 @@
+//! `rss`: memory per held request. Read the proxy's VmRSS and open descriptors, hold
+//! `held` requests that the upstream never answers, read them again once every request
+//! has reached the upstream, and report the difference per held request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::http::{self, HOST};
+use crate::upstream::{Mode, Upstream};
+use crate::{Args, emit};
+
+const OPEN_PARALLEL: usize = 128;
+
+pub async fn run(args: &Args) -> Result<(), String> {
+    let proxy = args.addr("proxy")?;
+    let up_addr = args.addr("upstream")?;
+    let pid: u32 = args.num("pid", None)?;
+    let held: u64 = args.num("held", None)?;
+    let label = args.str("label", "proxy");
+    if held == 0 || held > 20_000 {
+        return Err("--held 1..20000".into());
+    }
+    let up = Upstream::start(up_addr, Mode::Hold).await?;
+    let started = Instant::now();
+
+    // Warm-up: a few held-and-released requests, so lazily built state is in the baseline.
+    let warm = hold(proxy, 1_000_000, 50).await;
+    let warm_ids: Vec<u64> = warm.iter().map(|(id, _)| *id).collect();
+    up.wait_arrived(&warm_ids, Instant::now() + Duration::from_secs(5)).await;
+    drop(warm);
+    up.release_all();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let rss0 = http::rss_kib(pid)?;
+    let fd0 = http::fd_count(pid)?;
+    let t_open = Instant::now();
+    let conns = hold(proxy, 1, held).await;
+    let ids: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
+    let arrived = up
+        .wait_arrived(&ids, Instant::now() + Duration::from_secs(20))
+        .await;
+    let open_s = t_open.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss1 = http::rss_kib(pid)?;
+    let fd1 = http::fd_count(pid)?;
+    let n = conns.len() as u64;
+    drop(conns);
+    up.release_all();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let rss2 = http::rss_kib(pid).unwrap_or(0);
+    let fd2 = http::fd_count(pid).unwrap_or(0);
+
+    let per = if arrived > 0 {
+        (rss1 as f64 - rss0 as f64) / arrived as f64
+    } else {
+        0.0
+    };
+    println!(
+        "rss {label} pid={pid}: held {arrived}/{held} (opened {n} in {open_s:.1}s); \
+         VmRSS {rss0} → {rss1} KiB = {per:.2} KiB per held request; fds {fd0} → {fd1}; \
+         after release: VmRSS {rss2} KiB, fds {fd2}"
+    );
+    emit(json!({
+        "bench": "rss",
+        "proxy": label,
+        "held": held,
+        "held_ok": arrived,
+        "rss_before_kib": rss0,
+        "rss_held_kib": rss1,
+        "rss_after_kib": rss2,
+        "kib_per_request": (per * 100.0).round() / 100.0,
+        "fds_before": fd0,
+        "fds_held": fd1,
+        "fds_after": fd2,
+        "seconds": crate::stats::round1(started.elapsed().as_secs_f64()),
+    }));
+    Ok(())
+}
+
+/// Opens `n` connections with one unanswered GET each, ids from `first`.
+async fn hold(proxy: std::net::SocketAddr, first: u64, n: u64) -> Vec<(u64, TcpStream)> {
+    let sem = Arc::new(Semaphore::new(OPEN_PARALLEL));
+    let mut set = JoinSet::new();
+    for id in first..first + n {
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _p = sem.acquire_owned().await;
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut s = http::connect(proxy).await?;
+                http::write_all(&mut s, format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await?;
+                Ok::<_, std::io::Error>(s)
+            })
+            .await;
+            (id, r)
+        });
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    let mut failed = 0;
+    while let Some(j) = set.join_next().await {
+        match j {
+            Ok((id, Ok(Ok(s)))) => out.push((id, s)),
+            _ => failed += 1,
+        }
+    }
+    if failed > 0 {
+        eprintln!("rss: {failed} connections failed to open");
+    }
+    out
+}

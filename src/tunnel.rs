@@ -1,0 +1,160 @@
+//! Upgraded connections (WebSocket, `Connection: upgrade`): the 101 is passed on, then bytes
+//! flow both ways until either side closes, and then the other side is closed too.
+//!
+//! A tunnel is long-lived by design, so the route's `timeout` covers only the handshake
+//! (until the 101); after it, only `idle_timeout` applies (no bytes either way for that
+//! long ends the tunnel), and a forced shutdown. The tunnel runs in a tracked task that
+//! owns the request's guard: a normal close by either side is `ok`, an idle tunnel is
+//! `timeout`, and a shutdown is `shutdown`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{CONNECTION, HeaderValue, UPGRADE};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::body::ProxyBody;
+use crate::outcome::{CancelledBy, InFlight, Outcome, Phase};
+use crate::proxy::{self, ConnContext};
+use crate::routes::Route;
+use crate::shutdown::Lifecycle;
+
+/// Whether the client asks to switch protocols (HTTP/1.1 `Upgrade`).
+pub fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+pub async fn forward(
+    mut req: Request<Incoming>,
+    route: &Arc<Route>,
+    mut guard: InFlight,
+    deadline: Option<Instant>,
+    cx: &ConnContext,
+) -> Response<ProxyBody> {
+    let protocol = req.headers().get(UPGRADE).cloned();
+    let client_side = hyper::upgrade::on(&mut req);
+    let (mut up_req, upload) = proxy::prepare(req, route, cx);
+    if let Some(p) = protocol {
+        up_req.headers_mut().insert(UPGRADE, p);
+        up_req
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
+    let fired = async {
+        match timer.as_mut() {
+            Some(t) => {
+                t.as_mut().await;
+                Instant::now()
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let sent = tokio::select! {
+        r = route.upstream.upgrade(up_req, &mut guard) => Ok(r),
+        at = fired => Err((CancelledBy::Timeout, at)),
+        _ = cx.shared.lifecycle.forced() => Err((CancelledBy::Shutdown, Instant::now())),
+    };
+    let (mut resp, conn) = match sent {
+        Ok(Ok(exchange)) => exchange,
+        Ok(Err(e)) => return proxy::upstream_failed(&mut guard, &upload, e),
+        Err((by, at)) => return proxy::cancelled(&mut guard, by, at),
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The upstream declined: an ordinary response.
+        return proxy::respond(resp, conn, timer, route, guard);
+    }
+    let upstream_side = hyper::upgrade::on(&mut resp);
+    let (parts, _) = resp.into_parts();
+    guard.set_phase(Phase::StreamingBody);
+    let idle = route.config.idle_timeout;
+    let lifecycle = cx.shared.lifecycle.clone();
+    cx.shared.tasks.spawn(async move {
+        // Holding `conn` keeps the endpoint's in-flight count and admission slot.
+        let _conn = conn;
+        match tokio::join!(client_side, upstream_side) {
+            (Ok(client), Ok(upstream)) => {
+                pump(
+                    TokioIo::new(client),
+                    TokioIo::new(upstream),
+                    idle,
+                    &lifecycle,
+                    &mut guard,
+                )
+                .await;
+            }
+            (Err(e), _) => guard.reason(format!("client upgrade failed: {e}")),
+            (_, Err(e)) => {
+                guard.decide(Outcome::UpstreamError, 502, None);
+                guard.reason(format!("upstream upgrade failed: {e}"));
+            }
+        }
+    });
+    Response::from_parts(parts, ProxyBody::Local(None))
+}
+
+/// Copies both ways with one reused buffer per direction, until either side closes.
+async fn pump<C, U>(
+    mut client: C,
+    mut upstream: U,
+    idle: Option<Duration>,
+    lifecycle: &Lifecycle,
+    guard: &mut InFlight,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut up_buf = vec![0u8; 16 * 1024];
+    let mut down_buf = vec![0u8; 16 * 1024];
+    let idle_limit = idle.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    let sleep = tokio::time::sleep(idle_limit);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            r = client.read(&mut up_buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if upstream.write_all(&up_buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            },
+            r = upstream.read(&mut down_buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if client.write_all(&down_buf[..n]).await.is_err() {
+                        break;
+                    }
+                    guard.add_bytes_out(n as u64);
+                }
+            },
+            _ = &mut sleep => {
+                guard.decide(Outcome::Timeout, 504, Some(CancelledBy::Timeout));
+                guard.reason("tunnel idle_timeout");
+                break;
+            }
+            _ = lifecycle.forced() => {
+                guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown));
+                break;
+            }
+        }
+        sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + idle_limit);
+    }
+    let _ = client.shutdown().await;
+    let _ = upstream.shutdown().await;
+    guard.upstream_completed();
+    guard.decide(Outcome::Ok, 101, None);
+}

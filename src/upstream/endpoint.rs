@@ -1,0 +1,307 @@
+//! One instance of an upstream: how to connect to it, its idle HTTP/1.1 connections, its
+//! shared HTTP/2 connection, and its health.
+//!
+//! Health is passive: an endpoint that refuses, times out or resets connections is
+//! ejected for a back-off that doubles while it keeps failing (1 s, 2 s, 4 s… 30 s), then
+//! gets real traffic again. Only failures of the endpoint itself count; callers never
+//! report a call that was cancelled by its client, its timer or a shutdown.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::UpstreamError;
+use super::h2::H2Pool;
+use crate::config::{EndpointConfig, Protocol, Scheme, UpstreamConfig};
+use crate::metrics::EndpointMetrics;
+
+/// A connection to an endpoint, plain or TLS.
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpstreamIo {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamIo::Plain(s) => s,
+            UpstreamIo::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Whether TLS negotiated HTTP/2 by ALPN.
+    pub fn alpn_h2(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(_) => false,
+            UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Which protocol the endpoint speaks, once known.
+const PROTO_UNKNOWN: u8 = 0;
+const PROTO_H1: u8 = 1;
+const PROTO_H2: u8 = 2;
+
+pub struct Endpoint {
+    pub config: EndpointConfig,
+    pub(super) host_header: HeaderValue,
+    connect_timeout: Duration,
+    pool_idle_timeout: Duration,
+    pool_max_idle: usize,
+    protocol: Protocol,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Idle HTTP/1.1 connections, most recently used last (LIFO keeps the warm ones warm
+    /// and lets the cold ones time out). The lock is never held across an await.
+    idle: Mutex<Vec<(UpstreamIo, Instant)>>,
+    pub(super) h2: H2Pool,
+    negotiated: AtomicU8,
+    inflight: AtomicUsize,
+    /// Consecutive failures; drives the ejection back-off.
+    failures: AtomicU32,
+    /// Nanoseconds since `epoch` until which the endpoint is ejected (0: not ejected).
+    ejected_until: AtomicU64,
+    epoch: Instant,
+    pub(super) metrics: EndpointMetrics,
+    upstream: String,
+}
+
+impl Endpoint {
+    pub(super) fn new(
+        upstream: &UpstreamConfig,
+        config: EndpointConfig,
+    ) -> Result<Endpoint, String> {
+        let host_header = HeaderValue::from_str(&config.authority)
+            .map_err(|_| format!("{}: invalid host", config.url))?;
+        let tls = match config.scheme {
+            Scheme::Http => None,
+            Scheme::Https => {
+                let cc = crate::tls::client_config(upstream.ca_file.as_deref(), upstream.protocol)?;
+                let name = ServerName::try_from(config.host.clone())
+                    .map_err(|e| format!("{}: invalid TLS server name: {e}", config.url))?;
+                Some((TlsConnector::from(cc), name))
+            }
+        };
+        let negotiated = match (upstream.protocol, config.scheme) {
+            (Protocol::Http1, _) | (Protocol::Auto, Scheme::Http) => PROTO_H1,
+            (Protocol::H2, _) => PROTO_H2,
+            (Protocol::Auto, Scheme::Https) => PROTO_UNKNOWN,
+        };
+        Ok(Endpoint {
+            metrics: EndpointMetrics::register(&upstream.name, &config.url),
+            upstream: upstream.name.clone(),
+            host_header,
+            connect_timeout: upstream.connect_timeout,
+            pool_idle_timeout: upstream.pool_idle_timeout,
+            pool_max_idle: upstream.pool_max_idle,
+            protocol: upstream.protocol,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            h2: H2Pool::default(),
+            negotiated: AtomicU8::new(negotiated),
+            inflight: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            config,
+        })
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Speaks HTTP/2: configured so, or negotiated by ALPN on an earlier connection.
+    pub(super) fn uses_h2(&self) -> bool {
+        self.negotiated.load(Ordering::Relaxed) == PROTO_H2
+    }
+
+    pub(super) fn enter(self: &Arc<Self>) -> Slot {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.inflight.increment(1.0);
+        Slot(self.clone())
+    }
+
+    pub(super) fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && (now.saturating_duration_since(self.epoch).as_nanos() as u64) < until
+    }
+
+    pub(super) fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn failed(&self, why: &UpstreamError) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        // One failure may be bad luck; from the second in a row, eject.
+        if n >= 2 {
+            let backoff = Duration::from_secs(1 << (n - 2).min(5)).min(Duration::from_secs(30));
+            let until = Instant::now().saturating_duration_since(self.epoch) + backoff;
+            self.ejected_until
+                .store(until.as_nanos() as u64, Ordering::Relaxed);
+            self.metrics.ejections.increment(1);
+            tracing::warn!(upstream = %self.upstream, endpoint = %self.config.url,
+                failures = n, backoff_ms = backoff.as_millis() as u64, error = %why,
+                "endpoint ejected");
+        }
+    }
+
+    pub(super) fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// An idle HTTP/1.1 connection that is still open, or a new connection.
+    pub(super) async fn checkout(&self) -> Result<UpstreamIo, UpstreamError> {
+        loop {
+            let candidate = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                idle.pop()
+            };
+            let Some((io, since)) = candidate else { break };
+            if since.elapsed() < self.pool_idle_timeout && still_open(io.tcp()) {
+                return Ok(io);
+            }
+        }
+        self.connect().await
+    }
+
+    pub(super) fn checkin(&self, io: UpstreamIo) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.pool_max_idle {
+            idle.push((io, Instant::now()));
+        }
+    }
+
+    /// TCP, then TLS for https, both within `connect_timeout`.
+    pub(super) async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
+        let url = &self.config.url;
+        let connect = async {
+            let tcp = TcpStream::connect((self.config.host.as_str(), self.config.port))
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    endpoint: url.clone(),
+                    source,
+                })?;
+            let _ = tcp.set_nodelay(true);
+            match &self.tls {
+                None => Ok(UpstreamIo::Plain(tcp)),
+                Some((connector, name)) => {
+                    let tls = connector
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|source| UpstreamError::Tls {
+                            endpoint: url.clone(),
+                            source,
+                        })?;
+                    Ok(UpstreamIo::Tls(Box::new(tls)))
+                }
+            }
+        };
+        let io = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    endpoint: url.clone(),
+                    timeout: self.connect_timeout,
+                });
+            }
+        };
+        if self.protocol == Protocol::Auto && self.tls.is_some() {
+            let p = if io.alpn_h2() { PROTO_H2 } else { PROTO_H1 };
+            self.negotiated.store(p, Ordering::Relaxed);
+        }
+        Ok(io)
+    }
+}
+
+/// Holds one unit of an endpoint's in-flight count for as long as a call uses it.
+pub(super) struct Slot(Arc<Endpoint>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.inflight.decrement(1.0);
+    }
+}
+
+/// An idle HTTP/1.1 connection has nothing to say; if it is readable, the upstream closed
+/// it (or sent garbage), and either way it must not carry a request.
+fn still_open(io: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(io.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}

@@ -1,0 +1,469 @@
+//! The upstream client: choosing an endpoint, admission, and one exchange.
+//!
+//! HTTP/1.1: cutoff drives each upstream connection inside the request that uses it (no
+//! background task per connection). That is what makes cancellation exact: the connection
+//! is owned by the request's future and then by its response body, so dropping either one
+//! closes the socket in the same instant, and a cancelled connection can never find its way
+//! back into the pool. Only a connection whose exchange ended cleanly, with nothing left
+//! unread and keep-alive agreed, returns to its endpoint's idle list.
+//!
+//! HTTP/2 (`protocol = "h2"`, or negotiated by ALPN with `auto`): one shared connection per
+//! endpoint (`h2.rs`); cancelling a call resets its stream and nothing else.
+//!
+//! Endpoint choice is least-requests-in-flight over two random picks (power of two
+//! choices): cheap, no global lock, and a slow instance gets less work because its calls
+//! stay in flight longer. A connect failure is retried once on another endpoint, only when
+//! nothing was sent (the request is still whole), and never after the client left (the
+//! retry lives in the request's future, which is gone by then).
+
+mod admission;
+mod endpoint;
+mod h2;
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName};
+use http::uri::{PathAndQuery, Scheme as UriScheme};
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
+
+use self::admission::Admission;
+use self::endpoint::Slot;
+pub use self::endpoint::{Endpoint, UpstreamIo};
+use crate::body::RequestBody;
+use crate::config::{Scheme, UpstreamConfig};
+use crate::outcome::{InFlight, Phase};
+
+/// Why an upstream call failed, from the upstream's side. Client departures are not here:
+/// they are cancellations, decided by the guard.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {endpoint} timed out after {timeout:?}")]
+    ConnectTimeout { endpoint: String, timeout: Duration },
+    #[error("connecting to {endpoint} failed: {source}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {endpoint} failed: {source}")]
+    Tls {
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no healthy endpoint (all ejected after failures)")]
+    NoEndpoint,
+    #[error("{endpoint}: {source}")]
+    Http {
+        endpoint: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{reason}")]
+    H2 { status: u16, reason: String },
+    #[error("{endpoint}: the connection closed before a response")]
+    ClosedEarly { endpoint: String },
+    #[error("admission queue full ({queued} waiting, max_queue = {max})")]
+    QueueFull { queued: usize, max: usize },
+    #[error("waited {0:?} in the admission queue (queue_timeout) without a free slot")]
+    QueueTimeout(Duration),
+}
+
+impl UpstreamError {
+    /// The status the client gets: a connect timeout is a gateway timeout, a full or slow
+    /// queue is unavailability, the rest are bad gateways.
+    pub fn status(&self) -> u16 {
+        match self {
+            UpstreamError::ConnectTimeout { .. } => 504,
+            UpstreamError::QueueFull { .. } | UpstreamError::QueueTimeout(_) => 503,
+            UpstreamError::H2 { status, .. } => *status,
+            _ => 502,
+        }
+    }
+
+    /// Nothing reached the upstream: safe to try another endpoint.
+    fn nothing_sent(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::Connect { .. }
+                | UpstreamError::Tls { .. }
+                | UpstreamError::H2 { .. }
+        )
+    }
+
+    /// A failure of the endpoint itself, which counts towards its ejection.
+    fn blames_endpoint(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamError::QueueFull { .. } | UpstreamError::QueueTimeout(_)
+        )
+    }
+}
+
+/// One configured upstream: its endpoints and how to talk to them.
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    endpoints: Vec<Arc<Endpoint>>,
+    http1: http1::Builder,
+    admission: Admission,
+}
+
+impl Upstream {
+    /// Fails only on TLS material that cannot be loaded.
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| Endpoint::new(&config, e.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("upstream `{}`: {e}", config.name))?;
+        let mut http1 = http1::Builder::new();
+        http1.max_buf_size(1024 * 1024);
+        Ok(Upstream {
+            admission: Admission::new(&config),
+            config,
+            endpoints,
+            http1,
+        })
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// Power of two choices among endpoints not ejected (and not `avoid`); if every one is
+    /// ejected, the one whose ejection ends first: a guess beats refusing every request.
+    fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
+        let eps = &self.endpoints;
+        let allowed = |e: &&Arc<Endpoint>| avoid.is_none_or(|a| !Arc::ptr_eq(a, e));
+        if eps.len() == 1 {
+            return eps.iter().find(allowed).cloned();
+        }
+        let now = Instant::now();
+        let healthy = |e: &&Arc<Endpoint>| allowed(e) && !e.is_ejected(now);
+        let n = eps.len();
+        let a = &eps[fastrand::usize(..n)];
+        let b = &eps[fastrand::usize(..n)];
+        let chosen = match (healthy(&a), healthy(&b)) {
+            (true, true) if !Arc::ptr_eq(a, b) => {
+                Some(if b.inflight() < a.inflight() { b } else { a })
+            }
+            (true, false) | (true, true) => Some(a),
+            (false, true) => Some(b),
+            (false, false) => None,
+        };
+        chosen
+            .or_else(|| {
+                // Both draws were unusable: take the least loaded healthy one, if any.
+                eps.iter().filter(healthy).min_by_key(|e| e.inflight())
+            })
+            .or_else(|| eps.iter().filter(allowed).min_by_key(|e| e.ejected_until()))
+            .cloned()
+    }
+
+    /// Sends the request and resolves when response headers arrive, with the connection
+    /// that must keep being driven while the body streams.
+    ///
+    /// Cancel-safety: dropping this future at any point (queued, connecting, uploading,
+    /// awaiting headers) closes whatever connection or stream it holds; nothing is left
+    /// running, and nothing is counted against the endpoint.
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+        guard: &mut InFlight,
+        deadline: Option<(HeaderName, Instant)>,
+    ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
+        let permit = self.admission.admit(guard).await?;
+        guard.set_phase(Phase::Connecting);
+        let mut endpoint = self.pick(None).ok_or(UpstreamError::NoEndpoint)?;
+        let mut retried = false;
+        let (link, slot) = loop {
+            let slot = endpoint.enter();
+            let link = if endpoint.uses_h2() {
+                endpoint.h2.sender(&endpoint).await.map(Link::H2)
+            } else {
+                match endpoint.checkout().await {
+                    Ok(io) if io.alpn_h2() => endpoint.h2.adopt(&endpoint, io).await.map(Link::H2),
+                    Ok(io) => Ok(Link::H1(io)),
+                    Err(e) => Err(e),
+                }
+            };
+            match link {
+                Ok(link) => break (link, slot),
+                Err(e) => {
+                    endpoint.failed(&e);
+                    let other = (!retried && e.nothing_sent())
+                        .then(|| self.pick(Some(&endpoint)))
+                        .flatten();
+                    match other {
+                        Some(next) => {
+                            tracing::info!(error = %e, next = %next.config.url,
+                                "retrying on another endpoint");
+                            endpoint = next;
+                            retried = true;
+                        }
+                        None => return Err(e),
+                    }
+                }
+            }
+        };
+
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut()
+                .insert(header::HOST, endpoint.host_header.clone());
+        }
+        if !endpoint.config.base_path.is_empty() {
+            *req.uri_mut() = crate::headers::with_base_path(req.uri(), &endpoint.config.base_path);
+        }
+        if let Some((name, at)) = deadline {
+            set_remaining(&mut req, name, at);
+        }
+        let phase = if http_body::Body::is_end_stream(req.body()) {
+            Phase::AwaitingHeaders
+        } else {
+            Phase::Uploading
+        };
+        let result = match link {
+            Link::H1(io) => self.exchange_h1(&endpoint, io, req, guard, phase).await,
+            Link::H2(sender) => exchange_h2(&endpoint, sender, req, guard, phase).await,
+        };
+        match result {
+            Ok((resp, mut conn)) => {
+                endpoint.succeeded();
+                conn.slot = Some(slot);
+                conn.permit = permit;
+                Ok((resp, conn))
+            }
+            Err(e) => {
+                // A reset or garbage from the upstream counts against it. Our own
+                // cancellations never reach this line: the future is dropped instead.
+                if e.blames_endpoint() {
+                    endpoint.failed(&e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn exchange_h1(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        io: UpstreamIo,
+        req: Request<RequestBody>,
+        guard: &mut InFlight,
+        phase: Phase,
+    ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
+        let http_err = |source| UpstreamError::Http {
+            endpoint: endpoint.config.url.clone(),
+            source,
+        };
+        let (mut sender, conn) = self
+            .http1
+            .handshake::<_, RequestBody>(TokioIo::new(io))
+            .await
+            .map_err(http_err)?;
+        let mut conn = Conn::new(endpoint, Some(conn));
+        guard.dispatched(phase);
+        let mut response = std::pin::pin!(sender.send_request(req));
+        let resp = poll_fn(|cx| {
+            if !conn.done {
+                // An error here reaches the response future too, with more context.
+                let _ = conn.poll_drive(cx);
+            }
+            match response.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(r.map_err(http_err)),
+                Poll::Pending if conn.done => Poll::Ready(Err(UpstreamError::ClosedEarly {
+                    endpoint: endpoint.config.url.clone(),
+                })),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        drop(sender);
+        conn.reusable = keep_alive(&resp);
+        Ok((resp, conn))
+    }
+}
+
+impl Upstream {
+    /// Starts an HTTP/1.1 upgrade (WebSocket and the like) on a fresh connection, which is
+    /// never pooled. The connection is driven by a task of its own, as hyper's upgrade
+    /// machinery needs; dropping the response before it arrives still closes it.
+    pub async fn upgrade(
+        &self,
+        mut req: Request<RequestBody>,
+        guard: &mut InFlight,
+    ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
+        let permit = self.admission.admit(guard).await?;
+        guard.set_phase(Phase::Connecting);
+        let endpoint = self.pick(None).ok_or(UpstreamError::NoEndpoint)?;
+        let slot = endpoint.enter();
+        let io = match endpoint.connect().await {
+            Ok(io) => io,
+            Err(e) => {
+                endpoint.failed(&e);
+                return Err(e);
+            }
+        };
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut()
+                .insert(header::HOST, endpoint.host_header.clone());
+        }
+        if !endpoint.config.base_path.is_empty() {
+            *req.uri_mut() = crate::headers::with_base_path(req.uri(), &endpoint.config.base_path);
+        }
+        let http_err = |source| UpstreamError::Http {
+            endpoint: endpoint.config.url.clone(),
+            source,
+        };
+        let (mut sender, conn) = self
+            .http1
+            .handshake::<_, RequestBody>(TokioIo::new(io))
+            .await
+            .map_err(http_err)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended");
+            }
+        });
+        guard.dispatched(Phase::AwaitingHeaders);
+        let resp = sender.send_request(req).await.map_err(http_err)?;
+        endpoint.succeeded();
+        let mut conn = Conn::new(&endpoint, None);
+        conn.slot = Some(slot);
+        conn.permit = permit;
+        Ok((resp, conn))
+    }
+}
+
+/// How the call reaches its endpoint.
+enum Link {
+    H1(UpstreamIo),
+    H2(hyper::client::conn::http2::SendRequest<RequestBody>),
+}
+
+async fn exchange_h2(
+    endpoint: &Arc<Endpoint>,
+    mut sender: hyper::client::conn::http2::SendRequest<RequestBody>,
+    mut req: Request<RequestBody>,
+    guard: &mut InFlight,
+    phase: Phase,
+) -> Result<(Response<Incoming>, Conn), UpstreamError> {
+    // HTTP/2 carries the authority as a pseudo-header: an absolute URI, no Host header.
+    let authority = req
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| h.to_str().ok().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| {
+            endpoint
+                .config
+                .authority
+                .parse()
+                .expect("validated at load")
+        });
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let scheme = match endpoint.config.scheme {
+        Scheme::Http => UriScheme::HTTP,
+        Scheme::Https => UriScheme::HTTPS,
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(pq);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+    guard.dispatched(phase);
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|source| UpstreamError::Http {
+            endpoint: endpoint.config.url.clone(),
+            source,
+        })?;
+    Ok((resp, Conn::new(endpoint, None)))
+}
+
+/// Tells the upstream how much time is left, computed now, at dispatch, so that time spent
+/// queued or connecting is not promised to the upstream.
+fn set_remaining(req: &mut Request<RequestBody>, name: HeaderName, deadline: Instant) {
+    let ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as u64;
+    if req.headers().contains_key("grpc-timeout")
+        && let Ok(v) = HeaderValue::from_str(&format!("{ms}m"))
+    {
+        req.headers_mut().insert("grpc-timeout", v);
+    }
+    req.headers_mut().insert(name, HeaderValue::from(ms));
+}
+
+/// Whether the upstream agreed to keep the connection open after this response.
+fn keep_alive(resp: &Response<Incoming>) -> bool {
+    resp.version() == http::Version::HTTP_11
+        && !resp
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
+/// An upstream call in progress. Dropping it closes the HTTP/1.1 connection (or, for
+/// HTTP/2, lets the dropped response body reset the stream) and releases the endpoint's
+/// in-flight count and the admission slot.
+pub struct Conn {
+    conn: Option<http1::Connection<TokioIo<UpstreamIo>, RequestBody>>,
+    endpoint: Arc<Endpoint>,
+    slot: Option<Slot>,
+    permit: Option<OwnedSemaphorePermit>,
+    reusable: bool,
+    done: bool,
+}
+
+impl Conn {
+    fn new(
+        endpoint: &Arc<Endpoint>,
+        conn: Option<http1::Connection<TokioIo<UpstreamIo>, RequestBody>>,
+    ) -> Conn {
+        Conn {
+            done: conn.is_none(),
+            conn,
+            endpoint: endpoint.clone(),
+            slot: None,
+            permit: None,
+            reusable: false,
+        }
+    }
+
+    /// Drives reads and writes. Ready once the exchange is over; then, if the connection is
+    /// clean, it goes back to the endpoint's idle list.
+    pub fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let r = std::task::ready!(conn.poll_without_shutdown(cx));
+        self.done = true;
+        if let (true, true, Some(conn)) = (r.is_ok(), self.reusable, self.conn.take()) {
+            let parts = conn.into_parts();
+            if parts.read_buf.is_empty() {
+                self.endpoint.checkin(parts.io.into_inner());
+            }
+        }
+        self.conn = None;
+        Poll::Ready(r)
+    }
+}
