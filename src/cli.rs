@@ -69,7 +69,12 @@ pub fn main() -> ExitCode {
         None => match config::load(&cli.config) {
             Ok(config) => {
                 crate::logging::init(&config.log);
-                runtime().block_on(serve(config, cli.demo))
+                let rt = runtime();
+                let code = rt.block_on(serve(config, cli.demo));
+                // Whatever is still parked (the admin listener, a DNS lookup) must not
+                // hold the exit: the drain already ran.
+                rt.shutdown_timeout(std::time::Duration::from_millis(100));
+                code
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -104,8 +109,9 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The main thread's runtime: single-threaded, like every worker's (see `lib.rs`).
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime")

@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// Connections served at once; beyond it the accept loop stops accepting, so new
     /// connections wait in the kernel backlog instead of exhausting file descriptors.
     pub max_connections: usize,
+    /// Threads serving clients, each with its own single-threaded runtime; 0 means one
+    /// per core the process may run on.
+    pub workers: usize,
     pub header_read_timeout: Duration,
     /// Longest gap between two reads of a request body before the client counts as gone.
     pub body_read_timeout: Duration,
@@ -195,6 +198,7 @@ struct RawServer {
     listen: Spanned<String>,
     shutdown_grace: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    workers: Option<Spanned<i64>>,
     header_read_timeout: Option<Spanned<String>>,
     body_read_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<i64>>,
@@ -348,6 +352,7 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         listen: socket_addr(at, &s.listen)?,
         shutdown_grace: duration_or(at, &s.shutdown_grace, defaults::SHUTDOWN_GRACE)?,
         max_connections: positive_or(at, &s.max_connections, defaults::MAX_CONNECTIONS)?,
+        workers: nonnegative_or(at, &s.workers, 0)?,
         header_read_timeout: duration_or(
             at,
             &s.header_read_timeout,

@@ -54,6 +54,57 @@ use crate::routes::RouteTable;
 use crate::server::ServerSettings;
 use crate::shutdown::Lifecycle;
 
+/// A thread with its own single-threaded runtime, accepting from a duplicate of the
+/// listening socket (one accept queue, so no connection is stranded when a worker stops).
+///
+/// Why a runtime per core rather than one work-stealing runtime: a request's whole life
+/// (client connection, upstream connection, timers) stays on one thread, so wake-ups never
+/// cross cores and nothing contends on a shared run queue. Balance comes from the accept
+/// queue: an idle worker takes the next connection first.
+fn spawn_worker(
+    index: usize,
+    listener: &TcpListener,
+    shared: Arc<Shared>,
+    settings: ServerSettings,
+) -> Result<(), String> {
+    let std_listener = socket2::SockRef::from(listener)
+        .try_clone()
+        .map_err(|e| format!("cannot share the listening socket: {e}"))?;
+    let std_listener: std::net::TcpListener = std_listener.into();
+    std::thread::Builder::new()
+        .name(format!("cutoff-worker-{index}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a worker runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let Ok(listener) = TcpListener::from_std(std_listener) else {
+                    return;
+                };
+                server::serve(listener, shared.clone(), settings).await;
+                // Keep this runtime, and the connections it drives, alive through the
+                // drain; the main thread decides when the process ends.
+                let lifecycle = shared.lifecycle.clone();
+                tokio::select! {
+                    _ = shared.tasks.wait() => {}
+                    _ = async {
+                        lifecycle.forced().await;
+                        tokio::time::sleep(FORCED_EXIT_WAIT).await;
+                    } => {}
+                }
+            });
+        })
+        .map_err(|e| format!("cannot start worker thread {index}: {e}"))?;
+    Ok(())
+}
+
 /// Sockets bound before [`run`], so that the caller learns the real ports.
 pub struct Listeners {
     pub proxy: TcpListener,
@@ -103,10 +154,15 @@ pub async fn run(
         max_header_bytes: config.server.max_header_bytes,
         max_connections: config.server.max_connections,
     };
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let reload = tokio::spawn(reload::watch(shared.clone(), config));
-    let accept = server::serve(listeners.proxy, shared.clone(), settings);
-
-    accept.await;
+    for i in 1..workers {
+        spawn_worker(i, &listeners.proxy, shared.clone(), settings.clone())?;
+    }
+    server::serve(listeners.proxy, shared.clone(), settings).await;
     // Draining: the listener is closed. Wait for in-flight work, at most the grace.
     shared.tasks.close();
     let in_flight = shared.tasks.len();

@@ -184,7 +184,9 @@ fn request_id(head: &[u8]) -> u64 {
 async fn serve(up: Arc<Upstream>, s: TcpStream, mut release: watch::Receiver<u64>) -> io::Result<()> {
     s.set_nonblocking(true)?;
     s.set_nodelay(true)?;
-    let fd = AsyncFd::new(s)?;
+    // SAFETY: the std TcpStream owns its descriptor, which stays open and unchanged for as
+    // long as the AsyncFd owns the stream.
+    let fd = unsafe { AsyncFd::register(s) }.map_err(|e| io::Error::other(e.to_string()))?;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     // One request per iteration (keep-alive in Respond mode); bounded.
     for _ in 0..1_000_000u32 {

@@ -1,0 +1,255 @@
+//! What recording the metrics costs a request, on the hot path (`cargo bench --bench
+//! metrics_cost`).
+//!
+//! The guard in `src/outcome.rs` records every metric in its `Drop`. This bench repeats
+//! exactly the operations that guard performs, with the same handles, for a completed and
+//! for an aborted request, and reports nanoseconds per request:
+//!
+//! - completed: in-flight gauge up (when the call starts) and down, request counter and
+//!   request-duration histogram, upstream-duration histogram, estimator record;
+//! - aborted: in-flight gauge up and down, the cancelled counter, the wasted and saved
+//!   float counters (the saved estimate reads the estimator's window), the propagation
+//!   histogram, request counter and histogram.
+//!
+//! Each is timed twice: with handles registered before any recorder exists (the `metrics`
+//! facade hands out no-op handles: the baseline, the cost of the guard's own arithmetic and
+//! the estimator) and with cutoff's real Prometheus recorder installed. Histogram samples go
+//! to a lock-free buffer that the exporter folds into buckets during upkeep (every 5 s in
+//! the proxy) or a scrape; that folding is work too, so it is timed separately and reported
+//! per sample. Finally one `/metrics` render with 50 routes registered.
+//!
+//! Only `std::time::Instant`: no bench framework, so it runs on stable with `harness = false`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cutoff::metrics::{Exporter, RouteMetrics};
+use cutoff::outcome::{CancelledBy, Outcome, Phase};
+
+/// Requests per measured run.
+const N: u64 = 1_000_000;
+/// Histogram samples are folded into buckets between batches of this many requests, outside
+/// the timed region, so that the sample buffer stays as small as in the proxy.
+const BATCH: u64 = 50_000;
+/// Runs per measurement; the fastest is reported (the others met a busy machine).
+const RUNS: usize = 5;
+
+/// One completed request, as `InFlight::record` sees it.
+#[inline(never)]
+fn completed(m: &RouteMetrics, i: u64) {
+    // `set_phase(Connecting)` when the call starts.
+    m.inflight.increment(1.0);
+    let took = Duration::from_nanos(80_000_000 + (i % 1024) * 37_000);
+    m.upstream_duration.record(took.as_secs_f64());
+    m.estimator.record(took);
+    m.inflight.decrement(1.0);
+    m.request(Outcome::Ok, took + Duration::from_micros(150));
+}
+
+/// One aborted request (the client left while the call awaited headers).
+#[inline(never)]
+fn aborted(m: &RouteMetrics, i: u64, timeout: Option<Duration>) {
+    m.inflight.increment(1.0);
+    let spent = Duration::from_nanos(20_000_000 + (i % 1024) * 11_000);
+    m.cancelled(CancelledBy::Client, Phase::AwaitingHeaders);
+    m.wasted.add(spent.as_secs_f64());
+    m.saved.add(m.estimator.saved(spent, timeout).as_secs_f64());
+    m.propagation.record(0.000_04);
+    m.inflight.decrement(1.0);
+    m.request(Outcome::ClientClosed, spent + Duration::from_micros(60));
+}
+
+struct Timing {
+    /// Hot-path nanoseconds per request (fastest run).
+    per_request: f64,
+    /// Upkeep (folding histogram samples) nanoseconds per request, amortized.
+    upkeep_per_request: f64,
+}
+
+fn measure(
+    what: &str,
+    exporter: Option<&Exporter>,
+    mut one: impl FnMut(u64),
+    samples_per_request: u32,
+) -> Timing {
+    // Warm-up: caches, the estimator's window, the first sample buffers.
+    for i in 0..BATCH {
+        one(i);
+    }
+    if let Some(e) = exporter {
+        e.run_upkeep();
+    }
+    let mut best = f64::INFINITY;
+    let mut best_upkeep = f64::INFINITY;
+    for _ in 0..RUNS {
+        let mut hot = Duration::ZERO;
+        let mut upkeep = Duration::ZERO;
+        let mut i = 0;
+        while i < N {
+            let t = Instant::now();
+            for j in i..i + BATCH {
+                one(black_box(j));
+            }
+            hot += t.elapsed();
+            if let Some(e) = exporter {
+                let t = Instant::now();
+                e.run_upkeep();
+                upkeep += t.elapsed();
+            }
+            i += BATCH;
+        }
+        best = best.min(hot.as_nanos() as f64 / N as f64);
+        best_upkeep = best_upkeep.min(upkeep.as_nanos() as f64 / N as f64);
+    }
+    let best_upkeep = if exporter.is_some() { best_upkeep } else { 0.0 };
+    println!(
+        "{what:<44} {best:>8.1} ns/request   (+ {best_upkeep:.1} ns/request folding {samples_per_request} histogram samples)"
+    );
+    Timing {
+        per_request: best,
+        upkeep_per_request: best_upkeep,
+    }
+}
+
+/// The same work on `threads` threads at once against one route: the atomics contend.
+fn measure_contended(what: &str, m: &Arc<RouteMetrics>, exporter: &Exporter, threads: u64) {
+    let per_thread = N / threads;
+    let mut best = f64::INFINITY;
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let m = m.clone();
+                s.spawn(move || {
+                    for i in 0..per_thread {
+                        let k = black_box(t * per_thread + i);
+                        if k % 4 == 0 {
+                            aborted(&m, k, Some(Duration::from_secs(3)));
+                        } else {
+                            completed(&m, k);
+                        }
+                    }
+                });
+            }
+        });
+        // Wall time per request over all threads: throughput, not latency.
+        best = best.min(start.elapsed().as_nanos() as f64 / (per_thread * threads) as f64);
+        exporter.run_upkeep();
+    }
+    println!("{what:<44} {best:>8.1} ns/request of wall time (3 completed : 1 aborted)");
+}
+
+fn main() {
+    println!(
+        "cutoff metrics cost: {N} requests per run, best of {RUNS} runs, {} build",
+        if cfg!(debug_assertions) {
+            "debug (numbers are meaningless: run `cargo bench`)"
+        } else {
+            "optimized"
+        }
+    );
+    let timeout = Some(Duration::from_secs(3));
+
+    // Registered before any recorder exists: every handle is a no-op.
+    let noop = RouteMetrics::register("bench-noop");
+    for i in 0..64 {
+        noop.estimator.record(Duration::from_millis(80 + i));
+    }
+
+    let exporter = cutoff::metrics::install().expect("install the Prometheus recorder");
+    let real = Arc::new(RouteMetrics::register("bench"));
+    for i in 0..64 {
+        real.estimator.record(Duration::from_millis(80 + i));
+    }
+
+    println!();
+    let base_ok = measure(
+        "completed, no-op recorder (baseline)",
+        None,
+        |i| completed(&noop, i),
+        0,
+    );
+    let real_ok = measure(
+        "completed, Prometheus recorder",
+        Some(&exporter),
+        |i| completed(&real, i),
+        2,
+    );
+    let base_ab = measure(
+        "aborted, no-op recorder (baseline)",
+        None,
+        |i| aborted(&noop, i, timeout),
+        0,
+    );
+    let real_ab = measure(
+        "aborted, Prometheus recorder",
+        Some(&exporter),
+        |i| aborted(&real, i, timeout),
+        2,
+    );
+    println!();
+    for (what, base, real) in [
+        ("completed", &base_ok, &real_ok),
+        ("aborted", &base_ab, &real_ab),
+    ] {
+        println!(
+            "{what:<10} recorder / baseline: {:.1}x; recording costs {:.1} ns/request on the hot path, {:.1} with upkeep",
+            real.per_request / base.per_request.max(0.1),
+            real.per_request - base.per_request,
+            real.per_request + real.upkeep_per_request,
+        );
+    }
+    let worst = (real_ok.per_request + real_ok.upkeep_per_request)
+        .max(real_ab.per_request + real_ab.upkeep_per_request);
+    println!(
+        "goal: under 1000 ns/request: {} ({worst:.1} ns/request at worst, upkeep included)",
+        if worst < 1000.0 { "met" } else { "NOT met" }
+    );
+
+    println!();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
+    measure_contended(
+        &format!("mixed, {threads} threads, one route"),
+        &real,
+        &exporter,
+        threads,
+    );
+
+    // One scrape with 50 routes, each with some traffic (the two above count too).
+    let routes: Vec<RouteMetrics> = (0..48)
+        .map(|i| RouteMetrics::register(&format!("route-{i:02}")))
+        .collect();
+    for (i, m) in routes.iter().enumerate() {
+        for k in 0..100u64 {
+            completed(m, k + i as u64);
+            if k % 10 == 0 {
+                aborted(m, k, timeout);
+            }
+        }
+    }
+    exporter.run_upkeep();
+    let mut renders = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..21 {
+        let t = Instant::now();
+        let text = black_box(exporter.render());
+        renders.push(t.elapsed());
+        bytes = text.len();
+    }
+    renders.sort();
+    let series = exporter
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count();
+    println!();
+    println!(
+        "/metrics render, 50 routes: median {:.2} ms, min {:.2} ms, max {:.2} ms ({} series, {} KiB)",
+        renders[renders.len() / 2].as_secs_f64() * 1e3,
+        renders[0].as_secs_f64() * 1e3,
+        renders[renders.len() - 1].as_secs_f64() * 1e3,
+        series,
+        bytes / 1024
+    );
+}
