@@ -54,6 +54,24 @@ use crate::routes::RouteTable;
 use crate::server::ServerSettings;
 use crate::shutdown::Lifecycle;
 
+/// Periodic housekeeping: fold histogram samples (bounded memory even when nobody
+/// scrapes) and close dead idle upstream connections.
+async fn upkeep(shared: Arc<Shared>, exporter: Option<Exporter>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if let Some(e) = &exporter {
+            e.run_upkeep();
+        }
+        let table = shared.table.load_full();
+        for upstream in table.upstreams.values() {
+            for endpoint in upstream.endpoints() {
+                endpoint.sweep();
+            }
+        }
+    }
+}
+
 /// A thread with its own single-threaded runtime, accepting from a duplicate of the
 /// listening socket (one accept queue, so no connection is stranded when a worker stops).
 ///
@@ -139,15 +157,7 @@ pub async fn run(
     if let Some(admin) = listeners.admin {
         tokio::spawn(admin::serve(admin, exporter.clone(), lifecycle.clone()));
     }
-    if let Some(exporter) = exporter {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                exporter.run_upkeep();
-            }
-        });
-    }
+    tokio::spawn(upkeep(shared.clone(), exporter));
     let grace = config.server.shutdown_grace;
     let settings = ServerSettings {
         header_read_timeout: config.server.header_read_timeout,

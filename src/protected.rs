@@ -232,6 +232,8 @@ impl Call {
                 }
                 None => {
                     self.guard.upstream_completed();
+                    conn.exchanged();
+                    let _ = poll_fn(|cx| Poll::Ready(conn.poll_drive(cx))).await;
                     drop(conn);
                     // Ok only once the client has taken the last frame.
                     drop(client.take());

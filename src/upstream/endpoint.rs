@@ -32,7 +32,7 @@ pub enum UpstreamIo {
 }
 
 impl UpstreamIo {
-    fn tcp(&self) -> &TcpStream {
+    pub(super) fn tcp(&self) -> &TcpStream {
         match self {
             UpstreamIo::Plain(s) => s,
             UpstreamIo::Tls(s) => s.get_ref().0,
@@ -238,6 +238,14 @@ impl Endpoint {
             }
         }
         self.connect().await
+    }
+
+    /// Closes idle connections that the upstream closed or that outlived
+    /// `pool_idle_timeout`, so that the pool never holds a dead connection for long (and
+    /// no descriptor lingers in CLOSE_WAIT). Run periodically.
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(io, since)| since.elapsed() < self.pool_idle_timeout && still_open(io.tcp()));
     }
 
     pub(super) fn checkin(&self, io: UpstreamIo) {

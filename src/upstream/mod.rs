@@ -425,6 +425,11 @@ fn keep_alive(resp: &Response<Incoming>) -> bool {
 /// An upstream call in progress. Dropping it closes the HTTP/1.1 connection (or, for
 /// HTTP/2, lets the dropped response body reset the stream) and releases the endpoint's
 /// in-flight count and the admission slot.
+///
+/// An HTTP/1.1 connection dropped before its exchange finished is *reset* (SO_LINGER 0),
+/// not closed with a FIN: a FIN queues behind any request bytes still unsent, and an
+/// upstream that is not reading (busy, or slow to take a large upload) would never see
+/// it. A reset reaches it at once, whatever is queued.
 pub struct Conn {
     conn: Option<http1::Connection<TokioIo<UpstreamIo>, RequestBody>>,
     endpoint: Arc<Endpoint>,
@@ -432,6 +437,20 @@ pub struct Conn {
     permit: Option<OwnedSemaphorePermit>,
     reusable: bool,
     done: bool,
+    /// The whole response was read: closing now is a plain close, not an abort.
+    exchanged: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.exchanged {
+            return;
+        }
+        if let Some(conn) = self.conn.take() {
+            let parts = conn.into_parts();
+            let _ = socket2::SockRef::from(parts.io.inner().tcp()).set_linger(Some(Duration::ZERO));
+        }
+    }
 }
 
 impl Conn {
@@ -446,7 +465,14 @@ impl Conn {
             slot: None,
             permit: None,
             reusable: false,
+            exchanged: false,
         }
+    }
+
+    /// The upstream's response ended cleanly: if the connection must be closed rather than
+    /// pooled, it is closed politely.
+    pub fn exchanged(&mut self) {
+        self.exchanged = true;
     }
 
     /// Drives reads and writes. Ready once the exchange is over; then, if the connection is

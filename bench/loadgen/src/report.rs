@@ -330,8 +330,8 @@ fn rss_table(out: &mut String, rows: &[&Value]) {
          requests; KiB per held request = (held − before) ÷ requests that reached the \
          upstream. Ratio: cutoff ÷ the leaner incumbent.\n\n",
     );
-    out.push_str("| proxy | held | RSS before MiB | RSS held MiB | KiB / held request | vs best | fds before → held → after | RSS after release MiB |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---|---:|\n");
+    out.push_str("| proxy | held | time to hold all s | RSS before MiB | RSS held MiB | KiB / held request | vs best | fds before → held → after | RSS after release MiB |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|\n");
     let best = incumbents(&rows)
         .into_iter()
         .filter_map(|r| f(&r["kib_per_request"]))
@@ -344,10 +344,11 @@ fn rss_table(out: &mut String, rows: &[&Value]) {
         };
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} | {} | {:.1} | {vs} | {} → {} → {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {:.1} | {vs} | {} → {} → {} | {} |",
             s(&r["proxy"]),
             s(&r["held_ok"]),
             s(&r["held"]),
+            s(&r["open_s"]),
             mib(&r["rss_before_kib"]),
             mib(&r["rss_held_kib"]),
             f(&r["kib_per_request"]).unwrap_or(f64::NAN),
@@ -369,16 +370,18 @@ fn soak_table(out: &mut String, rows: &[&Value]) {
     out.push_str(
         "The upstream answers after 10 ms; odd requests leave (FIN) at 5 ms. \"abandoned \
          cancelled\" is the share of abandoned calls the upstream saw closed before it \
-         answered. Descriptors and RSS: before the soak, 1 s after it, and after the \
-         upstream closed its idle keep-alive connections (a leak shows as growth there).\n\n",
+         answered. Descriptors and RSS: in the fresh process, after a warm-up of 400 completed \
+         requests, 1 s after the soak, and once the upstream has closed all its idle keep-alive \
+         connections (polled up to 6 s until the fresh count is back; the time it took in \
+         brackets). Growth in that last column is a leak or a descriptor held in CLOSE_WAIT.\n\n",
     );
-    out.push_str("| proxy | requests | req/s | ok | abandoned | errors + non-200 | upstream conns / requests | abandoned cancelled | fds before → 1 s → released | RSS MiB before → 1 s → released | alive |\n");
+    out.push_str("| proxy | requests | req/s | ok | abandoned | errors + non-200 | upstream conns / requests | abandoned cancelled | fds fresh → warmed → 1 s after → released | RSS MiB fresh → warmed → 1 s after → released | alive |\n");
     out.push_str("|---|---:|---:|---:|---:|---:|---|---:|---|---|---|\n");
     for r in rows {
         let errs = r["errors"].as_u64().unwrap_or(0) + r["non200"].as_u64().unwrap_or(0);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {errs} | {} / {} | {:.1}% | {} → {} → {} | {} → {} → {} | {} |",
+            "| {} | {} | {} | {} | {} | {errs} | {} / {} | {:.1}% | {} → {} → {} → {} ({} s) | {} → {} → {} → {} | {} |",
             s(&r["proxy"]),
             s(&r["requests"]),
             num0(&r["rps"]),
@@ -387,9 +390,12 @@ fn soak_table(out: &mut String, rows: &[&Value]) {
             s(&r["upstream_connections"]),
             s(&r["upstream_requests"]),
             f(&r["abandoned_cancelled_share"]).unwrap_or(0.0) * 100.0,
+            s(&r["fds_fresh"]),
             s(&r["fds_before"]),
             s(&r["fds_after_1s"]),
             s(&r["fds_after_release"]),
+            s(&r["fds_settle_s"]),
+            mib(&r["rss_fresh_kib"]),
             mib(&r["rss_before_kib"]),
             mib(&r["rss_after_1s_kib"]),
             mib(&r["rss_after_release_kib"]),

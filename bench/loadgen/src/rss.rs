@@ -77,6 +77,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "fds_before": fd0,
         "fds_held": fd1,
         "fds_after": fd2,
+        "open_s": crate::stats::round1(open_s),
         "seconds": crate::stats::round1(started.elapsed().as_secs_f64()),
     }));
     Ok(())

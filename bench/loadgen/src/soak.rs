@@ -41,6 +41,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
     }
     let up = Upstream::start(up_addr, Mode::Respond { delay }).await?;
 
+    let fd_fresh = http::fd_count(pid)?;
+    let rss_fresh = http::rss_kib(pid)?;
     // Warm-up with completed requests only, then let every connection go.
     let warm = Arc::new(Counts::default());
     drive(proxy, 1_000_000_000, 400, 8, delay, false, Instant::now() + Duration::from_secs(10), warm.clone()).await;
@@ -64,9 +66,19 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let alive = http::alive(pid);
     let fd1 = http::fd_count(pid).unwrap_or(0);
     let rss1 = http::rss_kib(pid).unwrap_or(0);
+    // The upstream closes every idle keep-alive connection; wait (at most 6 s) for the
+    // proxy's descriptors to come back to where the fresh process started.
     up.release_all();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let fd2 = http::fd_count(pid).unwrap_or(0);
+    let released = Instant::now();
+    let mut fd2 = http::fd_count(pid).unwrap_or(0);
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fd2 = http::fd_count(pid).unwrap_or(0);
+        if fd2 <= fd_fresh {
+            break;
+        }
+    }
+    let settle_s = released.elapsed().as_secs_f64();
     let rss2 = http::rss_kib(pid).unwrap_or(0);
 
     let ok = counts.ok.load(Ordering::Relaxed);
@@ -83,8 +95,9 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "soak {label}: {total} requests in {secs:.1}s ({:.0}/s): ok={ok} non200={non200} \
          abandoned={abandoned} errors={errors}; upstream saw {seen} requests on {accepted} \
          connections; abandoned calls closed before the upstream answered: {cancelled} \
-         ({:.1}%); fds {fd0} → {fd1} (1 s later) → {fd2} (upstream idle conns closed); \
-         VmRSS {rss0} → {rss1} → {rss2} KiB; proxy alive: {alive}",
+         ({:.1}%); fds {fd_fresh} (fresh) → {fd0} (warmed) → {fd1} (1 s after) → {fd2} \
+         ({settle_s:.1} s after the upstream closed its idle conns); VmRSS {rss_fresh} → \
+         {rss0} → {rss1} → {rss2} KiB; proxy alive: {alive}",
         total as f64 / secs,
         cancelled_share * 100.0,
     );
@@ -106,9 +119,12 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "upstream_connections": accepted,
         "abandoned_cancelled": cancelled,
         "abandoned_cancelled_share": (cancelled_share * 1000.0).round() / 1000.0,
+        "fds_fresh": fd_fresh,
         "fds_before": fd0,
         "fds_after_1s": fd1,
         "fds_after_release": fd2,
+        "fds_settle_s": crate::stats::round1(settle_s),
+        "rss_fresh_kib": rss_fresh,
         "rss_before_kib": rss0,
         "rss_after_1s_kib": rss1,
         "rss_after_release_kib": rss2,

@@ -1,0 +1,422 @@
+#!/usr/bin/env bash
+# cutoff's benchmark suite, one command: bench/run.sh [--save]
+#
+# Builds cutoff and bench/loadgen, installs nginx, haproxy and wrk if missing, and
+# measures cutoff against nginx and HAProxy on 127.0.0.1 only: cancellation propagation,
+# timeout precision, throughput, memory per held request and a soak. Writes
+# bench/results/latest.md (and prints it); --save also copies it to bench/RESULTS.md.
+# See bench/README.md for what each number means.
+#
+# Knobs (environment): PROXIES="cutoff nginx haproxy"  SOAK_PROXIES="$PROXIES"
+#   SOAK_N=100000  RSS_HELD=4000  WRK_SECONDS=5  QUICK=1 (a smoke run: few samples)
+#   CUTOFF_BIN=path (skip `cargo build --release` and measure that binary)  KEEP=1 (keep
+#   the temp dir with configs and logs)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+RESULTS="$HERE/results"
+SAVE=0
+[[ "${1:-}" == "--save" ]] && SAVE=1
+
+PROXIES=${PROXIES:-"cutoff nginx haproxy"}
+SOAK_PROXIES=${SOAK_PROXIES:-$PROXIES}
+SOAK_N=${SOAK_N:-100000}
+RSS_HELD=${RSS_HELD:-4000}
+WRK_SECONDS=${WRK_SECONDS:-5}
+QUICK=${QUICK:-0}
+HELDS="1 100 1000"
+PHASES="headers body upload"
+if [[ "$QUICK" == 1 ]]; then
+  HELDS="1 100"; SOAK_N=5000; RSS_HELD=500; WRK_SECONDS=2
+fi
+SUITE_START=$(date +%s)
+
+say() { printf '\n== %s\n' "$*"; }
+
+# --- tools -------------------------------------------------------------------------------
+need_apt=()
+for t in nginx haproxy wrk; do command -v "$t" >/dev/null || need_apt+=("$t"); done
+command -v taskset >/dev/null || need_apt+=(util-linux)
+if ((${#need_apt[@]})); then
+  say "installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null ||
+    { apt-get update -qq >/dev/null && apt-get install -y -qq "${need_apt[@]}" >/dev/null; }
+fi
+# The packages' own services are not what we measure; make sure none is running.
+for svc in nginx haproxy; do
+  if command -v service >/dev/null && service "$svc" status >/dev/null 2>&1; then
+    service "$svc" stop >/dev/null 2>&1 || true
+  fi
+done
+ulimit -n "$(ulimit -Hn)"
+
+# --- builds ------------------------------------------------------------------------------
+if [[ -n "${CUTOFF_BIN:-}" ]]; then
+  CUTOFF=$CUTOFF_BIN
+else
+  say "cargo build --release (cutoff)"
+  (cd "$ROOT" && cargo build --release --quiet)
+  CUTOFF="$ROOT/target/release/cutoff"
+fi
+say "building bench/loadgen"
+CARGO_TARGET_DIR="$ROOT/target/bench-loadgen" cargo build --release --quiet \
+  --manifest-path "$HERE/loadgen/Cargo.toml"
+LG="$ROOT/target/bench-loadgen/release/loadgen"
+
+# --- workspace, ports, configs -------------------------------------------------------------
+WORK=$(mktemp -d /tmp/cutoff-bench.XXXXXX)
+mkdir -p "$RESULTS" "$WORK/nginx/tmp" "$WORK/origin/tmp" "$WORK/www/w"
+RES="$WORK/results.jsonl"
+: >"$RES"
+declare -A PID=()
+declare -A PORT=()
+
+cleanup() {
+  for p in "${!PID[@]}"; do stop "$p"; done
+  if [[ "${KEEP:-0}" == 1 ]]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+read -r UP_PORT ORIGIN_PORT PORT[cutoff] PORT[nginx] PORT[haproxy] ADMIN_PORT < <("$LG" ports 6)
+UP="127.0.0.1:$UP_PORT"
+
+# a ~100-byte static body
+printf 'cutoff bench: a small static body served by the nginx origin, about one hundred bytes long.\n' \
+  >"$WORK/www/w/hello.txt"
+
+cat >"$WORK/origin.conf" <<EOF
+worker_processes 1;
+daemon off;
+user root;
+pid $WORK/origin/nginx.pid;
+error_log $WORK/origin/error.log warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/origin/tmp/body;
+  proxy_temp_path $WORK/origin/tmp/proxy;
+  fastcgi_temp_path $WORK/origin/tmp/fastcgi;
+  uwsgi_temp_path $WORK/origin/tmp/uwsgi;
+  scgi_temp_path $WORK/origin/tmp/scgi;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+    root $WORK/www;
+    location / { default_type text/plain; }
+  }
+}
+EOF
+
+# Routes, the same in all three proxies:
+#   /c/ → the loadgen upstream, 30 s   (cancel, rss, soak)
+#   /t/ → the loadgen upstream, 200 ms (timeout)
+#   /w/ → the nginx origin, 30 s       (wrk)
+cat >"$WORK/cutoff.toml" <<EOF
+[server]
+listen = "127.0.0.1:${PORT[cutoff]}"
+shutdown_grace = "500ms"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+
+[log]
+format = "json"
+level = "warn"
+
+[upstreams.lg]
+url = "http://$UP"
+
+[upstreams.origin]
+url = "http://127.0.0.1:$ORIGIN_PORT"
+
+[[routes]]
+name = "c"
+path_prefix = "/c/"
+upstream = "lg"
+timeout = "30s"
+
+[[routes]]
+name = "t"
+path_prefix = "/t/"
+upstream = "lg"
+timeout = "200ms"
+
+[[routes]]
+name = "w"
+path_prefix = "/w/"
+upstream = "origin"
+timeout = "30s"
+EOF
+
+# nginx streams both ways on the loadgen routes (as cutoff does), takes bodies of any size
+# (its default 1m limit would answer the 100 MB upload with 413 before the upstream sees
+# it) and never retries a request that reached the upstream; /w/ keeps nginx's defaults.
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+user root;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 19000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/nginx/tmp/body;
+  proxy_temp_path $WORK/nginx/tmp/proxy;
+  fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+  uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+  scgi_temp_path $WORK/nginx/tmp/scgi;
+  upstream lg { server $UP; keepalive 128; keepalive_requests 1000000; }
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; keepalive_requests 1000000; }
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  server {
+    listen 127.0.0.1:${PORT[nginx]} backlog=4096;
+    location /c/ {
+      proxy_pass http://lg;
+      proxy_read_timeout 30s;
+      proxy_request_buffering off;
+      proxy_buffering off;
+      proxy_next_upstream off;
+      client_max_body_size 0;
+    }
+    location /t/ {
+      proxy_pass http://lg;
+      proxy_read_timeout 200ms;
+      proxy_request_buffering off;
+      proxy_buffering off;
+      proxy_next_upstream off;
+    }
+    location /w/ { proxy_pass http://origin; }
+  }
+}
+EOF
+
+# HAProxy: keep-alive to servers (http-server-close NOT set), abortonclose on.
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 9000
+
+defaults
+  mode http
+  option abortonclose
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+
+frontend fe
+  bind 127.0.0.1:${PORT[haproxy]}
+  use_backend be_t if { path_beg /t/ }
+  use_backend be_w if { path_beg /w/ }
+  default_backend be_c
+
+backend be_c
+  server lg $UP
+
+backend be_t
+  timeout server 200ms
+  server lg $UP
+
+backend be_w
+  server origin 127.0.0.1:$ORIGIN_PORT
+EOF
+
+"$CUTOFF" check --config "$WORK/cutoff.toml" >/dev/null
+nginx -t -q -p "$WORK/nginx/" -e "$WORK/nginx/error.log" -c "$WORK/nginx.conf"
+haproxy -c -q -f "$WORK/haproxy.cfg"
+
+# --- processes -----------------------------------------------------------------------------
+lg() { taskset -c 0 "$LG" "$@"; }
+
+start() {
+  local p=$1
+  case $p in
+    cutoff) env -u RUST_LOG taskset -c 1 "$CUTOFF" --config "$WORK/cutoff.toml" 2>>"$WORK/cutoff.log" & ;;
+    nginx) taskset -c 1 nginx -p "$WORK/nginx/" -e "$WORK/nginx/error.log" -c "$WORK/nginx.conf" \
+      2>>"$WORK/nginx/stderr.log" & ;;
+    haproxy) taskset -c 1 haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 & ;;
+    origin) taskset -c 0 nginx -p "$WORK/origin/" -e "$WORK/origin/error.log" -c "$WORK/origin.conf" \
+      2>>"$WORK/origin/stderr.log" & ;;
+  esac
+  PID[$p]=$!
+  local port=${PORT[$p]:-$ORIGIN_PORT}
+  if ! lg wait-port "127.0.0.1:$port" --timeout-ms 10000 >/dev/null 2>&1; then
+    echo "$p did not start listening on $port" >&2
+    return 1
+  fi
+}
+
+stop() {
+  local p=$1 pid=${PID[$1]:-}
+  [[ -z "$pid" ]] && return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  unset "PID[$p]"
+}
+
+# The process whose memory and descriptors we read: nginx's one worker, else the process.
+measured_pid() {
+  local pid=${PID[$1]}
+  if [[ $1 == nginx ]]; then
+    for _ in $(seq 1 50); do
+      local w; w=$(pgrep -P "$pid" | head -n1 || true)
+      [[ -n "$w" ]] && { echo "$w"; return; }
+      sleep 0.1
+    done
+  fi
+  echo "$pid"
+}
+
+json_str() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'; }
+meta() { printf '{"bench":"meta","key":"%s","value":"%s"}\n' "$(json_str "$1")" "$(json_str "$2")" >>"$RES"; }
+event() {
+  printf '{"bench":"event","proxy":"%s","msg":"%s"}\n' "$(json_str "$1")" "$(json_str "$2")" >>"$RES"
+  echo "  !! $1: $2"
+}
+
+# Runs loadgen, shows its human lines, keeps its RESULT line; a failure is an event, never
+# the end of the suite.
+record() {
+  local who=$1; shift
+  local out rc=0
+  out=$(lg "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | grep -v '^RESULT ' | sed 's/^/  /' || true
+  printf '%s\n' "$out" | sed -n 's/^RESULT //p' >>"$RES"
+  ((rc == 0)) || event "$who" "loadgen $1 exited $rc: $(printf '%s' "$out" | tail -n1)"
+}
+
+# A proxy that died is an event (cutoff: with the panic, if any) and is started again.
+check_alive() {
+  local p=$1 what=$2
+  if [[ -n "${PID[$p]:-}" ]] && ! kill -0 "${PID[$p]}" 2>/dev/null; then
+    local why=""
+    [[ $p == cutoff ]] && why=$(grep -m1 -i 'panick' "$WORK/cutoff.log" || true)
+    event "$p" "process exited during $what ${why:+($why)}"
+    unset "PID[$p]"
+    start "$p" || true
+  fi
+}
+
+# Rotates the proxy list so that no proxy always runs first.
+ROT=0
+rotated() {
+  local arr=($PROXIES) n i
+  n=${#arr[@]}
+  for ((i = 0; i < n; i++)); do printf '%s ' "${arr[$(((i + ROT) % n))]}"; done
+  ROT=$((ROT + 1))
+}
+
+meta "date" "$(date -u '+%Y-%m-%d %H:%M UTC')"
+meta "machine" "$(nproc) cores, $(uname -r), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+meta "cutoff" "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+meta "nginx" "$(nginx -v 2>&1 | sed 's/.*version: //')"
+meta "haproxy" "$(haproxy -v | head -n1 | awk '{print $3}')"
+meta "wrk" "$(wrk -v 2>&1 | head -n1 | awk '{print $2}')"
+meta "pinning" "proxy under test on core 1; loadgen, wrk and the nginx origin on core 0"
+meta "load average at start" "$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# --- A: cancellation, timeout, throughput (all proxies up, idle when not under test) -------
+start origin
+for p in $PROXIES; do start "$p"; done
+
+say "cancellation propagation (departures by FIN, spaced 1 ms; bound 2 s)"
+for phase in $PHASES; do
+  for held in $HELDS; do
+    if ((held == 1)); then rounds=500; else rounds=$(((500 + held - 1) / held)); fi
+    [[ "$QUICK" == 1 ]] && rounds=$(((rounds + 9) / 10))
+    for p in $(rotated); do
+      record "$p" cancel --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --held "$held" \
+        --rounds "$rounds" --phase "$phase" --close fin --bound-ms 2000 --budget-s 15 --label "$p"
+      check_alive "$p" "cancel $phase held=$held"
+    done
+  done
+done
+
+say "timeout precision (200 ms route timeout)"
+for p in $(rotated); do
+  record "$p" timeout --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --n 100 --concurrency 10 \
+    --timeout-ms 200 --label "$p"
+  check_alive "$p" "timeout"
+done
+
+if [[ -n "${PID[cutoff]:-}" ]]; then
+  curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" >"$WORK/cutoff-metrics-after-cancel.txt" || true
+fi
+
+say "throughput: wrk -t1 -c64 -d${WRK_SECONDS}s (1 s warm-up each)"
+for target in direct $(rotated); do
+  if [[ $target == direct ]]; then port=$ORIGIN_PORT; else port=${PORT[$target]}; fi
+  url="http://127.0.0.1:$port/w/hello.txt"
+  taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
+  out=$(taskset -c 0 wrk -t1 -c64 -d"${WRK_SECONDS}s" --latency "$url" 2>&1) || true
+  printf '%s\n' "$out" >"$WORK/wrk-$target.txt"
+  res=$(printf '%s\n' "$out" | "$LG" wrk-parse --label "$target" 2>&1) ||
+    event "$target" "wrk failed: $(printf '%s' "$out" | tail -n1)"
+  printf '%s\n' "$res" | grep -v '^RESULT ' | sed 's/^/  /' || true
+  printf '%s\n' "$res" | sed -n 's/^RESULT //p' >>"$RES"
+  [[ $target != direct ]] && check_alive "$target" "wrk"
+done
+
+for p in $PROXIES; do stop "$p"; done
+
+# --- B: memory per held request (a fresh process each) --------------------------------------
+say "memory per held request ($RSS_HELD held)"
+for p in $(rotated); do
+  start "$p" || { event "$p" "did not start for rss"; continue; }
+  record "$p" rss --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
+    --held "$RSS_HELD" --label "$p"
+  check_alive "$p" "rss"
+  stop "$p"
+done
+
+# --- C: soak (a fresh process each) -----------------------------------------------------------
+say "soak: $SOAK_N requests, 64 at a time, half abandoned mid-wait"
+for p in $SOAK_PROXIES; do
+  start "$p" || { event "$p" "did not start for soak"; continue; }
+  record "$p" soak --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
+    --n "$SOAK_N" --concurrency 64 --delay-ms 10 --budget-s 60 --label "$p"
+  check_alive "$p" "soak"
+  stop "$p"
+done
+stop origin
+
+# --- report -------------------------------------------------------------------------------------
+if grep -qi 'panick' "$WORK/cutoff.log" 2>/dev/null; then
+  event cutoff "panic in the log: $(grep -m1 -i 'panick' "$WORK/cutoff.log")"
+fi
+meta "suite duration" "$(($(date +%s) - SUITE_START)) s"
+meta "load average at end" "$(cut -d' ' -f1-3 /proc/loadavg)"
+
+{
+  echo "# cutoff benchmarks"
+  echo
+  echo "Produced by \`bench/run.sh\`; how to read it: \`bench/README.md\`."
+  echo
+  "$LG" report "$RES"
+  if [[ -s "$WORK/cutoff-metrics-after-cancel.txt" ]]; then
+    echo "## cutoff's own counters after the cancellation and timeout runs"
+    echo
+    echo '```'
+    grep -E '^cutoff_(upstream_cancelled_total|requests_total)\{' "$WORK/cutoff-metrics-after-cancel.txt" |
+      grep -v ' 0$' || true
+    echo '```'
+  fi
+} >"$RESULTS/latest.md"
+mkdir -p "$RESULTS/logs"
+cp "$RES" "$RESULTS/latest.jsonl"
+cp "$WORK"/cutoff.log "$WORK"/haproxy.log "$WORK"/wrk-*.txt "$RESULTS/logs/" 2>/dev/null || true
+cp "$WORK/nginx/error.log" "$RESULTS/logs/nginx-error.log" 2>/dev/null || true
+
+say "results (bench/results/latest.md)"
+cat "$RESULTS/latest.md"
+if ((SAVE)); then
+  cp "$RESULTS/latest.md" "$HERE/RESULTS.md"
+  echo "saved to bench/RESULTS.md"
+fi

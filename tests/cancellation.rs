@@ -1,0 +1,510 @@
+//! The core cancellation tests: the real `cutoff` binary between a raw client and the
+//! recording upstream (see `common/mod.rs`). Each test makes the client leave, or a timer
+//! fire, at a chosen point of the exchange and asserts what the UPSTREAM observed: its
+//! connection closed promptly and its response never finished. Then the access log line,
+//! and that the route still works.
+//!
+//! Requests are tagged with a second path segment (`/delay/fin?ms=30000`) so that the
+//! upstream records and access-log lines of one scenario are easy to pick out.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// How soon after its cause (the client leaving, a timer firing) the upstream must see its
+/// connection closed. Propagation is event-driven and takes milliseconds; the bound is
+/// generous for a loaded 2-core machine.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+/// A long upstream call that only a cancellation can end within a test's lifetime.
+const LONG_MS: u64 = 30_000;
+
+async fn pair(route_extra: &str) -> (Upstream, Proxy) {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config_for(up.addr(), route_extra)).await;
+    (up, proxy)
+}
+
+/// After a cancellation the route must still serve: a fresh request gets a 200, and the
+/// upstream finishes it.
+async fn assert_route_still_serves(proxy: &Proxy, up: &Upstream, tag: &str) {
+    let path = format!("/delay/{tag}?ms=0");
+    let resp = within(
+        WAIT,
+        "a request after the cancellation",
+        http_get(proxy.addr(), &path),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "after the cancellation: {}", resp.text());
+    assert_eq!(resp.text(), "done");
+    let rec = up.wait_request(&format!("/delay/{tag}"), WAIT).await;
+    up.wait_finished(rec.id, WAIT).await;
+}
+
+/// The access-log line of a client that left.
+async fn assert_client_closed_logged(proxy: &Proxy, path: &str) -> serde_json::Value {
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, path), WAIT)
+        .await;
+    assert_access(&line, 499, "client_closed", Some("client"));
+    assert_eq!(line["route"], "r", "{line}");
+    assert_eq!(line["protected"], false, "{line}");
+    line
+}
+
+/// The client sends `GET path`, waits for the upstream to have the request, and leaves by
+/// `leave`. Returns the upstream's record once it saw the close, checked for promptness.
+async fn leave_during_long_call(
+    up: &Upstream,
+    proxy: &Proxy,
+    path: &str,
+    leave: impl AsyncFnOnce(Client),
+) -> RequestRecord {
+    let mut c = Client::connect(proxy.addr()).await;
+    c.get(path).await;
+    let prefix = path.split('?').next().unwrap();
+    let rec = up.wait_request(prefix, WAIT).await;
+    let left = Instant::now();
+    leave(c).await;
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert_closed_promptly(&rec, left, PROPAGATION);
+    rec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_fin_while_upstream_works_cancels_it() {
+    let (up, proxy) = pair("").await;
+    let path = format!("/delay/fin?ms={LONG_MS}");
+    leave_during_long_call(&up, &proxy, &path, async |c: Client| c.close_fin().await).await;
+    assert_client_closed_logged(&proxy, "/delay/fin").await;
+    let client_closed = [("route", "r"), ("outcome", "client_closed")];
+    proxy
+        .wait_for_metric("cutoff_requests_total", &client_closed, |v| v == 1.0, WAIT)
+        .await;
+    let cancelled = [
+        ("route", "r"),
+        ("cancelled_by", "client"),
+        ("phase", "awaiting_headers"),
+    ];
+    proxy
+        .wait_for_metric(
+            "cutoff_upstream_cancelled_total",
+            &cancelled,
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+    assert_route_still_serves(&proxy, &up, "after-fin").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_rst_while_upstream_works_cancels_it() {
+    let (up, proxy) = pair("").await;
+    let path = format!("/delay/rst?ms={LONG_MS}");
+    leave_during_long_call(&up, &proxy, &path, async |c: Client| c.close_rst()).await;
+    assert_client_closed_logged(&proxy, "/delay/rst").await;
+    assert_route_still_serves(&proxy, &up, "after-rst").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_during_upload_cancels_it() {
+    let (up, proxy) = pair("").await;
+    let mut c = Client::connect(proxy.addr()).await;
+    let total: u64 = 10 * 1024 * 1024;
+    c.send_head(
+        "POST",
+        "/sink/upload",
+        &[("Content-Length", &total.to_string())],
+    )
+    .await;
+    // Part of the body, which the upstream reads as it comes.
+    c.send(&vec![b'u'; 1024 * 1024]).await;
+    let rec = up
+        .wait_for("the first body bytes of /sink/upload", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r.path_only() == "/sink/upload" && r.body_bytes > 0)
+        })
+        .await
+        .into_iter()
+        .find(|r| r.path_only() == "/sink/upload")
+        .unwrap();
+
+    let left = Instant::now();
+    c.close_fin().await;
+
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert_closed_promptly(&rec, left, PROPAGATION);
+    assert!(!rec.body_complete && rec.body_bytes < total, "{rec:?}");
+    assert_client_closed_logged(&proxy, "/sink/upload").await;
+    assert_route_still_serves(&proxy, &up, "after-upload").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_stream_cancels_it() {
+    let (up, proxy) = pair("").await;
+    let mut c = Client::connect(proxy.addr()).await;
+    c.get("/stream/half?chunks=100&every=50").await;
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    // Client-side pacing: read three chunks' worth (16 bytes each), then leave.
+    let mut dec = BodyDecoder::new(head.framing());
+    let mut received = 0usize;
+    while received < 3 * 16 {
+        let piece = c.next_piece(&mut dec, WAIT).await;
+        received += piece
+            .unwrap_or_else(|end| panic!("stream ended early: {end:?}"))
+            .expect("the stream has 100 chunks")
+            .len();
+    }
+    let rec = up.wait_request("/stream/half", WAIT).await;
+
+    let left = Instant::now();
+    c.close_fin().await;
+
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert_closed_promptly(&rec, left, PROPAGATION);
+    let line = assert_client_closed_logged(&proxy, "/stream/half").await;
+    assert!(
+        line["bytes_out"].as_u64().unwrap() >= received as u64,
+        "bytes_out below what the client received ({received}): {line}"
+    );
+    assert_route_still_serves(&proxy, &up, "after-stream").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_with_a_pipelined_request_cancels_both() {
+    let (up, proxy) = pair("").await;
+    let mut c = Client::connect(proxy.addr()).await;
+    c.send(
+        format!(
+            "GET /delay/pipe1?ms={LONG_MS} HTTP/1.1\r\nHost: t\r\n\r\n\
+             GET /delay/pipe2?ms={LONG_MS} HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let rec = up.wait_request("/delay/pipe1", WAIT).await;
+
+    let left = Instant::now();
+    c.close_fin().await;
+
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert_closed_promptly(&rec, left, PROPAGATION);
+    assert_client_closed_logged(&proxy, "/delay/pipe1").await;
+    assert_route_still_serves(&proxy, &up, "after-pipe").await;
+    // The pipelined request's client is gone too: if the proxy forwarded it at all, that
+    // call must be cut off as well, never completed.
+    for r in up.records_for("/delay/pipe2") {
+        up.wait_closed(r.id, WAIT).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_while_upstream_holds_the_body_cancels_it() {
+    let (up, proxy) = pair("").await;
+    let mut c = Client::connect(proxy.addr()).await;
+    let total: u64 = 64 * 1024 * 1024;
+    c.send_head(
+        "POST",
+        &format!("/hold-body/h?ms={LONG_MS}"),
+        &[("Content-Length", &total.to_string())],
+    )
+    .await;
+    c.send(&vec![b'u'; 64 * 1024]).await;
+    let rec = up.wait_request("/hold-body/h", WAIT).await;
+    // Fill every buffer between the client and the upstream, which reads nothing: the
+    // client's send buffer, the proxy's, the upstream's receive window.
+    let written = c
+        .write_until_stalled(total - 64 * 1024, Duration::from_millis(500))
+        .await;
+    assert!(
+        written < total - 64 * 1024,
+        "the whole body went through a held upstream"
+    );
+
+    // A RST: a FIN would queue behind the unsent body bytes and never reach the proxy.
+    // For the same reason the proxy must abort its upstream connection (SO_LINGER 0):
+    // a FIN from it would queue behind body bytes the upstream's full window refuses.
+    let left = Instant::now();
+    c.close_rst();
+
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert_closed_promptly(&rec, left, PROPAGATION);
+    assert_eq!(rec.body_bytes, 0, "{rec:?}");
+    assert_client_closed_logged(&proxy, "/hold-body/h").await;
+    assert_route_still_serves(&proxy, &up, "after-hold").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_gives_504_and_cancels_the_upstream() {
+    let (up, proxy) = pair(r#"timeout = "300ms""#).await;
+    let started = Instant::now();
+    let resp = within(
+        WAIT,
+        "the 504",
+        http_get(proxy.addr(), "/delay/slow?ms=5000"),
+    )
+    .await;
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    let rec = up.wait_request("/delay/slow", WAIT).await;
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    let (closed_at, _) = rec.closed.unwrap();
+    assert!(
+        closed_at.duration_since(started) < Duration::from_secs(3),
+        "the upstream saw the close {:?} after the request started, timeout 300ms",
+        closed_at.duration_since(started)
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/delay/slow"), WAIT)
+        .await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+    assert_route_still_serves(&proxy, &up, "after-timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_cuts_the_stream_and_cancels_the_upstream() {
+    let (up, proxy) = pair(r#"idle_timeout = "200ms""#).await;
+    let mut c = Client::connect(proxy.addr()).await;
+    c.get("/stream/idle?chunks=10&every=1000").await;
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    let mut dec = BodyDecoder::new(head.framing());
+    let first = c.next_piece(&mut dec, WAIT).await;
+    assert!(
+        matches!(first, Ok(Some(_))),
+        "the first chunk comes at once: {first:?}"
+    );
+    // The next chunk is 1 s away; idle_timeout is 200ms: the body must be cut short (the
+    // connection closed without the terminating chunk).
+    let rest = loop {
+        match c.next_piece(&mut dec, WAIT).await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(rest, Err(ReadEnd::Eof | ReadEnd::Reset)),
+        "the body should have been cut short by idle_timeout, got {rest:?}"
+    );
+    let rec = up.wait_request("/stream/idle", WAIT).await;
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert!(rec.closed.is_some() && rec.finished.is_none());
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/stream/idle"), WAIT)
+        .await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+    assert_route_still_serves(&proxy, &up, "after-idle").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upstream_gives_502() {
+    let proxy = Proxy::start(&config_for(refused_addr(), "")).await;
+    let resp = within(WAIT, "the 502", http_get(proxy.addr(), "/refused")).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/refused"), WAIT)
+        .await;
+    assert_access(&line, 502, "upstream_error", None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_gives_504() {
+    let hang = HangingListener::start().await;
+    let config = config_for_url(
+        &format!("http://{}", hang.addr()),
+        r#"connect_timeout = "200ms""#,
+        "",
+    );
+    let proxy = Proxy::start(&config).await;
+    let started = Instant::now();
+    let resp = within(WAIT, "the 504", http_get(proxy.addr(), "/hanging")).await;
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "connect_timeout 200ms took {:?}",
+        started.elapsed()
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/hanging"), WAIT)
+        .await;
+    assert_access(&line, 504, "upstream_error", None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_leaving_cancel_two_hundred_calls() {
+    const N: usize = 200;
+    let (up, proxy) = pair("").await;
+    let mut clients = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut c = Client::connect(proxy.addr()).await;
+        c.get(&format!("/delay/many-{i}?ms={LONG_MS}")).await;
+        clients.push(c);
+    }
+    let is_many = |r: &RequestRecord| r.path_only().starts_with("/delay/many-");
+    up.wait_for("all 200 requests", Duration::from_secs(20), |rs| {
+        rs.iter().filter(|r| is_many(r)).count() == N
+    })
+    .await;
+
+    let left = Instant::now();
+    for c in clients {
+        c.close_fin().await;
+    }
+
+    let recs = up
+        .wait_for("all 200 calls closed", Duration::from_secs(10), |rs| {
+            rs.iter()
+                .filter(|r| is_many(r) && r.closed.is_some())
+                .count()
+                == N
+        })
+        .await;
+    let many: Vec<_> = recs.iter().filter(|r| is_many(r)).collect();
+    assert!(many.iter().all(|r| r.finished.is_none()));
+    let slowest = many
+        .iter()
+        .map(|r| r.closed.unwrap().0.saturating_duration_since(left))
+        .max()
+        .unwrap();
+    eprintln!("the last of {N} upstream calls saw its close {slowest:?} after the clients left");
+    assert!(slowest < Duration::from_secs(5), "{slowest:?}");
+
+    let lines = proxy
+        .wait_for_access_logs(
+            N,
+            |v| log_path(v).starts_with("/delay/many-"),
+            Duration::from_secs(10),
+        )
+        .await;
+    for line in &lines {
+        assert_access(line, 499, "client_closed", Some("client"));
+    }
+    assert_route_still_serves(&proxy, &up, "after-many").await;
+}
+
+const GIB: u64 = 1 << 30;
+/// How much the proxy's RSS may grow while a transfer is in flight.
+const RSS_GROWTH_KIB: u64 = 64 * 1024;
+
+/// Warms the proxy up (one exchange through the route) and returns its RSS then.
+async fn rss_baseline(proxy: &Proxy) -> u64 {
+    let resp = http_get(proxy.addr(), "/warmup").await;
+    assert_eq!(resp.status, 200);
+    proxy.rss_kib()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_upload_streams_through_in_bounded_memory() {
+    let (up, proxy) = pair(r#"timeout = "off""#).await;
+    let base = rss_baseline(&proxy).await;
+    let mut peak = base;
+
+    let mut c = Client::connect(proxy.addr()).await;
+    c.send_head("POST", "/sink/gib", &[("Content-Length", &GIB.to_string())])
+        .await;
+    let block = vec![b'u'; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < GIB {
+        c.send(&block).await;
+        sent += block.len() as u64;
+        if sent.is_multiple_of(32 << 20) {
+            peak = peak.max(proxy.rss_kib());
+        }
+    }
+    let resp = c.read_response(Duration::from_secs(60)).await;
+    peak = peak.max(proxy.rss_kib());
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), GIB.to_string(), "bytes the upstream counted");
+
+    let rec = up.wait_request("/sink/gib", WAIT).await;
+    let rec = up.wait_finished(rec.id, WAIT).await;
+    assert_eq!(rec.body_bytes, GIB);
+    assert!(
+        peak - base < RSS_GROWTH_KIB,
+        "the proxy's RSS grew by {} KiB (from {base} to {peak} KiB) during a 1 GiB upload",
+        peak - base
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/sink/gib"), WAIT)
+        .await;
+    assert_access(&line, 200, "ok", None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_download_streams_through_in_bounded_memory() {
+    let (up, proxy) = pair(r#"timeout = "off""#).await;
+    let base = rss_baseline(&proxy).await;
+    let mut peak = base;
+
+    let mut c = Client::connect(proxy.addr()).await;
+    c.get(&format!("/big/gib?bytes={GIB}")).await;
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    let mut dec = BodyDecoder::new(head.framing());
+    let mut received = 0u64;
+    let mut next_sample = 0u64;
+    loop {
+        // Each piece must come within 30 s: the transfer moves or the test fails.
+        match c.next_piece(&mut dec, Duration::from_secs(30)).await {
+            Ok(Some(piece)) => {
+                // Spot checks: a per-byte scan of 1 GiB costs seconds in a debug build.
+                assert!(
+                    piece.first() == Some(&b'z') && piece.last() == Some(&b'z'),
+                    "corrupted body at {received}"
+                );
+                received += piece.len() as u64;
+                if received >= next_sample {
+                    peak = peak.max(proxy.rss_kib());
+                    next_sample += 32 << 20;
+                }
+            }
+            Ok(None) => break,
+            Err(end) => panic!("download cut short after {received} bytes: {end:?}"),
+        }
+    }
+    assert_eq!(received, GIB);
+
+    let rec = up.wait_request("/big/gib", WAIT).await;
+    up.wait_finished(rec.id, WAIT).await;
+    assert!(
+        peak - base < RSS_GROWTH_KIB,
+        "the proxy's RSS grew by {} KiB (from {base} to {peak} KiB) during a 1 GiB download",
+        peak - base
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/big/gib"), WAIT)
+        .await;
+    assert_access(&line, 200, "ok", None);
+    let bytes_out = line["bytes_out"].as_u64().unwrap();
+    assert!(
+        (GIB..GIB + 64 * 1024).contains(&bytes_out),
+        "bytes_out {bytes_out} for a 1 GiB body"
+    );
+}
+
+/// Exercises the rest of the harness against the real binary: admin endpoints, metrics,
+/// a signal and the exit status. An idle proxy drains at once on SIGTERM and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_smoke_admin_metrics_and_sigterm() {
+    let (up, mut proxy) = pair("").await;
+    let health = http_get(proxy.admin_addr(), "/healthz").await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    assert_route_still_serves(&proxy, &up, "smoke").await;
+    let ok = [("route", "r"), ("outcome", "ok")];
+    proxy
+        .wait_for_metric("cutoff_requests_total", &ok, |v| v >= 1.0, WAIT)
+        .await;
+    assert!(proxy.url("/x").starts_with("http://127.0.0.1:"));
+    assert!(proxy.config_path().exists());
+    assert!(proxy.rss_kib() > 0);
+
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status:?}\n{}",
+        proxy.stderr()
+    );
+}
