@@ -215,7 +215,12 @@ frontend fe
   use_backend be_w if { path_beg /w/ }
   default_backend be_c
 
+# http-no-delay on the streaming route: without it HAProxy sends a small chunk of an
+# unfinished response with MSG_MORE and the kernel holds it ~200 ms (measured: the body
+# phase's first chunk took 207 ms to reach the client), which would make the body-phase
+# rounds 200 ms each. nginx and cutoff send such chunks at once.
 backend be_c
+  option http-no-delay
   server lg $UP
 
 backend be_t
@@ -304,12 +309,15 @@ check_alive() {
   fi
 }
 
-# Rotates the proxy list so that no proxy always runs first.
+# Sets ORDERED to the proxy list rotated one further each call, so that no proxy always
+# runs first (no subshell: ROT must survive).
 ROT=0
-rotated() {
+ORDERED=()
+rotate() {
   local arr=($PROXIES) n i
   n=${#arr[@]}
-  for ((i = 0; i < n; i++)); do printf '%s ' "${arr[$(((i + ROT) % n))]}"; done
+  ORDERED=()
+  for ((i = 0; i < n; i++)); do ORDERED+=("${arr[$(((i + ROT) % n))]}"); done
   ROT=$((ROT + 1))
 }
 
@@ -331,7 +339,8 @@ for phase in $PHASES; do
   for held in $HELDS; do
     if ((held == 1)); then rounds=500; else rounds=$(((500 + held - 1) / held)); fi
     [[ "$QUICK" == 1 ]] && rounds=$(((rounds + 9) / 10))
-    for p in $(rotated); do
+    rotate
+    for p in "${ORDERED[@]}"; do
       record "$p" cancel --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --held "$held" \
         --rounds "$rounds" --phase "$phase" --close fin --bound-ms 2000 --budget-s 15 --label "$p"
       check_alive "$p" "cancel $phase held=$held"
@@ -339,8 +348,21 @@ for phase in $PHASES; do
   done
 done
 
+# The same upload run once more, but departures start only after 300 ms of quiet: set
+# against the row above, it separates cancellation latency from the cost of the proxy
+# still forwarding the 100 × 64 KiB of uploads when the first clients leave.
+if [[ " $HELDS " == *" 100 "* ]]; then
+  rotate
+  for p in "${ORDERED[@]}"; do
+    record "$p" cancel --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --held 100 --rounds 5 \
+      --phase upload --settle-ms 300 --close fin --bound-ms 2000 --budget-s 15 --label "$p"
+    check_alive "$p" "cancel upload held=100 settled"
+  done
+fi
+
 say "timeout precision (200 ms route timeout)"
-for p in $(rotated); do
+rotate
+for p in "${ORDERED[@]}"; do
   record "$p" timeout --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --n 100 --concurrency 10 \
     --timeout-ms 200 --label "$p"
   check_alive "$p" "timeout"
@@ -350,25 +372,28 @@ if [[ -n "${PID[cutoff]:-}" ]]; then
   curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" >"$WORK/cutoff-metrics-after-cancel.txt" || true
 fi
 
-say "throughput: wrk -t1 -c64 -d${WRK_SECONDS}s (1 s warm-up each)"
-for target in direct $(rotated); do
+say "throughput: wrk -t1 -c64 -d${WRK_SECONDS}s, 2 interleaved passes (1 s warm-up each)"
+rotate; first=("${ORDERED[@]}")
+rotate; second=("${ORDERED[@]}")
+for target in direct "${first[@]}" "${second[@]}" direct; do
   if [[ $target == direct ]]; then port=$ORIGIN_PORT; else port=${PORT[$target]}; fi
   url="http://127.0.0.1:$port/w/hello.txt"
   taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
   out=$(taskset -c 0 wrk -t1 -c64 -d"${WRK_SECONDS}s" --latency "$url" 2>&1) || true
-  printf '%s\n' "$out" >"$WORK/wrk-$target.txt"
+  printf '%s\n' "$out" >>"$WORK/wrk-$target.txt"
   res=$(printf '%s\n' "$out" | "$LG" wrk-parse --label "$target" 2>&1) ||
     event "$target" "wrk failed: $(printf '%s' "$out" | tail -n1)"
   printf '%s\n' "$res" | grep -v '^RESULT ' | sed 's/^/  /' || true
   printf '%s\n' "$res" | sed -n 's/^RESULT //p' >>"$RES"
-  [[ $target != direct ]] && check_alive "$target" "wrk"
+  if [[ $target != direct ]]; then check_alive "$target" "wrk"; fi
 done
 
 for p in $PROXIES; do stop "$p"; done
 
 # --- B: memory per held request (a fresh process each) --------------------------------------
 say "memory per held request ($RSS_HELD held)"
-for p in $(rotated); do
+rotate
+for p in "${ORDERED[@]}"; do
   start "$p" || { event "$p" "did not start for rss"; continue; }
   record "$p" rss --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
     --held "$RSS_HELD" --label "$p"

@@ -32,8 +32,11 @@ const N: u64 = 1_000_000;
 /// Histogram samples are folded into buckets between batches of this many requests, outside
 /// the timed region, so that the sample buffer stays as small as in the proxy.
 const BATCH: u64 = 50_000;
-/// Runs per measurement; the fastest is reported (the others met a busy machine).
-const RUNS: usize = 5;
+/// Requests per timed chunk: well under a scheduler time slice, so that on a busy machine
+/// the fastest chunks still ran undisturbed.
+const CHUNK: u64 = 10_000;
+/// Runs per measurement.
+const RUNS: usize = 3;
 
 /// One completed request, as `InFlight::record` sees it.
 #[inline(never)]
@@ -60,11 +63,25 @@ fn aborted(m: &RouteMetrics, i: u64, timeout: Option<Duration>) {
     m.request(Outcome::ClientClosed, spent + Duration::from_micros(60));
 }
 
+/// Nanoseconds per request over many chunks: the fastest chunk (the cost on a quiet core)
+/// and the median chunk (what a busy machine gives).
 struct Timing {
-    /// Hot-path nanoseconds per request (fastest run).
-    per_request: f64,
-    /// Upkeep (folding histogram samples) nanoseconds per request, amortized.
-    upkeep_per_request: f64,
+    min: f64,
+    median: f64,
+    /// Folding histogram samples into buckets, per request (median over the upkeeps).
+    upkeep: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn fastest(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 fn measure(
@@ -80,36 +97,34 @@ fn measure(
     if let Some(e) = exporter {
         e.run_upkeep();
     }
-    let mut best = f64::INFINITY;
-    let mut best_upkeep = f64::INFINITY;
+    let mut chunks = Vec::new();
+    let mut upkeeps = Vec::new();
     for _ in 0..RUNS {
-        let mut hot = Duration::ZERO;
-        let mut upkeep = Duration::ZERO;
-        let mut i = 0;
-        while i < N {
-            let t = Instant::now();
-            for j in i..i + BATCH {
-                one(black_box(j));
+        for batch in (0..N).step_by(BATCH as usize) {
+            for c in (batch..batch + BATCH).step_by(CHUNK as usize) {
+                let t = Instant::now();
+                for j in c..c + CHUNK {
+                    one(black_box(j));
+                }
+                chunks.push(t.elapsed().as_nanos() as f64 / CHUNK as f64);
             }
-            hot += t.elapsed();
             if let Some(e) = exporter {
                 let t = Instant::now();
                 e.run_upkeep();
-                upkeep += t.elapsed();
+                upkeeps.push(t.elapsed().as_nanos() as f64 / BATCH as f64);
             }
-            i += BATCH;
         }
-        best = best.min(hot.as_nanos() as f64 / N as f64);
-        best_upkeep = best_upkeep.min(upkeep.as_nanos() as f64 / N as f64);
     }
-    let best_upkeep = if exporter.is_some() { best_upkeep } else { 0.0 };
+    let timing = Timing {
+        min: fastest(&chunks),
+        median: median(&mut chunks),
+        upkeep: median(&mut upkeeps),
+    };
     println!(
-        "{what:<44} {best:>8.1} ns/request   (+ {best_upkeep:.1} ns/request folding {samples_per_request} histogram samples)"
+        "{what:<38} min {:>6.1}  median {:>6.1} ns/request  (+ {:.1} folding {samples_per_request} histogram samples)",
+        timing.min, timing.median, timing.upkeep
     );
-    Timing {
-        per_request: best,
-        upkeep_per_request: best_upkeep,
-    }
+    timing
 }
 
 /// The same work on `threads` threads at once against one route: the atomics contend.
@@ -137,21 +152,28 @@ fn measure_contended(what: &str, m: &Arc<RouteMetrics>, exporter: &Exporter, thr
         best = best.min(start.elapsed().as_nanos() as f64 / (per_thread * threads) as f64);
         exporter.run_upkeep();
     }
-    println!("{what:<44} {best:>8.1} ns/request of wall time (3 completed : 1 aborted)");
+    println!("{what:<38} best {best:>6.1} ns/request of wall time (3 completed : 1 aborted)");
 }
 
 /// Each primitive the guard uses, alone, with the real recorder: where the time goes.
-fn breakdown(m: &RouteMetrics) {
+fn breakdown(m: &RouteMetrics, exporter: &Exporter) {
     let time = |what: &str, f: &dyn Fn(u64)| {
-        let mut best = f64::INFINITY;
-        for _ in 0..RUNS {
+        let mut chunks = Vec::new();
+        for c in (0..N).step_by(CHUNK as usize) {
             let t = Instant::now();
-            for i in 0..N {
+            for i in c..c + CHUNK {
                 f(black_box(i));
             }
-            best = best.min(t.elapsed().as_nanos() as f64 / N as f64);
+            chunks.push(t.elapsed().as_nanos() as f64 / CHUNK as f64);
+            if c % BATCH == 0 {
+                exporter.run_upkeep();
+            }
         }
-        println!("  {what:<42} {best:>8.1} ns");
+        let min = fastest(&chunks);
+        println!(
+            "  {what:<36} min {min:>6.1}  median {:>6.1} ns",
+            median(&mut chunks)
+        );
     };
     println!("per operation, Prometheus recorder:");
     time("counter increment", &|_| m.discarded_bytes.increment(1));
@@ -162,7 +184,7 @@ fn breakdown(m: &RouteMetrics) {
     time("histogram record", &|i| {
         m.propagation.record((i % 100) as f64 * 1e-6);
     });
-    time("float counter add (wasted)", &|i| {
+    time("float counter add", &|i| {
         m.wasted.add((i % 7) as f64 * 1e-3)
     });
     time("estimator record", &|i| {
@@ -174,12 +196,12 @@ fn breakdown(m: &RouteMetrics) {
     time("Instant::now()", &|_| {
         black_box(Instant::now());
     });
-    // The histogram samples recorded above are folded here, so they never pile up.
+    exporter.run_upkeep();
 }
 
 fn main() {
     println!(
-        "cutoff metrics cost: {N} requests per run, best of {RUNS} runs, {} build",
+        "cutoff metrics cost: {RUNS} runs of {N} requests, timed in chunks of {CHUNK}, {} build",
         if cfg!(debug_assertions) {
             "debug (numbers are meaningless: run `cargo bench`)"
         } else {
@@ -231,22 +253,27 @@ fn main() {
         ("aborted", &base_ab, &real_ab),
     ] {
         println!(
-            "{what:<10} recorder / baseline: {:.1}x; recording costs {:.1} ns/request on the hot path, {:.1} with upkeep",
-            real.per_request / base.per_request.max(0.1),
-            real.per_request - base.per_request,
-            real.per_request + real.upkeep_per_request,
+            "{what:<10} the recorder adds {:.1} ns/request (fastest chunks; {:.1} median); \
+             {:.1} ns/request in all with upkeep (median), {:.1}x the no-op baseline",
+            real.min - base.min,
+            real.median - base.median,
+            real.median + real.upkeep,
+            real.min / base.min.max(0.1),
         );
     }
-    let worst = (real_ok.per_request + real_ok.upkeep_per_request)
-        .max(real_ab.per_request + real_ab.upkeep_per_request);
+    // The verdict is on the fastest chunks (what the code costs on a core of its own); the
+    // median shows what a busy machine makes of it.
+    let worst = |t: &Timing, v: f64| v + t.upkeep;
+    let quiet = worst(&real_ok, real_ok.min).max(worst(&real_ab, real_ab.min));
+    let busy = worst(&real_ok, real_ok.median).max(worst(&real_ab, real_ab.median));
     println!(
-        "goal: under 1000 ns/request: {} ({worst:.1} ns/request at worst, upkeep included)",
-        if worst < 1000.0 { "met" } else { "NOT met" }
+        "goal: under 1000 ns/request, upkeep included: {} ({quiet:.1} ns/request at worst on \
+         the fastest chunks; {busy:.1} on the median chunk)",
+        if quiet < 1000.0 { "met" } else { "NOT met" }
     );
 
     println!();
-    breakdown(&real);
-    exporter.run_upkeep();
+    breakdown(&real, &exporter);
 
     println!();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
@@ -275,10 +302,9 @@ fn main() {
     for _ in 0..21 {
         let t = Instant::now();
         let text = black_box(exporter.render());
-        renders.push(t.elapsed());
+        renders.push(t.elapsed().as_secs_f64() * 1e3);
         bytes = text.len();
     }
-    renders.sort();
     let series = exporter
         .render()
         .lines()
@@ -286,11 +312,9 @@ fn main() {
         .count();
     println!();
     println!(
-        "/metrics render, 50 routes: median {:.2} ms, min {:.2} ms, max {:.2} ms ({} series, {} KiB)",
-        renders[renders.len() / 2].as_secs_f64() * 1e3,
-        renders[0].as_secs_f64() * 1e3,
-        renders[renders.len() - 1].as_secs_f64() * 1e3,
-        series,
+        "/metrics render, 50 routes: min {:.2} ms, median {:.2} ms ({series} series, {} KiB)",
+        fastest(&renders),
+        median(&mut renders),
         bytes / 1024
     );
 }

@@ -114,10 +114,6 @@ impl Call {
         lifecycle: Arc<crate::shutdown::Lifecycle>,
     ) {
         let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
-        let deadline_header = match (&self.route.config.deadline_header, deadline) {
-            (Some(h), Some(d)) => Some((h.clone(), d)),
-            _ => None,
-        };
 
         // Until response headers: the upstream call, the timer, a forced shutdown. The
         // client leaving is only noted; it stops nothing.
@@ -131,9 +127,12 @@ impl Call {
             };
             let mut head_closed = std::pin::pin!(head_closed);
             let mut client_left_at = None;
-            let send = route
-                .upstream
-                .send(up_req, &mut self.guard, deadline_header);
+            let send = route.upstream.send(
+                up_req,
+                &mut self.guard,
+                deadline,
+                route.config.deadline_header.as_ref(),
+            );
             let mut send = std::pin::pin!(send);
             let r = loop {
                 tokio::select! {

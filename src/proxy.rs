@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -105,9 +105,8 @@ async fn forward(
             None => std::future::pending().await,
         }
     };
-    let deadline_header = deadline_header(route, deadline);
     let sent = tokio::select! {
-        r = route.upstream.send(up_req, &mut guard, deadline_header) => Ok(r),
+        r = route.upstream.send(up_req, &mut guard, deadline, route.config.deadline_header.as_ref()) => Ok(r),
         at = fired => Err((CancelledBy::Timeout, at)),
         _ = cx.shared.lifecycle.forced() => Err((CancelledBy::Shutdown, Instant::now())),
     };
@@ -239,14 +238,6 @@ fn deadline(route: &Route, req: &Request<Incoming>, started: Instant) -> Option<
         budget = Some(budget.map_or(asked, |b| b.min(asked)));
     }
     budget.map(|b| started + b)
-}
-
-/// The remaining budget, in milliseconds, for the route's `deadline_header`.
-fn deadline_header(route: &Route, deadline: Option<Instant>) -> Option<(HeaderName, Instant)> {
-    match (&route.config.deadline_header, deadline) {
-        (Some(h), Some(d)) => Some((h.clone(), d)),
-        _ => None,
-    }
 }
 
 /// `grpc-timeout` is digits then a unit: H, M, S, m (ms), u (µs), n (ns).

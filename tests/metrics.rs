@@ -491,15 +491,15 @@ async fn a_known_mix_gives_exact_counts_and_measured_waste_and_savings() {
         "cutoff_upstream_duration_seconds_sum{route=\"ok\"}",
         m.value("cutoff_upstream_duration_seconds_sum", &[("route", "ok")]),
         secs(ok_took.iter().copied()),
-        // The proxy reads the last byte a little after the upstream wrote it: allow 20 ms
-        // of scheduling per call on a loaded machine.
-        0.1,
+        // The proxy reads the last byte a little after the upstream wrote it: on a loaded
+        // machine that is tens of milliseconds of scheduling, so allow 50 ms per call.
+        0.25,
     );
     assert_close(
         "cutoff_upstream_duration_seconds_sum{route=\"warm\"}",
         m.value("cutoff_upstream_duration_seconds_sum", &[("route", "warm")]),
         secs(seed_took.iter().copied()),
-        0.06,
+        0.15,
     );
 
     // Wasted: the elapsed upstream time of every aborted call; nothing on routes where
@@ -515,7 +515,8 @@ async fn a_known_mix_gives_exact_counts_and_measured_waste_and_savings() {
             &format!("cutoff_upstream_wasted_seconds_total{{route=\"{route}\"}}"),
             m.value("cutoff_upstream_wasted_seconds_total", &[("route", route)]),
             secs(aborted.iter().map(spent)),
-            0.01,
+            // Both clocks see the close a little late on a loaded machine: 20 ms per call.
+            0.001 + 0.02 * aborted.len() as f64,
         );
     }
 
@@ -544,10 +545,10 @@ async fn a_known_mix_gives_exact_counts_and_measured_waste_and_savings() {
     );
     for (route, want, floor) in [
         ("ok", 0.0, 0.001),
-        ("cold", cold_saved, 0.02),
-        ("warm", warm_saved, 0.02),
+        ("cold", cold_saved, 0.04),
+        ("warm", warm_saved, 0.04),
         // A call cut by the timeout had spent about the whole timeout: little is left.
-        ("to", to_saved, 0.03),
+        ("to", to_saved, 0.06),
         ("idle", 0.0, 0.001),
     ] {
         assert_close(
@@ -566,5 +567,245 @@ async fn a_known_mix_gives_exact_counts_and_measured_waste_and_savings() {
                 "unexpected route label {route:?} on {s:?}"
             );
         }
+    }
+}
+
+/// The accounting's other branches: a protected call that completes for a client already
+/// gone (all of it wasted), a call whose client leaves while it is queued (never sent: its
+/// whole typical duration saved, nothing wasted), and a stream cut mid-body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_queued_and_streaming_calls_are_accounted_as_documented() {
+    let up = Upstream::start().await;
+    let config = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+format = "json"
+level = "info"
+
+[upstreams.up]
+url = "http://{up}"
+
+[upstreams.narrow]
+url = "http://{up}"
+max_inflight = 1
+queue_timeout = "10s"
+
+[[routes]]
+name = "keep"
+path_prefix = "/delay/keep/"
+upstream = "up"
+timeout = "5s"
+on_client_disconnect = "continue"
+
+[[routes]]
+name = "q"
+path_prefix = "/delay/q/"
+upstream = "narrow"
+timeout = "3s"
+
+[[routes]]
+name = "st"
+path_prefix = "/stream/st/"
+upstream = "up"
+timeout = "5s"
+"#,
+        up = up.addr()
+    );
+    let proxy = Proxy::start(&config).await;
+
+    // `keep`: the client leaves at ~100 ms, the upstream finishes its 400 ms anyway.
+    let mut client = Client::connect(proxy.addr()).await;
+    client.get("/delay/keep/a?ms=400").await;
+    let rec = up.wait_request("/delay/keep/a", WAIT).await;
+    tokio::time::sleep_until(tokio::time::Instant::from_std(
+        rec.arrived + Duration::from_millis(100),
+    ))
+    .await;
+    client.close_fin().await;
+    let kept = up.wait_finished(rec.id, WAIT).await;
+    let line = proxy
+        .wait_for_access_log(|v| common::log_path_is(v, "/delay/keep/a"), WAIT)
+        .await;
+    assert_eq!(line["protected"], true, "{line}");
+
+    // `q`: one completed call seeds the estimator; then one call holds the only slot and
+    // a second waits behind it until its client leaves.
+    assert_eq!(
+        http_get(proxy.addr(), "/delay/q/seed?ms=200").await.status,
+        200
+    );
+    proxy
+        .wait_for_access_log(|v| common::log_path_is(v, "/delay/q/seed"), WAIT)
+        .await;
+    let seed = up.records_for("/delay/q/seed").remove(0);
+    let addr = proxy.addr();
+    let holder = tokio::spawn(async move { http_get(addr, "/delay/q/hold?ms=800").await });
+    up.wait_request("/delay/q/hold", WAIT).await;
+    let mut queued = Client::connect(proxy.addr()).await;
+    queued.get("/delay/q/queued?ms=10").await;
+    proxy
+        .wait_for_metric(
+            "cutoff_queue_length",
+            &[("upstream", "narrow")],
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+    queued.close_fin().await;
+    proxy
+        .wait_for_access_log(|v| common::log_path_is(v, "/delay/q/queued"), WAIT)
+        .await;
+    assert_eq!(holder.await.expect("holder task").status, 200);
+
+    // `st`: the client takes three chunks of a stream, then leaves.
+    let mut client = Client::connect(proxy.addr()).await;
+    client
+        .get("/stream/st/a?chunks=200&every=20&size=512")
+        .await;
+    let head = client.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    let mut dec = common::BodyDecoder::new(head.framing());
+    let mut got = 0;
+    while got < 3 * 512 {
+        let piece = client.next_piece(&mut dec, WAIT).await;
+        got += piece.expect("a chunk").expect("the stream goes on").len();
+    }
+    client.close_fin().await;
+    let rec = up.wait_request("/stream/st/a", WAIT).await;
+    let streamed = up.wait_closed(rec.id, WAIT).await;
+
+    proxy
+        .wait_for_access_logs(
+            5,
+            |v| v["route"].as_str().is_some_and(|r| !r.is_empty()),
+            WAIT,
+        )
+        .await;
+    let m = Scrape::take(&proxy).await;
+
+    // keep: 499 at INFO, completed for nobody: protected, all of it wasted, nothing saved.
+    m.expect(
+        "cutoff_requests_total",
+        &[("route", "keep"), ("outcome", "client_closed")],
+        1.0,
+    );
+    m.expect(
+        "cutoff_protected_completed_total",
+        &[("route", "keep")],
+        1.0,
+    );
+    m.expect(
+        "cutoff_upstream_duration_seconds_count",
+        &[("route", "keep")],
+        1.0,
+    );
+    m.expect(
+        "cutoff_cancel_propagation_seconds_count",
+        &[("route", "keep")],
+        0.0,
+    );
+    for by in CANCELLED_BY {
+        for phase in PHASES {
+            let labels = [("route", "keep"), ("cancelled_by", by), ("phase", phase)];
+            m.expect("cutoff_upstream_cancelled_total", &labels, 0.0);
+        }
+    }
+    assert_close(
+        "cutoff_upstream_wasted_seconds_total{route=\"keep\"}",
+        m.value("cutoff_upstream_wasted_seconds_total", &[("route", "keep")]),
+        took(&kept).as_secs_f64(),
+        0.05,
+    );
+    m.expect(
+        "cutoff_upstream_saved_seconds_total",
+        &[("route", "keep")],
+        0.0,
+    );
+
+    // q: the queued call never reached the upstream; it saved the typical duration (the
+    // one completed call, 200 ms) and wasted nothing.
+    assert!(
+        up.records_for("/delay/q/queued").is_empty(),
+        "the queued call was sent: {}",
+        up.summary()
+    );
+    m.expect(
+        "cutoff_requests_total",
+        &[("route", "q"), ("outcome", "ok")],
+        2.0,
+    );
+    m.expect(
+        "cutoff_requests_total",
+        &[("route", "q"), ("outcome", "client_closed")],
+        1.0,
+    );
+    m.expect(
+        "cutoff_upstream_cancelled_total",
+        &[
+            ("route", "q"),
+            ("cancelled_by", "client"),
+            ("phase", "queued"),
+        ],
+        1.0,
+    );
+    m.expect(
+        "cutoff_upstream_duration_seconds_count",
+        &[("route", "q")],
+        2.0,
+    );
+    m.expect(
+        "cutoff_upstream_wasted_seconds_total",
+        &[("route", "q")],
+        0.0,
+    );
+    assert_close(
+        "cutoff_upstream_saved_seconds_total{route=\"q\"}",
+        m.value("cutoff_upstream_saved_seconds_total", &[("route", "q")]),
+        estimated_saved(&[took(&seed)], Duration::from_secs(3), Duration::ZERO).as_secs_f64(),
+        0.02,
+    );
+    let waits = m.value("cutoff_queue_wait_seconds_count", &[("upstream", "narrow")]);
+    assert_eq!(waits, 1.0, "one call waited in the queue");
+    m.expect("cutoff_queue_length", &[("upstream", "narrow")], 0.0);
+
+    // st: cut while streaming the body, by the client.
+    m.expect(
+        "cutoff_requests_total",
+        &[("route", "st"), ("outcome", "client_closed")],
+        1.0,
+    );
+    m.expect(
+        "cutoff_upstream_cancelled_total",
+        &[
+            ("route", "st"),
+            ("cancelled_by", "client"),
+            ("phase", "streaming_body"),
+        ],
+        1.0,
+    );
+    m.expect(
+        "cutoff_cancel_propagation_seconds_count",
+        &[("route", "st")],
+        1.0,
+    );
+    assert_close(
+        "cutoff_upstream_wasted_seconds_total{route=\"st\"}",
+        m.value("cutoff_upstream_wasted_seconds_total", &[("route", "st")]),
+        spent(&streamed).as_secs_f64(),
+        0.02,
+    );
+    assert_close(
+        "cutoff_upstream_saved_seconds_total{route=\"st\"}",
+        m.value("cutoff_upstream_saved_seconds_total", &[("route", "st")]),
+        estimated_saved(&[], Duration::from_secs(5), spent(&streamed)).as_secs_f64(),
+        0.02,
+    );
+    for route in ["keep", "q", "st"] {
+        m.expect("cutoff_upstream_inflight", &[("route", route)], 0.0);
     }
 }

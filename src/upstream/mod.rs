@@ -150,9 +150,12 @@ impl Upstream {
         }
         let now = Instant::now();
         let healthy = |e: &&Arc<Endpoint>| allowed(e) && !e.is_ejected(now);
+        // Two distinct draws: the same endpoint twice would bypass the comparison and give
+        // a slow endpoint a floor of 1/n² of the traffic.
         let n = eps.len();
-        let a = &eps[fastrand::usize(..n)];
-        let b = &eps[fastrand::usize(..n)];
+        let i = fastrand::usize(..n);
+        let j = (i + 1 + fastrand::usize(..n - 1)) % n;
+        let (a, b) = (&eps[i], &eps[j]);
         let chosen = match (healthy(&a), healthy(&b)) {
             (true, true) if !Arc::ptr_eq(a, b) => {
                 Some(if b.inflight() < a.inflight() { b } else { a })
@@ -180,7 +183,8 @@ impl Upstream {
         &self,
         mut req: Request<RequestBody>,
         guard: &mut InFlight,
-        deadline: Option<(HeaderName, Instant)>,
+        deadline: Option<Instant>,
+        deadline_header: Option<&HeaderName>,
     ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
         let permit = self.admission.admit(guard).await?;
         guard.set_phase(Phase::Connecting);
@@ -224,8 +228,8 @@ impl Upstream {
         if !endpoint.config.base_path.is_empty() {
             *req.uri_mut() = crate::headers::with_base_path(req.uri(), &endpoint.config.base_path);
         }
-        if let Some((name, at)) = deadline {
-            set_remaining(&mut req, name, at);
+        if let Some(at) = deadline {
+            set_remaining(&mut req, deadline_header, at);
         }
         let phase = if http_body::Body::is_end_stream(req.body()) {
             Phase::AwaitingHeaders
@@ -399,8 +403,9 @@ async fn exchange_h2(
 }
 
 /// Tells the upstream how much time is left, computed now, at dispatch, so that time spent
-/// queued or connecting is not promised to the upstream.
-fn set_remaining(req: &mut Request<RequestBody>, name: HeaderName, deadline: Instant) {
+/// queued or connecting is not promised to the upstream: in the route's `deadline_header`,
+/// and in `grpc-timeout` whenever the client sent one (gRPC servers honour it).
+fn set_remaining(req: &mut Request<RequestBody>, header: Option<&HeaderName>, deadline: Instant) {
     let ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
@@ -409,7 +414,10 @@ fn set_remaining(req: &mut Request<RequestBody>, name: HeaderName, deadline: Ins
     {
         req.headers_mut().insert("grpc-timeout", v);
     }
-    req.headers_mut().insert(name, HeaderValue::from(ms));
+    if let Some(name) = header {
+        req.headers_mut()
+            .insert(name.clone(), HeaderValue::from(ms));
+    }
 }
 
 /// Whether the upstream agreed to keep the connection open after this response.

@@ -56,6 +56,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         return Err("--close: fin, rst or mixed".into());
     }
     let gap = args.ms("gap-ms", 1)?;
+    let settle = args.ms("settle-ms", 0)?;
     let bound = args.ms("bound-ms", 2000)?;
     let budget = Duration::from_secs(args.num("budget-s", Some(20))?);
     let label = args.str("label", "proxy");
@@ -73,6 +74,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let end = started + budget;
 
     let mut lat_us: Vec<f64> = Vec::new();
+    // Per connection: connect + request written (+ first chunk received, body phase).
+    let mut open_us: Vec<f64> = Vec::new();
     let (mut departed, mut never, mut not_arrived, mut open_failed, mut early, mut no_first) =
         (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
     let mut rounds_run = 0;
@@ -95,20 +98,22 @@ pub async fn run(args: &Args) -> Result<(), String> {
             let sem = sem.clone();
             set.spawn(async move {
                 let _p = sem.acquire_owned().await;
+                let t = Instant::now();
                 let r = tokio::time::timeout(Duration::from_secs(5), open(proxy, id, phase)).await;
-                (id, r.unwrap_or_else(|_| Err("open timed out".into())))
+                (id, t.elapsed(), r.unwrap_or_else(|_| Err("open timed out".into())))
             });
         }
         let mut conns: Vec<(u64, TcpStream)> = Vec::with_capacity(held);
         while let Some(j) = set.join_next().await {
             match j {
-                Ok((id, Ok((s, got_first)))) => {
+                Ok((id, took, Ok((s, got_first)))) => {
+                    open_us.push(took.as_secs_f64() * 1e6);
                     if phase == Phase::Body && !got_first {
                         no_first += 1;
                     }
                     conns.push((id, s));
                 }
-                Ok((_, Err(e))) => {
+                Ok((_, _, Err(e))) => {
                     open_failed += 1;
                     if open_failed <= 3 {
                         eprintln!("open failed: {e}");
@@ -121,6 +126,9 @@ pub async fn run(args: &Args) -> Result<(), String> {
         let opened: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
         let wait = Duration::from_secs(3) + Duration::from_millis(3 * held as u64);
         up.wait_arrived(&opened, Instant::now() + wait).await;
+        if !settle.is_zero() {
+            tokio::time::sleep(settle).await;
+        }
 
         // Leave one by one.
         let mut t0s: Vec<(u64, Instant)> = Vec::with_capacity(conns.len());
@@ -184,7 +192,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
     println!(
         "cancel {label} phase={phase:?} held={held} close={close}: {rounds_run} rounds ({stop}), \
          {departed} departures, cancelled {:.1}% within {bound:?}; {}; never={never} \
-         not_arrived={not_arrived} open_failed={open_failed} closed_before_client={early}{}",
+         not_arrived={not_arrived} open_failed={open_failed} closed_before_client={early}{}; \
+         opening (connect → request in phase): {}",
         share * 100.0,
         stats::fmt(s),
         if phase == Phase::Body {
@@ -192,6 +201,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         } else {
             String::new()
         },
+        stats::fmt(stats::summarize(&open_us)),
     );
     emit(json!({
         "bench": "cancel",
@@ -200,6 +210,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "held": held,
         "close": close,
         "gap_ms": gap.as_millis() as u64,
+        "settle_ms": settle.as_millis() as u64,
         "bound_ms": bound.as_millis() as u64,
         "rounds": rounds_run,
         "stop": stop,
@@ -212,6 +223,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "closed_before_client": early,
         "no_first_chunk": no_first,
         "latency_us": stats::to_json(s),
+        "open_us": stats::to_json(stats::summarize(&open_us)),
         "seconds": stats::round1(started.elapsed().as_secs_f64()),
     }));
     Ok(())

@@ -30,7 +30,7 @@ loadgen SUBCOMMAND [--flag value ...]
                                   wait until ADDR accepts TCP connections
   cancel  --proxy ADDR --upstream ADDR --held N --rounds R --phase headers|body|upload
           [--close fin|rst|mixed] [--gap-ms 1] [--bound-ms 2000] [--budget-s 20]
-          [--min-samples 0] [--label NAME]
+          [--settle-ms 0] [--label NAME]
   timeout --proxy ADDR --upstream ADDR --n N [--concurrency 10] [--timeout-ms 200]
           [--label NAME]
   rss     --proxy ADDR --upstream ADDR --pid PID --held N [--label NAME]

@@ -52,7 +52,6 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let rss0 = http::rss_kib(pid)?;
     let acc0 = up.accepted.load(Ordering::Relaxed);
     let req0 = up.requests.load(Ordering::Relaxed);
-    let cl0 = up.closed_unanswered.load(Ordering::Relaxed);
 
     let started = Instant::now();
     let counts = Arc::new(Counts::default());
@@ -60,7 +59,6 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let secs = started.elapsed().as_secs_f64();
     let accepted = up.accepted.load(Ordering::Relaxed) - acc0;
     let seen = up.requests.load(Ordering::Relaxed) - req0;
-    let cancelled = up.closed_unanswered.load(Ordering::Relaxed) - cl0;
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let alive = http::alive(pid);
@@ -81,21 +79,42 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let settle_s = released.elapsed().as_secs_f64();
     let rss2 = http::rss_kib(pid).unwrap_or(0);
 
+    // Per request, from the upstream's records: what became of the abandoned calls, and
+    // whether any completed request had its upstream call closed (it never should).
+    let (mut never_sent, mut cut, mut wasted, mut wrongly_closed, mut pending) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    {
+        let recs = up.recs();
+        for id in 0..n {
+            let r = recs.get(&id).copied().unwrap_or_default();
+            if id % 2 == 1 {
+                match (r.arrived, r.closed, r.responded) {
+                    (None, _, _) => never_sent += 1,
+                    (Some(_), Some(_), _) => cut += 1,
+                    (Some(_), None, Some(_)) => wasted += 1,
+                    (Some(_), None, None) => pending += 1,
+                }
+            } else if r.closed.is_some() {
+                wrongly_closed += 1;
+            }
+        }
+    }
     let ok = counts.ok.load(Ordering::Relaxed);
     let non200 = counts.non200.load(Ordering::Relaxed);
     let abandoned = counts.abandoned.load(Ordering::Relaxed);
     let errors = counts.errors.load(Ordering::Relaxed);
     let total = ok + non200 + abandoned + errors;
+    // Work avoided: the call never reached the upstream, or was closed before its answer.
     let cancelled_share = if abandoned > 0 {
-        cancelled as f64 / abandoned as f64
+        (never_sent + cut) as f64 / abandoned as f64
     } else {
         0.0
     };
     println!(
         "soak {label}: {total} requests in {secs:.1}s ({:.0}/s): ok={ok} non200={non200} \
          abandoned={abandoned} errors={errors}; upstream saw {seen} requests on {accepted} \
-         connections; abandoned calls closed before the upstream answered: {cancelled} \
-         ({:.1}%); fds {fd_fresh} (fresh) → {fd0} (warmed) → {fd1} (1 s after) → {fd2} \
+         connections; abandoned calls: {never_sent} never sent + {cut} closed before the \
+         upstream answered ({:.1}% avoided), {wasted} answered anyway, {pending} unresolved; completed requests whose \
+         upstream call was closed: {wrongly_closed}; fds {fd_fresh} (fresh) → {fd0} (warmed) → {fd1} (1 s after) → {fd2} \
          ({settle_s:.1} s after the upstream closed its idle conns); VmRSS {rss_fresh} → \
          {rss0} → {rss1} → {rss2} KiB; proxy alive: {alive}",
         total as f64 / secs,
@@ -117,7 +136,11 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "client_connects": counts.connects.load(Ordering::Relaxed),
         "upstream_requests": seen,
         "upstream_connections": accepted,
-        "abandoned_cancelled": cancelled,
+        "abandoned_never_sent": never_sent,
+        "abandoned_cancelled": cut,
+        "abandoned_answered": wasted,
+        "abandoned_unresolved": pending,
+        "completed_but_closed": wrongly_closed,
         "abandoned_cancelled_share": (cancelled_share * 1000.0).round() / 1000.0,
         "fds_fresh": fd_fresh,
         "fds_before": fd0,

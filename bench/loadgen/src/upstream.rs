@@ -34,7 +34,10 @@ pub const FIRST_CHUNK: &[u8] = b"first-chunk\n";
 #[derive(Default, Clone, Copy, Debug)]
 pub struct Rec {
     pub arrived: Option<Instant>,
+    /// The proxy closed the connection while this request was unanswered.
     pub closed: Option<Instant>,
+    /// The upstream wrote its response (Respond mode).
+    pub responded: Option<Instant>,
 }
 
 pub struct Upstream {
@@ -142,10 +145,17 @@ impl Upstream {
             id,
             Rec {
                 arrived: Some(now),
-                closed: None,
+                ..Rec::default()
             },
         );
         self.changed.notify_waiters();
+    }
+
+    fn responded(&self, id: u64) {
+        self.responded.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = self.recs().get_mut(&id) {
+            r.responded = Some(Instant::now());
+        }
     }
 
     fn closed(&self, id: u64, at: Instant) {
@@ -211,16 +221,23 @@ async fn serve(up: Arc<Upstream>, s: TcpStream, mut release: watch::Receiver<u64
             }
             Mode::Respond { delay } => {
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {
-                        write_all(&fd, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n").await?;
-                        up.responded.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
+                    // A close already seen wins over a timer that fired in the same poll.
+                    biased;
                     at = wait_closed(&fd) => {
                         up.closed(id, at);
                         return Ok(());
                     }
                     _ = release.changed() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {
+                        let resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
+                        if write_all(&fd, resp).await.is_err() {
+                            // The proxy closed just as the answer was due.
+                            up.closed(id, Instant::now());
+                            return Ok(());
+                        }
+                        up.responded(id);
+                        continue;
+                    }
                 }
             }
         }

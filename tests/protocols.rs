@@ -1,0 +1,1595 @@
+//! Protocols, end to end against the real `cutoff` binary: HTTPS upstreams (trusted by
+//! `ca_file`, or not), the TLS listener with ALPN h2, h2c downstream, HTTP/2 upstreams with
+//! one shared connection, gRPC through it, WebSocket tunnels, and certificate reload.
+//!
+//! As in the other suites, what counts is what the UPSTREAM observed: an HTTP/1.1
+//! upstream sees its connection closed; an HTTP/2 upstream sees its handler future or
+//! response body dropped by hyper (the stream was reset) while its one TCP connection
+//! lives on; a WebSocket upstream sees its connection end. Certificates are made by rcgen
+//! for each test (a CA, and leaves for `localhost`/`127.0.0.1` signed by it), written to
+//! a temp dir; see `common_tls/mod.rs` for the test upstreams and clients.
+
+mod common;
+mod common_tls;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::{
+    Client, Proxy, Upstream, WAIT, assert_access, assert_closed_promptly, http_get, log_path_is,
+    unique_temp_dir, within,
+};
+use common_tls::*;
+use http::{HeaderValue, Version};
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+/// How soon after its cause (a reset stream, a client gone) the upstream must see the
+/// cancellation. Propagation takes milliseconds; the bound is generous for a loaded 2-core
+/// machine running other suites.
+const PROPAGATION: Duration = Duration::from_secs(2);
+
+/// A config with one upstream `up` at `url` and one catch-all route `r`, JSON logs, an
+/// admin listener, and a TLS listener when `tls` gives a cert and key.
+fn config(
+    url: &str,
+    upstream_extra: &str,
+    route_extra: &str,
+    tls: Option<(&Path, &Path)>,
+) -> String {
+    let tls = tls
+        .map(|(cert, key)| {
+            format!(
+                "\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                cert.display(),
+                key.display()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+{tls}
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+format = "json"
+level = "info"
+
+[upstreams.up]
+url = "{url}"
+{upstream_extra}
+
+[[routes]]
+name = "r"
+path_prefix = "/"
+upstream = "up"
+{route_extra}
+"#
+    )
+}
+
+fn ca_file(pki: &Pki) -> String {
+    format!("ca_file = \"{}\"", pki.ca_pem.display())
+}
+
+async fn access_line(proxy: &Proxy, path: &str) -> Value {
+    proxy
+        .wait_for_access_log(|v| log_path_is(v, path), WAIT)
+        .await
+}
+
+/// A gRPC request: `application/grpc`, `te: trailers`, one message.
+fn grpc_req(scheme: &str, path: &str, msg: &[u8]) -> http::Request<ClientBody> {
+    let mut req = h2_req("POST", scheme, path, grpc_frame(msg));
+    let h = req.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.insert("te", HeaderValue::from_static("trailers"));
+    req
+}
+
+fn grpc_messages(body: &[u8]) -> Vec<String> {
+    let mut buf = BytesMut::from(body);
+    let mut out = Vec::new();
+    while let Some(m) = grpc_take(&mut buf) {
+        out.push(String::from_utf8_lossy(&m).into_owned());
+    }
+    assert!(
+        buf.is_empty(),
+        "trailing bytes after the gRPC messages: {buf:?}"
+    );
+    out
+}
+
+// ------------------------------------------------------------------------------------------
+// HTTPS upstreams
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn https_upstream_trusted_through_ca_file_is_forwarded() {
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let up = HyperUpstream::start(UpstreamOptions {
+        tls: Some(server_config(&pki.leaf(1), &[b"http/1.1"])),
+        ..Default::default()
+    })
+    .await;
+    let url = format!("https://localhost:{}", up.addr().port());
+    let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
+
+    let resp = within(
+        WAIT,
+        "GET through the https upstream",
+        http_get(proxy.addr(), "/bytes/tls?n=100000"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(resp.body == pattern(100_000), "the body changed on the way");
+    let call = up.wait_call("/bytes/tls", WAIT).await;
+    assert_eq!(call.version, Version::HTTP_11, "ALPN offered only http/1.1");
+    let line = access_line(&proxy, "/bytes/tls").await;
+    assert_access(&line, 200, "ok", None);
+
+    // Idle TLS connections are pooled and reused like plain ones.
+    for i in 0..3 {
+        let path = format!("/bytes/tls-again-{i}?n=10");
+        let resp = within(WAIT, format!("GET {path}"), http_get(proxy.addr(), &path)).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    assert_eq!(
+        up.accepted(),
+        1,
+        "sequential calls should reuse the pooled TLS connection: {}",
+        up.summary()
+    );
+}
+
+#[tokio::test]
+async fn https_upstream_with_an_unknown_ca_is_a_502_with_the_tls_reason() {
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let up = HyperUpstream::start(UpstreamOptions {
+        tls: Some(server_config(&pki.leaf(1), &[b"http/1.1"])),
+        ..Default::default()
+    })
+    .await;
+    let url = format!("https://localhost:{}", up.addr().port());
+    // No ca_file: the system roots do not know the test CA.
+    let proxy = Proxy::start(&config(&url, "", "", None)).await;
+
+    let resp = within(
+        WAIT,
+        "GET through the untrusted https upstream",
+        http_get(proxy.addr(), "/untrusted"),
+    )
+    .await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let line = access_line(&proxy, "/untrusted").await;
+    assert_access(&line, 502, "upstream_error", None);
+    let reason = line["reason"].as_str().unwrap_or("").to_ascii_lowercase();
+    assert!(
+        reason.contains("tls") || reason.contains("certificate"),
+        "the reason should name the TLS/certificate failure: {line}"
+    );
+    assert!(
+        up.calls().is_empty(),
+        "no request may reach an untrusted upstream: {}",
+        up.summary()
+    );
+}
+
+#[tokio::test]
+async fn https_upstream_negotiates_h2_by_alpn_with_protocol_auto() {
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let up = HyperUpstream::start(UpstreamOptions {
+        tls: Some(server_config(&pki.leaf(1), &[b"h2", b"http/1.1"])),
+        ..Default::default()
+    })
+    .await;
+    let url = format!("https://localhost:{}", up.addr().port());
+    let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
+
+    for i in 0..3 {
+        let path = format!("/bytes/alpn-{i}?n=50000");
+        let resp = within(WAIT, format!("GET {path}"), http_get(proxy.addr(), &path)).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert!(resp.body == pattern(50_000), "the body changed on the way");
+    }
+    let calls = up.calls();
+    assert_eq!(calls.len(), 3, "{}", up.summary());
+    for c in &calls {
+        assert_eq!(
+            c.version,
+            Version::HTTP_2,
+            "ALPN offered h2: {}",
+            up.summary()
+        );
+    }
+    // Whichever connection negotiated h2 is the endpoint's one HTTP/2 connection; at most
+    // the first, ALPN-probing connection is extra.
+    assert!(
+        up.accepted() <= 2,
+        "{} connections: {}",
+        up.accepted(),
+        up.summary()
+    );
+}
+
+/// README: "Each endpoint has one shared connection". With `protocol = "auto"` over TLS
+/// the protocol is learnt from the first connection's ALPN; a burst of first requests
+/// must not open a connection each.
+#[tokio::test]
+async fn https_upstream_auto_h2_burst_shares_one_connection() {
+    const N: usize = 20;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let up = HyperUpstream::start(UpstreamOptions {
+        tls: Some(server_config(&pki.leaf(1), &[b"h2", b"http/1.1"])),
+        ..Default::default()
+    })
+    .await;
+    let url = format!("https://localhost:{}", up.addr().port());
+    let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let addr = proxy.addr();
+            tokio::spawn(async move { h1_call(addr, &format!("/slow/burst-{i}?ms=200")).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let resp = within(WAIT, format!("call {i}"), t)
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_eq!(resp.status, 200, "call {i}: {}", resp.text());
+    }
+    assert!(
+        up.accepted() <= 2,
+        "{N} concurrent first calls opened {} TLS connections to an h2 endpoint: {}",
+        up.accepted(),
+        up.summary()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// TLS listener and HTTP/2 downstream
+// ------------------------------------------------------------------------------------------
+
+/// Large bodies both ways come through byte for byte, over `h2` to the proxy.
+async fn assert_bodies_intact(h2: &H2Sender, scheme: &str, get_path: &str, expect: &[u8]) {
+    let resp = send(h2, h2_req("GET", scheme, get_path, Bytes::new()), WAIT).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body.len(), expect.len(), "GET {get_path}: body length");
+    assert!(
+        resp.body == expect,
+        "GET {get_path}: the body changed on the way"
+    );
+
+    let body = pattern(256 * 1024 + 7);
+    let resp = send(h2, h2_req("POST", scheme, "/echo/h2", body.clone()), WAIT).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body.len(), body.len(), "POST /echo: body length");
+    assert!(resp.body == body, "POST /echo: the body changed on the way");
+}
+
+/// Opens stream A (a call that only a cancellation ends) and stream B (a short call) on
+/// one client connection, waits until `arrived_a` says the upstream has A, then drops A's
+/// response future: that resets the stream. Returns when A was dropped, and B's task.
+async fn reset_one_of_two(
+    h2: &H2Sender,
+    scheme: &str,
+    path_a: &str,
+    path_b: &str,
+    arrived: impl Future<Output = ()>,
+) -> (Instant, tokio::task::JoinHandle<Collected>) {
+    let mut sender_a = h2.clone();
+    let req_a = h2_req("GET", scheme, path_a, Bytes::new());
+    let a = tokio::spawn(async move { sender_a.send_request(req_a).await });
+    let sender_b = h2.clone();
+    let req_b = h2_req("GET", scheme, path_b, Bytes::new());
+    let b = tokio::spawn(async move { send(&sender_b, req_b, WAIT).await });
+    arrived.await;
+    let t0 = Instant::now();
+    a.abort();
+    (t0, b)
+}
+
+/// Reads until the first body frame, then drops the response: the stream is reset.
+async fn read_one_frame_then_reset(h2: &H2Sender, scheme: &str, path: &str) -> Instant {
+    let mut sender = h2.clone();
+    let resp = within(
+        WAIT,
+        format!("response head of {path}"),
+        sender.send_request(h2_req("GET", scheme, path, Bytes::new())),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(resp.status(), 200, "{path}");
+    let mut body = resp.into_body();
+    let frame = within(WAIT, format!("first body frame of {path}"), body.frame())
+        .await
+        .expect("a frame, not the end")
+        .expect("a frame, not an error");
+    assert!(frame.is_data(), "{path}: first frame is data");
+    drop(body);
+    Instant::now()
+}
+
+async fn tls_proxy_for(url: &str, upstream_extra: &str) -> (Pki, Proxy) {
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let (cert, key) = pki.install(&pki.leaf(1));
+    let proxy = Proxy::start(&config(url, upstream_extra, "", Some((&cert, &key)))).await;
+    (pki, proxy)
+}
+
+#[tokio::test]
+async fn tls_listener_h2_client_to_http1_upstream() {
+    let up = Upstream::start().await;
+    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "").await;
+    let h2 = h2_tls_connect(proxy.addr(), &pki).await;
+
+    assert_bodies_intact(&h2, "https", "/big/h2?bytes=300000", &[b'z'; 300_000]).await;
+    let rec = up.wait_request("/big/h2", WAIT).await;
+    assert_eq!(rec.header("x-forwarded-proto"), Some("https"), "{rec:?}");
+
+    // Two streams on one connection; reset A before its response head.
+    let (t0, b) = reset_one_of_two(
+        &h2,
+        "https",
+        "/delay/reset-a?ms=30000",
+        "/delay/reset-b?ms=600",
+        async {
+            up.wait_request("/delay/reset-a", WAIT).await;
+            up.wait_request("/delay/reset-b", WAIT).await;
+        },
+    )
+    .await;
+    let rec_a = up.wait_request("/delay/reset-a", WAIT).await;
+    let rec_a = up.wait_closed(rec_a.id, PROPAGATION * 2).await;
+    assert_closed_promptly(&rec_a, t0, PROPAGATION);
+    let b = within(WAIT, "stream B", b).await.expect("stream B's task");
+    assert_eq!(b.status, 200, "stream B: {}", b.text());
+    assert_eq!(b.text(), "done");
+
+    // Reset C while its body streams.
+    let t1 = read_one_frame_then_reset(&h2, "https", "/stream/reset-c?chunks=100&every=100").await;
+    let rec_c = up.wait_request("/stream/reset-c", WAIT).await;
+    let rec_c = up.wait_closed(rec_c.id, PROPAGATION * 2).await;
+    assert_closed_promptly(&rec_c, t1, PROPAGATION);
+
+    // The client's connection lives on.
+    let after = send(
+        &h2,
+        h2_req("GET", "https", "/delay/after?ms=0", Bytes::new()),
+        WAIT,
+    )
+    .await;
+    assert_eq!(after.status, 200, "{}", after.text());
+
+    assert_access(
+        &access_line(&proxy, "/delay/reset-a").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+    assert_access(
+        &access_line(&proxy, "/delay/reset-b").await,
+        200,
+        "ok",
+        None,
+    );
+    assert_access(
+        &access_line(&proxy, "/stream/reset-c").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+}
+
+#[tokio::test]
+async fn tls_listener_h2_client_to_h2_upstream() {
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "protocol = \"h2\"").await;
+    let h2 = h2_tls_connect(proxy.addr(), &pki).await;
+
+    assert_bodies_intact(&h2, "https", "/bytes/h2?n=300000", &pattern(300_000)).await;
+
+    let (t0, b) = reset_one_of_two(
+        &h2,
+        "https",
+        "/slow/reset-a?ms=30000",
+        "/slow/reset-b?ms=600",
+        async {
+            up.wait_call("/slow/reset-a", WAIT).await;
+            up.wait_call("/slow/reset-b", WAIT).await;
+        },
+    )
+    .await;
+    let a = up.wait_call("/slow/reset-a", WAIT).await;
+    let a = up.wait_end(a.id, PROPAGATION * 2).await;
+    assert_eq!(a.ended(), Some(End::HandlerDropped), "{}", up.summary());
+    let lag = a.end.expect("ended").0.saturating_duration_since(t0);
+    assert!(
+        lag <= PROPAGATION,
+        "the upstream saw the reset {lag:?} after it"
+    );
+    let b = within(WAIT, "stream B", b).await.expect("stream B's task");
+    assert_eq!(b.status, 200, "stream B: {}", b.text());
+    assert_eq!(b.text(), "slow done");
+
+    let t1 = read_one_frame_then_reset(&h2, "https", "/drip/reset-c?chunks=100&every=100").await;
+    let c = up.wait_call("/drip/reset-c", WAIT).await;
+    let c = up.wait_end(c.id, PROPAGATION * 2).await;
+    assert_eq!(c.ended(), Some(End::BodyDropped), "{}", up.summary());
+    let lag = c.end.expect("ended").0.saturating_duration_since(t1);
+    assert!(
+        lag <= PROPAGATION,
+        "the upstream saw the reset {lag:?} after it"
+    );
+
+    let after = send(
+        &h2,
+        h2_req("GET", "https", "/slow/after?ms=0", Bytes::new()),
+        WAIT,
+    )
+    .await;
+    assert_eq!(after.status, 200, "{}", after.text());
+
+    // Every call went over HTTP/2, on one upstream connection that survived the resets.
+    for call in up.calls() {
+        assert_eq!(call.version, Version::HTTP_2, "{}", up.summary());
+        assert_eq!(call.conn, 0, "{}", up.summary());
+    }
+    assert_eq!(up.accepted(), 1, "{}", up.summary());
+
+    assert_access(
+        &access_line(&proxy, "/slow/reset-a").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+    assert_access(&access_line(&proxy, "/slow/reset-b").await, 200, "ok", None);
+    assert_access(
+        &access_line(&proxy, "/drip/reset-c").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+}
+
+#[tokio::test]
+async fn tls_listener_still_speaks_http1_by_alpn() {
+    let up = Upstream::start().await;
+    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "").await;
+    let tls = within(
+        WAIT,
+        "TLS handshake",
+        tls_connect(proxy.addr(), pki.client_config(&[b"http/1.1"])),
+    )
+    .await
+    .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, ClientBody>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("/big/h1tls?bytes=100000")
+        .header("host", "localhost")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    let resp = within(WAIT, "GET over TLS + HTTP/1.1", async {
+        collect(sender.send_request(req).await.expect("response"))
+            .await
+            .expect("body")
+    })
+    .await;
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.body == [b'z'; 100_000][..],
+        "the body changed on the way"
+    );
+}
+
+#[tokio::test]
+async fn tls_listener_cuts_a_client_that_never_starts_its_handshake() {
+    let up = Upstream::start().await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let (cert, key) = pki.install(&pki.leaf(1));
+    let text = config(
+        &format!("http://{}", up.addr()),
+        "",
+        "",
+        Some((&cert, &key)),
+    )
+    .replacen(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n",
+        1,
+    );
+    let proxy = Proxy::start(&text).await;
+    let mut silent = Client::connect(proxy.addr()).await;
+    let started = Instant::now();
+    let end = silent.wait_closed_by_peer(Duration::from_secs(5)).await;
+    assert_ne!(
+        end,
+        common::ReadEnd::TimedOut,
+        "a silent TLS client holds its slot forever"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "cut after {took:?}, before the timeout"
+    );
+    // The listener still serves.
+    let h2 = h2_tls_connect(proxy.addr(), &pki).await;
+    let resp = send(
+        &h2,
+        h2_req("GET", "https", "/after-silent", Bytes::new()),
+        WAIT,
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_downstream() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&format!("http://{}", up.addr()), "", "", None)).await;
+    let h2 = h2c_connect(proxy.addr()).await;
+
+    assert_bodies_intact(&h2, "http", "/big/h2c?bytes=300000", &[b'z'; 300_000]).await;
+
+    let (t0, b) = reset_one_of_two(
+        &h2,
+        "http",
+        "/delay/h2c-a?ms=30000",
+        "/delay/h2c-b?ms=600",
+        async {
+            up.wait_request("/delay/h2c-a", WAIT).await;
+            up.wait_request("/delay/h2c-b", WAIT).await;
+        },
+    )
+    .await;
+    let rec_a = up.wait_request("/delay/h2c-a", WAIT).await;
+    let rec_a = up.wait_closed(rec_a.id, PROPAGATION * 2).await;
+    assert_closed_promptly(&rec_a, t0, PROPAGATION);
+    let b = within(WAIT, "stream B", b).await.expect("stream B's task");
+    assert_eq!(b.status, 200, "stream B: {}", b.text());
+
+    // The same listener still serves plain HTTP/1.1.
+    let resp = within(WAIT, "GET over HTTP/1.1", http_get(proxy.addr(), "/plain")).await;
+    assert_eq!(resp.status, 200);
+    assert_access(
+        &access_line(&proxy, "/delay/h2c-a").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+}
+
+#[tokio::test]
+async fn h2_client_closing_its_connection_cancels_every_stream() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&format!("http://{}", up.addr()), "", "", None)).await;
+    let (h2, socket) = h2c_connect_killable(proxy.addr()).await;
+    let calls: Vec<_> = (0..3)
+        .map(|i| {
+            let mut sender = h2.clone();
+            let req = h2_req(
+                "GET",
+                "http",
+                &format!("/delay/gone-{i}?ms=30000"),
+                Bytes::new(),
+            );
+            tokio::spawn(async move { sender.send_request(req).await })
+        })
+        .collect();
+    up.wait_for("three calls", WAIT, |rs| {
+        rs.iter()
+            .filter(|r| r.path.starts_with("/delay/gone-"))
+            .count()
+            == 3
+    })
+    .await;
+    let t0 = Instant::now();
+    socket.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    for i in 0..3 {
+        let rec = up.wait_request(&format!("/delay/gone-{i}"), WAIT).await;
+        let rec = up.wait_closed(rec.id, PROPAGATION * 2).await;
+        assert_closed_promptly(&rec, t0, PROPAGATION);
+    }
+    drop(calls);
+    let lines = proxy
+        .wait_for_access_logs(
+            3,
+            |v| {
+                v["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("/delay/gone-"))
+            },
+            WAIT,
+        )
+        .await;
+    for line in &lines {
+        assert_access(line, 499, "client_closed", Some("client"));
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// HTTP/2 upstreams: one shared connection
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_hundred_calls_half_leave_on_one_connection() {
+    const N: usize = 100;
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "protocol = \"h2\"",
+        "",
+        None,
+    ))
+    .await;
+
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let addr = proxy.addr();
+            tokio::spawn(async move { h1_call(addr, &format!("/hold/{i}")).await })
+        })
+        .collect();
+    up.wait_for(&format!("{N} calls"), Duration::from_secs(20), |cs, _| {
+        cs.len() >= N
+    })
+    .await;
+
+    // The odd ones leave.
+    let t0 = Instant::now();
+    for (i, t) in tasks.iter().enumerate() {
+        if i % 2 == 1 {
+            t.abort();
+        }
+    }
+    let calls = up
+        .wait_for(
+            "the departed half reset",
+            Duration::from_secs(10),
+            |cs, _| {
+                cs.iter()
+                    .filter(|c| c.ended() == Some(End::HandlerDropped))
+                    .count()
+                    >= N / 2
+            },
+        )
+        .await;
+    for c in calls
+        .iter()
+        .filter(|c| c.ended() == Some(End::HandlerDropped))
+    {
+        let lag = c.end.expect("ended").0.saturating_duration_since(t0);
+        assert!(
+            lag <= PROPAGATION * 2,
+            "{} reset {lag:?} after its client left",
+            c.path
+        );
+    }
+
+    up.release();
+    for (i, t) in tasks.into_iter().enumerate() {
+        if i % 2 == 0 {
+            let resp = within(WAIT, format!("call {i}"), t)
+                .await
+                .expect("the call's task")
+                .unwrap_or_else(|e| panic!("call {i}: {e}"));
+            assert_eq!(resp.status, 200, "call {i}: {}", resp.text());
+            assert_eq!(resp.text(), "released", "call {i}");
+        }
+    }
+    up.wait_for("every call ended", WAIT, |cs, _| {
+        cs.iter().all(|c| c.end.is_some())
+    })
+    .await;
+    // Give a stray late call or reset a moment to show up before counting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = up.calls();
+
+    let index = |c: &Call| -> usize {
+        c.path_only()
+            .trim_start_matches("/hold/")
+            .parse()
+            .unwrap_or_else(|_| panic!("unexpected call {}", c.path))
+    };
+    let dropped: BTreeSet<usize> = calls
+        .iter()
+        .filter(|c| c.ended() == Some(End::HandlerDropped))
+        .map(index)
+        .collect();
+    let completed: BTreeSet<usize> = calls
+        .iter()
+        .filter(|c| c.ended() == Some(End::Completed))
+        .map(index)
+        .collect();
+    let odd: BTreeSet<usize> = (0..N).filter(|i| i % 2 == 1).collect();
+    let even: BTreeSet<usize> = (0..N).filter(|i| i % 2 == 0).collect();
+    assert_eq!(
+        calls.len(),
+        N,
+        "each call reached the upstream once: {}",
+        up.summary()
+    );
+    assert_eq!(
+        dropped,
+        odd,
+        "exactly the departed calls were reset: {}",
+        up.summary()
+    );
+    assert_eq!(completed, even, "the others completed: {}", up.summary());
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.version == Version::HTTP_2 && c.conn == 0),
+        "{}",
+        up.summary()
+    );
+    assert_eq!(
+        up.accepted(),
+        1,
+        "one upstream connection: {}",
+        up.summary()
+    );
+
+    let lines = proxy
+        .wait_for_access_logs(
+            N,
+            |v| v["path"].as_str().is_some_and(|p| p.starts_with("/hold/")),
+            WAIT,
+        )
+        .await;
+    let outcomes = |o: &str| lines.iter().filter(|v| v["outcome"] == o).count();
+    assert_eq!(outcomes("ok"), N / 2, "access log");
+    assert_eq!(outcomes("client_closed"), N / 2, "access log");
+}
+
+/// A request cancelled while the first HTTP/2 connection is being set up must not fail the
+/// requests waiting for the same connection.
+async fn cancelled_during_set_up(tls: bool) {
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let up = HyperUpstream::start(UpstreamOptions {
+        tls: tls.then(|| server_config(&pki.leaf(1), &[b"h2"])),
+        accept_delay: Duration::from_millis(300),
+    })
+    .await;
+    let (url, extra) = if tls {
+        (
+            format!("https://localhost:{}", up.addr().port()),
+            format!("protocol = \"h2\"\n{}", ca_file(&pki)),
+        )
+    } else {
+        (
+            format!("http://{}", up.addr()),
+            "protocol = \"h2\"".to_string(),
+        )
+    };
+    let proxy = Proxy::start(&config(&url, &extra, "", None)).await;
+
+    // A starts the set-up: the upstream accepts its TCP connection, then waits 300 ms.
+    let mut a = Client::connect(proxy.addr()).await;
+    a.get("/slow/setup-a?ms=0").await;
+    up.wait_accepted(1, WAIT).await;
+    // B waits for the same connection.
+    let mut b = Client::connect(proxy.addr()).await;
+    b.get("/slow/setup-b?ms=0").await;
+    // Let the proxy take B's request in, well within the 300 ms set-up; then A leaves.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.close_rst();
+
+    let resp = b.read_response(WAIT).await;
+    assert_eq!(
+        resp.status,
+        200,
+        "B after A left during the set-up: {}",
+        resp.text()
+    );
+    assert_eq!(resp.text(), "slow done");
+    assert_access(&access_line(&proxy, "/slow/setup-b").await, 200, "ok", None);
+    assert_access(
+        &access_line(&proxy, "/slow/setup-a").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+    // The set-up was not abandoned and redone: one connection.
+    assert_eq!(up.accepted(), 1, "{}", up.summary());
+}
+
+#[tokio::test]
+async fn h2c_set_up_survives_the_first_request_leaving() {
+    cancelled_during_set_up(false).await;
+}
+
+#[tokio::test]
+async fn h2_tls_set_up_survives_the_first_request_leaving() {
+    cancelled_during_set_up(true).await;
+}
+
+#[tokio::test]
+async fn h2_upstream_timeout_resets_only_the_stream() {
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "protocol = \"h2\"",
+        "timeout = \"500ms\"",
+        None,
+    ))
+    .await;
+    let h2 = h2c_connect(proxy.addr()).await;
+
+    // Before the head: the timer resets the stream, the client gets a 504.
+    let resp = send(
+        &h2,
+        h2_req("GET", "http", "/slow/t-head?ms=30000", Bytes::new()),
+        WAIT,
+    )
+    .await;
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    let call = up.wait_call("/slow/t-head", WAIT).await;
+    let call = up.wait_end(call.id, PROPAGATION).await;
+    assert_eq!(call.ended(), Some(End::HandlerDropped), "{}", up.summary());
+
+    // While the body streams: the stream is reset.
+    let mut sender = h2.clone();
+    let resp = within(
+        WAIT,
+        "the drip's head",
+        sender.send_request(h2_req(
+            "GET",
+            "http",
+            "/drip/t-body?chunks=100&every=100",
+            Bytes::new(),
+        )),
+    )
+    .await
+    .expect("the drip's head");
+    assert_eq!(resp.status(), 200);
+    let body = within(WAIT, "the drip's end", resp.into_body().collect()).await;
+    assert!(
+        body.is_err(),
+        "a stream cut by the timeout must not end cleanly"
+    );
+    let call = up.wait_call("/drip/t-body", WAIT).await;
+    let call = up.wait_end(call.id, PROPAGATION).await;
+    assert_eq!(call.ended(), Some(End::BodyDropped), "{}", up.summary());
+
+    // The connection was not burnt.
+    let resp = send(
+        &h2,
+        h2_req("GET", "http", "/slow/t-after?ms=0", Bytes::new()),
+        WAIT,
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(up.accepted(), 1, "{}", up.summary());
+    assert_access(
+        &access_line(&proxy, "/slow/t-head").await,
+        504,
+        "timeout",
+        Some("timeout"),
+    );
+    assert_access(
+        &access_line(&proxy, "/drip/t-body").await,
+        504,
+        "timeout",
+        Some("timeout"),
+    );
+}
+
+#[tokio::test]
+async fn h2_upstream_reconnects_after_its_connection_closed() {
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let addr = up.addr();
+    let proxy = Proxy::start(&config(
+        &format!("http://{addr}"),
+        "protocol = \"h2\"",
+        "",
+        None,
+    ))
+    .await;
+    let resp = within(
+        WAIT,
+        "first call",
+        http_get(proxy.addr(), "/slow/before?ms=0"),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+
+    // The upstream restarts: its connections close, a new process listens on the port.
+    drop(up);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let up = HyperUpstream::start_at(addr, UpstreamOptions::default()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let resp = within(
+        WAIT,
+        "call after the restart",
+        http_get(proxy.addr(), "/slow/after?ms=0"),
+    )
+    .await;
+    assert_eq!(
+        resp.status,
+        200,
+        "after the upstream restarted: {}",
+        resp.text()
+    );
+    assert_eq!(up.accepted(), 1, "{}", up.summary());
+}
+
+/// README: an endpoint is ejected "after its second failure in a row". One failed HTTP/2
+/// connection set-up is one failure, however many requests were waiting for it.
+#[tokio::test]
+async fn h2_connect_failure_counts_once_against_the_endpoint() {
+    let dead = common::refused_addr();
+    let proxy = Proxy::start(&config(
+        &format!("http://{dead}"),
+        "protocol = \"h2\"",
+        "",
+        None,
+    ))
+    .await;
+    let resp = within(
+        WAIT,
+        "a call to a refused endpoint",
+        http_get(proxy.addr(), "/refused"),
+    )
+    .await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_access(
+        &access_line(&proxy, "/refused").await,
+        502,
+        "upstream_error",
+        None,
+    );
+    let text = proxy.metrics_text().await;
+    let ejections = common::metric_value(
+        &text,
+        "cutoff_endpoint_ejections_total",
+        &[("upstream", "up")],
+    );
+    assert_eq!(
+        ejections,
+        Some(0.0),
+        "one refused connection must not eject the endpoint; stderr:\n{}",
+        proxy.stderr()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// gRPC
+// ------------------------------------------------------------------------------------------
+
+async fn grpc_calls(h2: &H2Sender, scheme: &str, up: &HyperUpstream, proxy: &Proxy) {
+    // Unary: the message and its trailers arrive intact.
+    let resp = send(h2, grpc_req(scheme, "/test.Echo/Unary", b"hello"), WAIT).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.headers.get("content-type").map(HeaderValue::as_bytes),
+        Some(&b"application/grpc"[..])
+    );
+    assert_eq!(grpc_messages(&resp.body), ["echo: hello"]);
+    let trailers = resp.trailers.expect("the unary call's trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(HeaderValue::as_bytes),
+        Some(&b"0"[..]),
+        "{trailers:?}"
+    );
+    let call = up.wait_call("/test.Echo/Unary", WAIT).await;
+    assert_eq!(call.version, Version::HTTP_2);
+    assert_eq!(
+        call.headers.get("te").map(HeaderValue::as_bytes),
+        Some(&b"trailers"[..]),
+        "`te: trailers` must reach a gRPC upstream: {:?}",
+        call.headers
+    );
+
+    // A trailers-only error: grpc-status in the head, no body.
+    let resp = send(h2, grpc_req(scheme, "/test.Echo/Unimplemented", b"?"), WAIT).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.headers.get("grpc-status").map(HeaderValue::as_bytes),
+        Some(&b"12"[..]),
+        "a trailers-only answer keeps grpc-status: {:?}",
+        resp.headers
+    );
+    assert!(resp.body.is_empty());
+
+    // Server streaming to the end: every message, then the trailers.
+    let resp = send(
+        h2,
+        grpc_req(scheme, "/test.Echo/Stream/all?n=5&every=20", b"go"),
+        WAIT,
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        grpc_messages(&resp.body),
+        ["msg-0", "msg-1", "msg-2", "msg-3", "msg-4"]
+    );
+    let trailers = resp.trailers.expect("the streaming call's trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(HeaderValue::as_bytes),
+        Some(&b"0"[..])
+    );
+
+    // Server streaming, cancelled by the client after two messages.
+    let mut sender = h2.clone();
+    let resp = within(
+        WAIT,
+        "the streaming call's head",
+        sender.send_request(grpc_req(
+            scheme,
+            "/test.Echo/Stream/cancel?n=1000&every=50",
+            b"go",
+        )),
+    )
+    .await
+    .expect("the streaming call's head");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let frame = within(WAIT, "a message", body.frame())
+            .await
+            .expect("more frames")
+            .expect("a frame");
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+        while let Some(m) = grpc_take(&mut buf) {
+            got.push(m);
+        }
+    }
+    assert_eq!(&got[..2], [Bytes::from("msg-0"), Bytes::from("msg-1")]);
+    drop(body);
+    let t0 = Instant::now();
+    let call = up.wait_call("/test.Echo/Stream/cancel", WAIT).await;
+    let call = up.wait_end(call.id, PROPAGATION * 2).await;
+    assert_eq!(call.ended(), Some(End::BodyDropped), "{}", up.summary());
+    let lag = call.end.expect("ended").0.saturating_duration_since(t0);
+    assert!(
+        lag <= PROPAGATION,
+        "the service saw the cancellation {lag:?} after it"
+    );
+    assert!(call.sent < 1000, "{}", up.summary());
+    assert_access(
+        &access_line(proxy, "/test.Echo/Stream/cancel").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+}
+
+#[tokio::test]
+async fn grpc_over_h2c_unary_streaming_and_cancel() {
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "protocol = \"h2\"",
+        "",
+        None,
+    ))
+    .await;
+    let h2 = h2c_connect(proxy.addr()).await;
+    grpc_calls(&h2, "http", &up, &proxy).await;
+    assert_eq!(up.accepted(), 1, "{}", up.summary());
+}
+
+#[tokio::test]
+async fn grpc_over_tls_unary_streaming_and_cancel() {
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "protocol = \"h2\"").await;
+    let h2 = h2_tls_connect(proxy.addr(), &pki).await;
+    grpc_calls(&h2, "https", &up, &proxy).await;
+    assert_eq!(up.accepted(), 1, "{}", up.summary());
+}
+
+/// `grpc-timeout` in milliseconds, whatever unit the proxy chose.
+fn grpc_timeout_ms(v: &HeaderValue) -> f64 {
+    let s = v.to_str().expect("ASCII");
+    let (digits, unit) = s.split_at(s.len() - 1);
+    let n: f64 = digits
+        .parse()
+        .unwrap_or_else(|_| panic!("grpc-timeout {s:?}"));
+    n * match unit {
+        "H" => 3_600_000.0,
+        "M" => 60_000.0,
+        "S" => 1_000.0,
+        "m" => 1.0,
+        "u" => 0.001,
+        "n" => 0.000_001,
+        _ => panic!("grpc-timeout {s:?}: unknown unit"),
+    }
+}
+
+/// The README: "`grpc-timeout` shortens the route's timeout and is rewritten with the
+/// remaining budget when the call is dispatched". A client asking for 10 s on a route cut
+/// at 2 s must not make the upstream believe it has 10 s.
+async fn grpc_timeout_rewritten(route_extra: &str) {
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "protocol = \"h2\"",
+        route_extra,
+        None,
+    ))
+    .await;
+    let h2 = h2c_connect(proxy.addr()).await;
+
+    let mut req = grpc_req("http", "/test.Echo/Unary", b"deadline");
+    req.headers_mut()
+        .insert("grpc-timeout", HeaderValue::from_static("10S"));
+    let resp = send(&h2, req, WAIT).await;
+    assert_eq!(resp.status, 200);
+    let call = up.wait_call("/test.Echo/Unary", WAIT).await;
+    let v = call
+        .headers
+        .get("grpc-timeout")
+        .expect("grpc-timeout reaches the upstream");
+    let ms = grpc_timeout_ms(v);
+    assert!(
+        ms <= 2_000.0 && ms > 1_000.0,
+        "the upstream got grpc-timeout {v:?} ({ms} ms); the route's budget was 2 s"
+    );
+
+    // A client's shorter grpc-timeout is kept (and counts down).
+    let mut req = grpc_req("http", "/test.Echo/Unary/short", b"deadline");
+    req.headers_mut()
+        .insert("grpc-timeout", HeaderValue::from_static("500m"));
+    let resp = send(&h2, req, WAIT).await;
+    assert_eq!(resp.status, 200);
+    let call = up.wait_call("/test.Echo/Unary/short", WAIT).await;
+    let v = call
+        .headers
+        .get("grpc-timeout")
+        .expect("grpc-timeout reaches the upstream");
+    let ms = grpc_timeout_ms(v);
+    assert!(ms <= 500.0 && ms > 100.0, "grpc-timeout {v:?} ({ms} ms)");
+}
+
+#[tokio::test]
+async fn grpc_timeout_is_rewritten_with_the_remaining_budget() {
+    grpc_timeout_rewritten("timeout = \"2s\"").await;
+}
+
+#[tokio::test]
+async fn grpc_timeout_is_rewritten_with_a_deadline_header_too() {
+    grpc_timeout_rewritten("timeout = \"2s\"\ndeadline_header = \"x-request-timeout-ms\"").await;
+}
+
+#[tokio::test]
+async fn grpc_timeout_shortens_the_route_timeout() {
+    let up = HyperUpstream::start(UpstreamOptions::default()).await;
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "protocol = \"h2\"",
+        "timeout = \"30s\"",
+        None,
+    ))
+    .await;
+    let h2 = h2c_connect(proxy.addr()).await;
+    let mut req = grpc_req("http", "/slow/grpc-deadline?ms=30000", b"x");
+    req.headers_mut()
+        .insert("grpc-timeout", HeaderValue::from_static("300m"));
+    let started = Instant::now();
+    let resp = send(&h2, req, WAIT).await;
+    let took = started.elapsed();
+    assert_ne!(resp.status, 200, "the call must be cut at its grpc-timeout");
+    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+    let call = up.wait_call("/slow/grpc-deadline", WAIT).await;
+    let call = up.wait_end(call.id, PROPAGATION).await;
+    assert_eq!(call.ended(), Some(End::HandlerDropped), "{}", up.summary());
+    let line = access_line(&proxy, "/slow/grpc-deadline").await;
+    assert_eq!(line["outcome"], "timeout", "{line}");
+}
+
+// ------------------------------------------------------------------------------------------
+// WebSocket tunnels
+// ------------------------------------------------------------------------------------------
+
+async fn ws_pair(route_extra: &str) -> (WsUpstream, Proxy) {
+    let up = WsUpstream::start().await;
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "",
+        route_extra,
+        None,
+    ))
+    .await;
+    (up, proxy)
+}
+
+async fn echo(ws: &mut WsClient, text: &str) {
+    ws.send_text(text).await;
+    let (op, payload) = ws
+        .recv(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("no echo of {text:?}: {e:?}"));
+    assert_eq!(op, OP_TEXT);
+    assert_eq!(String::from_utf8_lossy(&payload), text);
+}
+
+#[tokio::test]
+async fn websocket_echo_then_client_leaves_closes_upstream() {
+    let (up, proxy) = ws_pair("").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/echo").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "hello through cutoff").await;
+    let big = "x".repeat(70_000);
+    echo(&mut ws, &big).await;
+    let conns = up.conns();
+    assert_eq!(conns.len(), 1);
+    let head = conns[0].head.to_ascii_lowercase();
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("sec-websocket-key:"), "{head}");
+
+    let t0 = Instant::now();
+    drop(ws);
+    let conn = up.wait_closed(0, PROPAGATION * 2).await;
+    let lag = conn.closed.expect("closed").saturating_duration_since(t0);
+    assert!(
+        lag <= PROPAGATION,
+        "the upstream saw the close {lag:?} after the client left"
+    );
+    let line = access_line(&proxy, "/ws/echo").await;
+    assert_access(&line, 101, "ok", None);
+}
+
+#[tokio::test]
+async fn websocket_upstream_close_closes_client() {
+    let (_up, proxy) = ws_pair("").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/close").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "before the close").await;
+    // A close frame: the upstream answers it and closes its side.
+    let frame = ws_encode(OP_CLOSE, &[0x03, 0xe8], Some(*b"abcd"));
+    tokio::io::AsyncWriteExt::write_all(&mut ws.tcp, &frame)
+        .await
+        .expect("write close");
+    let (op, _) = ws.recv(WAIT).await.expect("the close answer");
+    assert_eq!(op, OP_CLOSE);
+    assert_eq!(
+        ws.recv(WAIT).await,
+        Err(WsEnd::Closed),
+        "the proxy closes the client side"
+    );
+    assert_access(&access_line(&proxy, "/ws/close").await, 101, "ok", None);
+}
+
+#[tokio::test]
+async fn websocket_route_timeout_does_not_cut_a_healthy_tunnel() {
+    let (up, proxy) = ws_pair("timeout = \"300ms\"").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/healthy").await;
+    assert_eq!(status, 101);
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_millis(1200) {
+        echo(&mut ws, &format!("tick {i}")).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(i >= 5, "only {i} round trips");
+    assert!(
+        up.conns()[0].closed.is_none(),
+        "the upstream side was closed during a healthy tunnel"
+    );
+    drop(ws);
+    up.wait_closed(0, PROPAGATION * 2).await;
+    let line = access_line(&proxy, "/ws/healthy").await;
+    assert_access(&line, 101, "ok", None);
+    assert!(
+        line["duration_ms"].as_f64().unwrap_or(0.0) >= 1000.0,
+        "the tunnel lived over 1 s: {line}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_idle_timeout_cuts_an_idle_tunnel() {
+    let (up, proxy) = ws_pair("idle_timeout = \"300ms\"").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/idle").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "one").await;
+    let last = Instant::now();
+    // Then silence: the tunnel must end about 300 ms later.
+    let end = ws.recv(Duration::from_secs(5)).await;
+    assert_eq!(end, Err(WsEnd::Closed), "the idle tunnel must be closed");
+    let idle = last.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250),
+        "cut after {idle:?}, before idle_timeout"
+    );
+    let conn = up.wait_closed(0, PROPAGATION * 2).await;
+    let lag = conn.closed.expect("closed").saturating_duration_since(last);
+    assert!(
+        lag <= Duration::from_millis(300) + PROPAGATION,
+        "upstream closed after {lag:?}"
+    );
+    let line = access_line(&proxy, "/ws/idle").await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+}
+
+#[tokio::test]
+async fn websocket_client_leaving_before_the_101_closes_upstream() {
+    let (up, proxy) = ws_pair("").await;
+    let mut c = Client::connect(proxy.addr()).await;
+    c.send_head(
+        "GET",
+        "/ws/slow101",
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+    )
+    .await;
+    up.wait_for("the upgrade request", WAIT, |cs| {
+        cs.first().is_some_and(|c| !c.head.is_empty())
+    })
+    .await;
+    let t0 = Instant::now();
+    c.close_rst();
+    let conn = up.wait_closed(0, PROPAGATION * 2).await;
+    let lag = conn.closed.expect("closed").saturating_duration_since(t0);
+    assert!(
+        lag <= PROPAGATION,
+        "the upstream saw the close {lag:?} after the client left"
+    );
+    assert_access(
+        &access_line(&proxy, "/ws/slow101").await,
+        499,
+        "client_closed",
+        Some("client"),
+    );
+}
+
+#[tokio::test]
+async fn websocket_route_timeout_covers_the_handshake() {
+    let (up, proxy) = ws_pair("timeout = \"300ms\"").await;
+    let (_ws, status) = WsClient::connect(proxy.addr(), "/ws/slow101").await;
+    assert_eq!(status, 504, "no 101 within the route's timeout");
+    up.wait_closed(0, PROPAGATION * 2).await;
+    assert_access(
+        &access_line(&proxy, "/ws/slow101").await,
+        504,
+        "timeout",
+        Some("timeout"),
+    );
+}
+
+#[tokio::test]
+async fn websocket_through_an_https_upstream() {
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let up = WsUpstream::start_tls(server_config(&pki.leaf(1), &[b"http/1.1"])).await;
+    let url = format!("https://localhost:{}", up.addr().port());
+    let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/wss").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "over TLS").await;
+}
+
+/// With `protocol = "auto"` (the default) over TLS, cutoff offers h2 by ALPN. A server
+/// that supports both (most do) then picks h2, and an HTTP/1.1 upgrade sent on that
+/// connection is a protocol error. Upgrades must negotiate http/1.1.
+#[tokio::test]
+async fn websocket_through_an_https_upstream_that_prefers_h2() {
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let up = WsUpstream::start_tls(server_config(&pki.leaf(1), &[b"h2", b"http/1.1"])).await;
+    let url = format!("https://localhost:{}", up.addr().port());
+    let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/wss-h2").await;
+    assert_eq!(
+        status,
+        101,
+        "the upgrade failed; the upstream saw: {:?}",
+        up.conns()
+    );
+    echo(&mut ws, "over TLS").await;
+}
+
+#[tokio::test]
+async fn upgrade_declined_by_the_upstream_is_an_ordinary_response() {
+    let (up, proxy) = ws_pair("").await;
+    let mut c = Client::connect(proxy.addr()).await;
+    c.send_head(
+        "GET",
+        "/ws/declined",
+        &[("Upgrade", "something-else"), ("Connection", "Upgrade")],
+    )
+    .await;
+    let resp = c.read_response(WAIT).await;
+    assert_eq!(resp.status, 400, "the upstream's answer: {}", resp.text());
+    up.wait_closed(0, WAIT).await;
+    assert_access(&access_line(&proxy, "/ws/declined").await, 400, "ok", None);
+}
+
+// ------------------------------------------------------------------------------------------
+// Certificate reload
+// ------------------------------------------------------------------------------------------
+
+async fn wait_reloads(proxy: &Proxy, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = proxy
+            .logs()
+            .iter()
+            .filter(|v| {
+                v["fields"]["message"] == "config reloaded" || v["message"] == "config reloaded"
+            })
+            .count();
+        if count >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} `config reloaded` lines after 10 s, expected {n}; stderr:\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// cutoff installs its SIGHUP handler (and its config-file watch) only after it logged
+/// `listening`; until then SIGHUP has its default action, which ends the process. Tests
+/// about reloading, rather than about that window, let the proxy settle first.
+async fn settle_after_start() {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// A reload asked for as soon as the proxy says it is listening (a deploy script that
+/// starts it, then pushes a config) must reload, not kill it.
+#[tokio::test]
+async fn sighup_right_after_listening_reloads_and_does_not_kill() {
+    let up = Upstream::start().await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let (cert, key) = pki.install(&pki.leaf(4001));
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "",
+        "",
+        Some((&cert, &key)),
+    ))
+    .await;
+    proxy.signal(libc::SIGHUP);
+    proxy
+        .wait_for_log(|v| v["message"] == "config reloaded", WAIT)
+        .await;
+    let h2 = h2_tls_connect(proxy.addr(), &pki).await;
+    let resp = send(
+        &h2,
+        h2_req("GET", "https", "/after-early-hup", Bytes::new()),
+        WAIT,
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+}
+
+#[tokio::test]
+async fn certificate_reload_on_sighup_and_on_config_change() {
+    let up = Upstream::start().await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let first = pki.leaf(1001);
+    let (cert, key) = pki.install(&first);
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "",
+        "",
+        Some((&cert, &key)),
+    ))
+    .await;
+    let cc = pki.client_config(&[b"h2"]);
+    assert!(peer_certificate(proxy.addr(), cc.clone()).await == first.der);
+
+    // A renewal: new files under the same names, then SIGHUP.
+    let second = pki.leaf(1002);
+    pki.install(&second);
+    settle_after_start().await;
+    proxy.signal(libc::SIGHUP);
+    wait_reloads(&proxy, 1).await;
+    assert!(
+        peer_certificate(proxy.addr(), cc.clone()).await == second.der,
+        "after SIGHUP a new connection must see the new certificate"
+    );
+    let h2 = h2_tls_connect(proxy.addr(), &pki).await;
+    let resp = send(
+        &h2,
+        h2_req("GET", "https", "/after-sighup", Bytes::new()),
+        WAIT,
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+
+    // Another renewal, then an edit of proxy.toml.
+    let third = pki.leaf(1003);
+    pki.install(&third);
+    let mut text = std::fs::read_to_string(proxy.config_path()).expect("read the config");
+    text.push_str("\n# certificates renewed\n");
+    write_atomically(proxy.config_path(), text.as_bytes());
+    wait_reloads(&proxy, 2).await;
+    assert!(
+        peer_certificate(proxy.addr(), cc.clone()).await == third.der,
+        "after the config changed a new connection must see the new certificate"
+    );
+}
+
+#[tokio::test]
+async fn certificate_reload_keeps_the_old_certificate_when_the_new_one_is_broken() {
+    let up = Upstream::start().await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let first = pki.leaf(2001);
+    let (cert, key) = pki.install(&first);
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "",
+        "",
+        Some((&cert, &key)),
+    ))
+    .await;
+    let cc = pki.client_config(&[b"h2"]);
+    settle_after_start().await;
+    write_atomically(
+        &cert,
+        b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    );
+    proxy.signal(libc::SIGHUP);
+    proxy
+        .wait_for_log(
+            |v| v["message"] == "config reload failed; the previous routes keep serving",
+            WAIT,
+        )
+        .await;
+    assert!(
+        peer_certificate(proxy.addr(), cc).await == first.der,
+        "a broken renewal must leave the old certificate serving"
+    );
+}
+
+/// A certificate renewal followed by `touch proxy.toml` (mtime only, same content), the
+/// usual way to poke a file-watching server without SIGHUP.
+#[tokio::test]
+async fn certificate_reload_on_touching_the_config() {
+    let up = Upstream::start().await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let first = pki.leaf(3001);
+    let (cert, key) = pki.install(&first);
+    let proxy = Proxy::start(&config(
+        &format!("http://{}", up.addr()),
+        "",
+        "",
+        Some((&cert, &key)),
+    ))
+    .await;
+    let cc = pki.client_config(&[b"h2"]);
+    assert!(peer_certificate(proxy.addr(), cc.clone()).await == first.der);
+
+    settle_after_start().await;
+    let second = pki.leaf(3002);
+    pki.install(&second);
+    std::fs::File::options()
+        .write(true)
+        .open(proxy.config_path())
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .expect("touch proxy.toml");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if peer_certificate(proxy.addr(), cc.clone()).await == second.der {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "3 s after `touch proxy.toml` new connections still get the old certificate; \
+             stderr:\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

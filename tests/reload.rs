@@ -1,0 +1,619 @@
+//! Live reload of `proxy.toml`, against the real binary: edits saved the way editors do
+//! (a temp file renamed over, or truncate and write in place) and SIGHUP swap the route
+//! table while requests flow; a broken edit is rejected with file, line and key while the
+//! old routes keep serving; requests in flight finish on the routes they started with;
+//! `[server]` changes need a restart and say so.
+//!
+//! Every route strips its prefix, so `/slow/delay/t?ms=2000` reaches the recording
+//! upstream as `/delay/t?ms=2000` and picks its behaviour there.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A reload takes the watcher's settle time (150 ms) plus parsing; bounded generously.
+const RELOAD_WAIT: Duration = Duration::from_secs(10);
+
+/// A full config: `[server]` listening on `listen`, admin, JSON logs, upstream `up`, then
+/// `routes` (TOML `[[routes]]` tables).
+fn config_with(listen: &str, upstream: SocketAddr, routes: &str) -> String {
+    format!(
+        r#"[server]
+listen = "{listen}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+format = "json"
+level = "info"
+
+[upstreams.up]
+url = "http://{upstream}"
+{routes}"#
+    )
+}
+
+/// A `[[routes]]` table: `name` at `/name/`, prefix stripped, to `up`, plus `extra` lines.
+fn route(name: &str, extra: &str) -> String {
+    format!(
+        "\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}/\"\nstrip_prefix = true\nupstream = \"up\"\n{extra}\n"
+    )
+}
+
+/// Saves like editors that write a new file and rename it over the old one.
+fn save_by_rename(path: &Path, text: &str) {
+    let tmp = path.with_file_name(".proxy.toml.swp-new");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename over {}: {e}", path.display()));
+}
+
+/// Saves like editors that truncate the file and write it in place.
+fn save_in_place(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn is_reloaded(v: &Value) -> bool {
+    v["message"] == "config reloaded"
+}
+
+fn is_reload_error(v: &Value) -> bool {
+    v["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("config reload failed"))
+}
+
+/// Waits until at least `n` JSON log lines match `pred`; returns them. The harness wakes
+/// waiters of single lines only, so this counting wait polls the captured lines (every
+/// 10 ms), bounded by `timeout`.
+async fn wait_log_count(
+    proxy: &Proxy,
+    n: usize,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found: Vec<Value> = proxy.logs().into_iter().filter(|v| pred(v)).collect();
+        if found.len() >= n {
+            return found;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "after {timeout:?}: {} of {n} log lines for {what}; stderr:\n{}",
+                found.len(),
+                proxy.stderr()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits for the `n`th successful reload: its log line, and the counter.
+async fn wait_reloads(proxy: &Proxy, n: usize) {
+    wait_log_count(proxy, n, "`config reloaded`", RELOAD_WAIT, is_reloaded).await;
+    proxy
+        .wait_for_metric(
+            "cutoff_config_reloads_total",
+            &[("result", "ok")],
+            |v| v >= n as f64,
+            WAIT,
+        )
+        .await;
+}
+
+/// Waits until the proxy's config watch (and SIGHUP handler) is surely installed: the main
+/// runtime has served an admin request, and the reload task was spawned, and first polled,
+/// before that (tasks of a current-thread runtime first run in the order they were spawned,
+/// before it next looks for I/O). An edit saved between the `listening` lines and that
+/// point is lost: see `an_edit_saved_right_after_startup_is_not_lost`.
+async fn wait_started(proxy: &Proxy) {
+    let r = within(WAIT, "GET /readyz", http_get(proxy.admin_addr(), "/readyz")).await;
+    assert_eq!(r.status, 200, "/readyz: {}", r.text());
+}
+
+async fn get(proxy: &Proxy, path: &str) -> Response {
+    within(
+        Duration::from_secs(15),
+        format!("GET {path}"),
+        http_get(proxy.addr(), path),
+    )
+    .await
+}
+
+/// Sequential requests to `path` on fresh connections until stopped; every one must get
+/// 200. Returns (successes, failures).
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Traffic {
+    fn start(addr: SocketAddr, path: &'static str) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut ok = 0u64;
+            let mut failures = Vec::new();
+            let mut i = 0u64;
+            while !flag.load(Ordering::SeqCst) {
+                i += 1;
+                // A request of its own task, so that a panic in the harness's client (a
+                // reset, a timeout) is counted as a failure instead of ending the loop.
+                match tokio::spawn(http_get(addr, path)).await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failures.push(format!("request {i}: {} {}", r.status, r.text())),
+                    Err(e) => failures.push(format!("request {i}: {e}")),
+                }
+                // Pacing: a steady flow, not a load test.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (ok, failures)
+        });
+        Traffic { stop, task }
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        within(
+            Duration::from_secs(20),
+            "the traffic loop to stop",
+            self.task,
+        )
+        .await
+        .expect("the traffic loop")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_apply_while_requests_flow() {
+    let up = Upstream::start().await;
+    let steady = route("steady", "");
+    let slow_5s = route("slow", "timeout = \"5s\"");
+    let slow_300ms = route("slow", "timeout = \"300ms\"");
+    let doomed = route("doomed", "");
+    let fresh = route("fresh", "");
+    let listen = "127.0.0.1:0";
+    let proxy = Proxy::start(&config_with(
+        listen,
+        up.addr(),
+        &format!("{steady}{slow_5s}{doomed}"),
+    ))
+    .await;
+    let path = proxy.config_path().to_path_buf();
+    wait_started(&proxy).await;
+
+    // Before: no /fresh/, /slow/ allows more than 300 ms, /doomed/ serves.
+    assert_eq!(get(&proxy, "/fresh/before").await.status, 404);
+    let r = get(&proxy, "/slow/delay/before?ms=600").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "done"));
+    assert_eq!(get(&proxy, "/doomed/before").await.status, 200);
+
+    let traffic = Traffic::start(proxy.addr(), "/steady/flow");
+
+    // 1. Add a route; saved by rename.
+    save_by_rename(
+        &path,
+        &config_with(
+            listen,
+            up.addr(),
+            &format!("{steady}{slow_5s}{doomed}{fresh}"),
+        ),
+    );
+    wait_reloads(&proxy, 1).await;
+    let r = get(&proxy, "/fresh/after").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "the new route");
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/fresh/after"), WAIT)
+        .await;
+    assert_access(&line, 200, "ok", None);
+    assert_eq!(line["route"], "fresh", "{line}");
+
+    // 2. Shorten a timeout; saved in place.
+    save_in_place(
+        &path,
+        &config_with(
+            listen,
+            up.addr(),
+            &format!("{steady}{slow_300ms}{doomed}{fresh}"),
+        ),
+    );
+    wait_reloads(&proxy, 2).await;
+    let sent = Instant::now();
+    let r = get(&proxy, "/slow/delay/cut?ms=2000").await;
+    assert_eq!(r.status, 504, "the shortened timeout: {}", r.text());
+    assert!(
+        sent.elapsed() < Duration::from_millis(1500),
+        "the 504 came {:?} after the request; the timeout is 300 ms",
+        sent.elapsed()
+    );
+    let rec = up.wait_request("/delay/cut", WAIT).await;
+    up.wait_closed(rec.id, WAIT).await;
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/slow/delay/cut"), WAIT)
+        .await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+
+    // 3. Remove a route; saved by rename again.
+    save_by_rename(
+        &path,
+        &config_with(listen, up.addr(), &format!("{steady}{slow_300ms}{fresh}")),
+    );
+    wait_reloads(&proxy, 3).await;
+    let r = get(&proxy, "/doomed/after").await;
+    assert_eq!(r.status, 404, "the removed route: {}", r.text());
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/doomed/after"), WAIT)
+        .await;
+    assert_access(&line, 404, "no_route", None);
+    assert_eq!(line["route"], "", "{line}");
+
+    let (ok, failures) = traffic.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the reloads: {failures:?}",
+        failures.len(),
+        ok + failures.len() as u64
+    );
+    assert!(ok >= 5, "only {ok} requests flowed during the reloads");
+
+    let metrics = proxy.metrics_text().await;
+    assert_eq!(
+        metric_value(&metrics, "cutoff_config_reloads_total", &[("result", "ok")]),
+        Some(3.0),
+        "one reload per save"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "cutoff_config_reloads_total",
+            &[("result", "error")]
+        ),
+        Some(0.0),
+        "no save was seen half-written"
+    );
+    // The new route's series exist from its load.
+    assert!(
+        metric_value(
+            &metrics,
+            "cutoff_requests_total",
+            &[("route", "fresh"), ("outcome", "ok")]
+        )
+        .is_some_and(|v| v >= 1.0),
+        "cutoff_requests_total for the new route:\n{metrics}"
+    );
+}
+
+/// The 1-based number of the first line of `text` containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in the config"))
+        + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_edits_are_rejected_and_the_old_routes_keep_serving() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let good = config_with(listen, up.addr(), &route("api", "timeout = \"3s\""));
+    let proxy = Proxy::start(&good).await;
+    let path = proxy.config_path().to_path_buf();
+    wait_started(&proxy).await;
+    assert_eq!(get(&proxy, "/api/before").await.status, 200);
+
+    // A bad duration.
+    let bad = config_with(listen, up.addr(), &route("api", "timeout = \"3x\""));
+    let line_no = line_of(&bad, "\"3x\"");
+    save_in_place(&path, &bad);
+    let errors = wait_log_count(&proxy, 1, "the reload error", RELOAD_WAIT, is_reload_error).await;
+    let e = &errors[0];
+    assert_eq!(e["level"], "ERROR", "{e}");
+    let msg = e["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("proxy.toml"), "the error names the file: {e}");
+    assert!(
+        msg.contains(&format!(":{line_no}:")),
+        "the error names line {line_no}: {e}"
+    );
+    assert!(msg.contains("timeout"), "the error names the key: {e}");
+    proxy
+        .wait_for_metric(
+            "cutoff_config_reloads_total",
+            &[("result", "error")],
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+    let r = get(&proxy, "/api/after-bad-duration").await;
+    assert_eq!(r.status, 200, "the old routes keep serving: {}", r.text());
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/api/after-bad-duration"), WAIT)
+        .await;
+    assert_eq!(line["route"], "api", "{line}");
+
+    // An unknown key, saved by rename.
+    let bad = config_with(
+        listen,
+        up.addr(),
+        &route("api", "timeout = \"3s\"\nretries = 3"),
+    );
+    let line_no = line_of(&bad, "retries");
+    save_by_rename(&path, &bad);
+    let errors = wait_log_count(
+        &proxy,
+        2,
+        "the second reload error",
+        RELOAD_WAIT,
+        is_reload_error,
+    )
+    .await;
+    let e = &errors[1];
+    assert_eq!(e["level"], "ERROR", "{e}");
+    let msg = e["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("proxy.toml"), "the error names the file: {e}");
+    assert!(
+        msg.contains(&format!(":{line_no}:")),
+        "the error names line {line_no}: {e}"
+    );
+    assert!(msg.contains("retries"), "the error names the key: {e}");
+    proxy
+        .wait_for_metric(
+            "cutoff_config_reloads_total",
+            &[("result", "error")],
+            |v| v == 2.0,
+            WAIT,
+        )
+        .await;
+    assert_eq!(get(&proxy, "/api/after-unknown-key").await.status, 200);
+
+    // Neither was swapped in: the route's 3 s timeout still holds (a 1 s call succeeds).
+    let r = get(&proxy, "/api/delay/still-3s?ms=1000").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "done"));
+    let metrics = proxy.metrics_text().await;
+    assert_eq!(
+        metric_value(&metrics, "cutoff_config_reloads_total", &[("result", "ok")]),
+        Some(0.0)
+    );
+
+    // A fixed file is taken again.
+    let fixed = config_with(
+        listen,
+        up.addr(),
+        &format!("{}{}", route("api", "timeout = \"3s\""), route("new", "")),
+    );
+    save_in_place(&path, &fixed);
+    wait_reloads(&proxy, 1).await;
+    assert_eq!(get(&proxy, "/new/after-fix").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let one = route("one", "");
+    let proxy = Proxy::start(&config_with(listen, up.addr(), &one)).await;
+    let path = proxy.config_path().to_path_buf();
+    wait_started(&proxy).await;
+
+    // A first reload from the file watch: the reload task (and its SIGHUP handler) runs.
+    let two = route("two", "");
+    save_in_place(
+        &path,
+        &config_with(listen, up.addr(), &format!("{one}{two}")),
+    );
+    wait_reloads(&proxy, 1).await;
+    assert_eq!(get(&proxy, "/two/x").await.status, 200);
+
+    // SIGHUP with the file unchanged: an explicit request reloads anyway.
+    proxy.signal(libc::SIGHUP);
+    wait_log_count(&proxy, 1, "the SIGHUP line", RELOAD_WAIT, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("SIGHUP"))
+    })
+    .await;
+    wait_reloads(&proxy, 2).await;
+    assert_eq!(get(&proxy, "/one/x").await.status, 200);
+    assert_eq!(get(&proxy, "/two/x").await.status, 200);
+
+    // A change written, then SIGHUP (the file watch sees it too; one reload or two, never
+    // an error).
+    let three = route("three", "");
+    save_by_rename(
+        &path,
+        &config_with(listen, up.addr(), &format!("{one}{three}")),
+    );
+    proxy.signal(libc::SIGHUP);
+    wait_log_count(&proxy, 2, "the second SIGHUP line", RELOAD_WAIT, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("SIGHUP"))
+    })
+    .await;
+    wait_reloads(&proxy, 3).await;
+    assert_eq!(get(&proxy, "/three/x").await.status, 200);
+    assert_eq!(get(&proxy, "/two/x").await.status, 404);
+    let metrics = proxy.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "cutoff_config_reloads_total",
+            &[("result", "error")]
+        ),
+        Some(0.0)
+    );
+    assert!(
+        proxy.logs().iter().all(|v| v["level"] != "ERROR"),
+        "no ERROR line:\n{}",
+        proxy.stderr()
+    );
+}
+
+/// SIGHUP means "reload", whenever it comes: one sent right after the `listening` lines
+/// must not kill the process (the default disposition of SIGHUP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_right_after_startup_reloads_instead_of_killing() {
+    let up = Upstream::start().await;
+    let rounds = 10;
+    let mut died = Vec::new();
+    for round in 0..rounds {
+        let mut proxy = Proxy::start(&config_for(up.addr(), "")).await;
+        proxy.signal(libc::SIGHUP);
+        // Either it reloads and keeps serving, or it is dead: a request tells.
+        let alive = tokio::spawn(http_get(proxy.admin_addr(), "/healthz"))
+            .await
+            .is_ok_and(|r| r.status == 200);
+        if alive {
+            wait_reloads(&proxy, 1).await;
+        } else {
+            let status = proxy.wait_exit(WAIT).await;
+            died.push((round, status));
+        }
+    }
+    assert!(
+        died.is_empty(),
+        "{} of {rounds} proxies sent SIGHUP right after their `listening` lines died \
+         (round, status): {died:?}",
+        died.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_finish_on_the_routes_they_started_with() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let a = route("a", "timeout = \"10s\"");
+    let keep = route("keep", "");
+    let proxy = Proxy::start(&config_with(listen, up.addr(), &format!("{a}{keep}"))).await;
+    let path = proxy.config_path().to_path_buf();
+    wait_started(&proxy).await;
+
+    let mut c = Client::connect(proxy.addr()).await;
+    c.get("/a/delay/inflight?ms=1500").await;
+    let rec = up.wait_request("/delay/inflight", WAIT).await;
+
+    // Remove route a while its request is in flight.
+    save_by_rename(&path, &config_with(listen, up.addr(), &keep));
+    wait_reloads(&proxy, 1).await;
+    assert_eq!(
+        get(&proxy, "/a/new").await.status,
+        404,
+        "route a is gone for new requests"
+    );
+    let rec_now = up.record(rec.id);
+    assert!(
+        rec_now.finished.is_none() && rec_now.closed.is_none(),
+        "the slow request ended before the reload, so this tested nothing: {rec_now:?}"
+    );
+
+    // The request that started on route a completes there.
+    let resp = c.read_response(Duration::from_secs(10)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), "done");
+    up.wait_finished(rec.id, WAIT).await;
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/a/delay/inflight"), WAIT)
+        .await;
+    assert_access(&line, 200, "ok", None);
+    assert_eq!(line["route"], "a", "{line}");
+    assert_eq!(get(&proxy, "/keep/x").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_listen_address_needs_a_restart() {
+    let up = Upstream::start().await;
+    let r = route("r", "");
+    let proxy = Proxy::start(&config_with("127.0.0.1:0", up.addr(), &r)).await;
+    let path = proxy.config_path().to_path_buf();
+    wait_started(&proxy).await;
+
+    let new_addr = refused_addr();
+    let with_new = route("r2", "");
+    save_in_place(
+        &path,
+        &config_with(&new_addr.to_string(), up.addr(), &format!("{r}{with_new}")),
+    );
+    let warn = proxy
+        .wait_for_log(
+            |v| {
+                v["level"] == "WARN"
+                    && v["section"] == "[server]"
+                    && v["message"].as_str().is_some_and(|m| m.contains("restart"))
+            },
+            RELOAD_WAIT,
+        )
+        .await;
+    assert!(
+        warn["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("restart")),
+        "{warn}"
+    );
+
+    // Still serving on the old address (the rest of the file was taken).
+    assert_eq!(get(&proxy, "/r/x").await.status, 200);
+    assert_eq!(get(&proxy, "/r2/x").await.status, 200);
+    // And not on the new one.
+    let connect = within(WAIT, "connect to the new address", async {
+        tokio::net::TcpStream::connect(new_addr).await
+    })
+    .await;
+    assert!(
+        connect.is_err(),
+        "the proxy started listening on {new_addr} without a restart"
+    );
+}
+
+/// The `listening` lines say the proxy runs with the file as it was; an edit saved right
+/// after them must be picked up like any other, never silently lost (which leaves the
+/// proxy running a config that differs from the file, with nothing in the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_saved_right_after_startup_is_not_lost() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let rounds = 5;
+    let mut lost = Vec::new();
+    for round in 0..rounds {
+        let first = route("first", "");
+        let proxy = Proxy::start(&config_with(listen, up.addr(), &first)).await;
+        let path = proxy.config_path().to_path_buf();
+        save_in_place(
+            &path,
+            &config_with(
+                listen,
+                up.addr(),
+                &format!("{first}{}", route("second", "")),
+            ),
+        );
+        // Give it the settle time many times over, then look.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !proxy.logs().iter().any(is_reloaded) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = get(&proxy, "/second/x").await.status;
+        if status != 200 {
+            lost.push((round, status));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {rounds} edits saved right after the `listening` lines were never applied \
+         (round, status of the new route): {lost:?}",
+        lost.len()
+    );
+}
