@@ -118,6 +118,7 @@ cat >"$WORK/cutoff.toml" <<EOF
 [server]
 listen = "127.0.0.1:${PORT[cutoff]}"
 shutdown_grace = "500ms"
+workers = 1
 
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
@@ -415,6 +416,15 @@ stop origin
 # --- report -------------------------------------------------------------------------------------
 if grep -qi 'panick' "$WORK/cutoff.log" 2>/dev/null; then
   event cutoff "panic in the log: $(grep -m1 -i 'panick' "$WORK/cutoff.log")"
+fi
+# What cutoff logged at WARN or above (its access log is INFO, so with level = "warn" only
+# timeouts — expected, 100 from the timeout run — and anything unexpected show up here).
+if [[ -s "$WORK/cutoff.log" ]]; then
+  grep -o '"level":"\(WARN\|ERROR\)","message":"[^"]*"' "$WORK/cutoff.log" |
+    sed 's/"level":"\([A-Z]*\)","message":"\(.*\)"/\1 \2/' | sort | uniq -c |
+    while read -r n level msg; do
+      event cutoff "logged $n × $level \"$msg\" (bench/results/logs/cutoff.log)"
+    done
 fi
 meta "suite duration" "$(($(date +%s) - SUITE_START)) s"
 meta "load average at end" "$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -44,24 +44,39 @@ pub enum ClientBodyError {
 #[error("{0}")]
 pub struct StreamTimeout(pub &'static str);
 
-/// Progress of one request body, shared by the body (inside the upstream connection) and
-/// the request's guard and handler.
+/// What one request's parts share: the upload's progress (written by the body inside the
+/// upstream connection, read by the guard and the handler), and the moment the request was
+/// dropped from outside, stamped before the drop closes its upstream call, so that
+/// cancellation propagation can be measured from it.
 #[derive(Default)]
-pub struct UploadState(AtomicU8);
+pub struct RequestState {
+    upload: AtomicU8,
+    dropped_at: std::sync::OnceLock<Instant>,
+}
 
 const UPLOADING: u8 = 0;
 const DONE: u8 = 1;
 const CLIENT_GONE: u8 = 2;
 const CLIENT_SLOW: u8 = 3;
 
-impl UploadState {
+impl RequestState {
     pub fn is_done(&self) -> bool {
-        self.0.load(Ordering::Acquire) == DONE
+        self.upload.load(Ordering::Acquire) == DONE
+    }
+
+    /// The request is being dropped from outside (its client left, or the shutdown forced
+    /// the end): called before anything it owns is dropped.
+    pub fn stamp_dropped(&self) {
+        let _ = self.dropped_at.set(Instant::now());
+    }
+
+    pub fn dropped_at(&self) -> Option<Instant> {
+        self.dropped_at.get().copied()
     }
 
     /// Why the client's upload failed, if it did.
     pub fn client_failure(&self) -> Option<ClientBodyError> {
-        match self.0.load(Ordering::Acquire) {
+        match self.upload.load(Ordering::Acquire) {
             CLIENT_GONE => Some(ClientBodyError::Gone),
             CLIENT_SLOW => Some(ClientBodyError::TooSlow(Duration::ZERO)),
             _ => None,
@@ -70,7 +85,7 @@ impl UploadState {
 
     fn set(&self, state: u8) {
         let _ = self
-            .0
+            .upload
             .compare_exchange(UPLOADING, state, Ordering::AcqRel, Ordering::Acquire);
     }
 }
@@ -78,7 +93,7 @@ impl UploadState {
 /// The client's request body on its way upstream.
 pub struct RequestBody {
     inner: Option<Incoming>,
-    upload: Arc<UploadState>,
+    upload: Arc<RequestState>,
     /// Declared `Content-Length`, to catch an upload that ended short.
     expected: Option<u64>,
     received: u64,
@@ -89,7 +104,7 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, upload: Arc<UploadState>, read_timeout: Duration) -> RequestBody {
+    pub fn new(inner: Incoming, upload: Arc<RequestState>, read_timeout: Duration) -> RequestBody {
         let expected = inner.size_hint().exact();
         if inner.is_end_stream() {
             upload.set(DONE);
@@ -107,7 +122,7 @@ impl RequestBody {
 
     /// A body-less request.
     pub fn empty() -> RequestBody {
-        let upload = Arc::new(UploadState::default());
+        let upload = Arc::new(RequestState::default());
         upload.set(DONE);
         RequestBody {
             inner: None,
@@ -317,6 +332,16 @@ impl Body for UpstreamBody {
         match &self.body {
             Some(b) => b.size_hint(),
             None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Dropped before its end (the client left, or the shutdown forced it): stamp the moment
+/// first, then the fields drop in order, closing the upstream before the guard records.
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.guard.stamp_dropped();
         }
     }
 }

@@ -118,6 +118,13 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn serve(config: Config, demo: bool) -> ExitCode {
+    let mut signals = match shutdown::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cutoff: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let exporter = match crate::metrics::install() {
         Ok(e) => Some(e),
         Err(e) => {
@@ -146,12 +153,14 @@ async fn serve(config: Config, demo: bool) -> ExitCode {
         }
     }
     let lifecycle = Arc::new(Lifecycle::default());
-    tokio::spawn(shutdown::on_signals(lifecycle.clone()));
+    let hup = signals.hup.take();
+    tokio::spawn(signals.drive(lifecycle.clone()));
     match crate::run(
         config,
         crate::Listeners { proxy, admin },
         exporter,
         lifecycle,
+        hup,
     )
     .await
     {

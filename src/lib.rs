@@ -133,12 +133,14 @@ pub struct Listeners {
 const FORCED_EXIT_WAIT: Duration = Duration::from_millis(700);
 
 /// Serves until `lifecycle` drains, gives in-flight work `shutdown_grace`, then forces
-/// the end (cancelling every upstream call still running) and returns.
+/// the end (cancelling every upstream call still running) and returns. `reload_signal`
+/// (SIGHUP, registered by the caller) triggers a reload like a change of the file.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     exporter: Option<Exporter>,
     lifecycle: Arc<Lifecycle>,
+    reload_signal: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), String> {
     let table = RouteTable::build(&config, None)?;
     let tls = config
@@ -168,7 +170,7 @@ pub async fn run(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let reload = tokio::spawn(reload::watch(shared.clone(), config));
+    let reload = tokio::spawn(reload::watch(shared.clone(), config, reload_signal));
     for i in 1..workers {
         spawn_worker(i, &listeners.proxy, shared.clone(), settings.clone())?;
     }

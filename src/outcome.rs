@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use http::{Method, Uri};
 
 use crate::access_log::{self, AccessRecord};
-use crate::body::UploadState;
+use crate::body::RequestState;
 use crate::metrics::RouteMetrics;
 use crate::shutdown::Lifecycle;
 
@@ -165,8 +165,9 @@ pub struct InFlight {
     counted_inflight: bool,
     /// Set when the proxy closed the upstream call itself (timeout, failure, shutdown).
     upstream_closed_at: Option<Instant>,
-    /// The request body's progress, to tell `uploading` from `awaiting_headers`.
-    upload: Option<Arc<UploadState>>,
+    /// Shared with the request's other parts: the upload's progress (to tell `uploading`
+    /// from `awaiting_headers`) and the moment the request was dropped from outside.
+    state: Option<Arc<RequestState>>,
 
     bytes_out: u64,
     discarded: u64,
@@ -196,7 +197,7 @@ impl InFlight {
             upstream_done: None,
             counted_inflight: false,
             upstream_closed_at: None,
-            upload: None,
+            state: None,
             bytes_out: 0,
             discarded: 0,
             client_left: None,
@@ -244,13 +245,20 @@ impl InFlight {
         }
     }
 
-    pub fn watch_upload(&mut self, upload: Arc<UploadState>) {
-        self.upload = Some(upload);
+    pub fn watch(&mut self, state: Arc<RequestState>) {
+        self.state = Some(state);
+    }
+
+    /// See [`RequestState::stamp_dropped`].
+    pub fn stamp_dropped(&self) {
+        if let Some(s) = &self.state {
+            s.stamp_dropped();
+        }
     }
 
     /// The phase as of now: an upload that finished means the call awaits headers.
     fn current_phase(&self) -> Phase {
-        match (&self.upload, self.phase) {
+        match (&self.state, self.phase) {
             (Some(u), Phase::Uploading) if u.is_done() => Phase::AwaitingHeaders,
             (_, p) => p,
         }
@@ -323,9 +331,12 @@ impl InFlight {
                 outcome: Outcome::ClientClosed,
                 status: 499,
                 cancelled_by: Some(CancelledBy::Client),
+                // The earliest sign: the hang-up watch, else the moment the request was
+                // dropped (stamped before its upstream call was closed).
                 cause_at: self
                     .client_left
                     .or_else(|| self.client.gone_at())
+                    .or_else(|| self.state.as_ref().and_then(|s| s.dropped_at()))
                     .unwrap_or_else(Instant::now),
             }
         }
@@ -337,8 +348,11 @@ impl InFlight {
             Some(d) => d,
             None => self.undecided_cause(),
         };
-        let protected =
-            self.route.as_ref().is_some_and(|r| r.protected) && self.client_left.is_some();
+        // Protected means: a `continue` call that completed its upstream work after its client
+        // left. A protected call stopped by a half upload, the timer or a shutdown is not.
+        let protected = self.route.as_ref().is_some_and(|r| r.protected)
+            && self.client_left.is_some()
+            && self.upstream_done.is_some();
         let upstream_ms = self.dispatched.map(|t| {
             self.upstream_done
                 .unwrap_or(now)
@@ -413,5 +427,50 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.record();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Wraps a request's handler future: if hyper drops it before it completes, the drop
+    /// time is stamped first, then the handler (and the upstream call it owns) is dropped.
+    /// That stamp is where `cutoff_cancel_propagation_seconds` starts for departures hyper
+    /// noticed itself (HTTP/1.1 EOF, an HTTP/2 stream reset).
+    pub struct Stamped<F> {
+        #[pin]
+        inner: F,
+        state: Arc<RequestState>,
+        done: bool,
+    }
+
+    impl<F> PinnedDrop for Stamped<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if !this.done {
+                this.state.stamp_dropped();
+            }
+        }
+    }
+}
+
+impl<F> Stamped<F> {
+    pub fn new(inner: F, state: Arc<RequestState>) -> Stamped<F> {
+        Stamped {
+            inner,
+            state,
+            done: false,
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Stamped<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        *this.done = true;
+        std::task::Poll::Ready(out)
     }
 }

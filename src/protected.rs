@@ -31,9 +31,15 @@ use crate::outcome::{CancelledBy, InFlight, Outcome, Phase};
 use crate::proxy::{self, ConnContext};
 use crate::routes::Route;
 
+/// One frame for the client, and whether the upstream's body ends with it.
+struct Item {
+    frame: Result<Frame<Bytes>, BoxError>,
+    last: bool,
+}
+
 /// The client's side of a protected response: frames from the task.
 pub struct ProtectedBody {
-    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    rx: mpsc::Receiver<Item>,
     /// Signals the task that the client received the end of the body; dropped unsent when
     /// the client left first.
     delivered: Option<oneshot::Sender<()>>,
@@ -54,7 +60,17 @@ impl Body for ProtectedBody {
             return Poll::Ready(None);
         }
         match std::task::ready!(this.rx.poll_recv(cx)) {
-            Some(item) => Poll::Ready(Some(item)),
+            Some(Item { frame, last }) => {
+                // hyper stops polling once a declared length is written: the end must be
+                // confirmed with the last frame, not after it.
+                if last {
+                    this.ended = true;
+                    if let Some(d) = this.delivered.take() {
+                        let _ = d.send(());
+                    }
+                }
+                Poll::Ready(Some(frame))
+            }
             None => {
                 this.ended = true;
                 if let Some(d) = this.delivered.take() {
@@ -77,12 +93,12 @@ impl Body for ProtectedBody {
 pub async fn forward(
     req: Request<Incoming>,
     route: Arc<Route>,
-    mut guard: InFlight,
+    guard: InFlight,
     deadline: Option<Instant>,
     cx: &ConnContext,
+    upload: Arc<crate::body::RequestState>,
 ) -> Response<crate::body::ProxyBody> {
-    let (up_req, upload) = proxy::prepare(req, &route, cx);
-    guard.watch_upload(upload.clone());
+    let up_req = proxy::prepare(req, &route, cx, &upload);
     let (head_tx, head_rx) = oneshot::channel();
     let lifecycle = cx.shared.lifecycle.clone();
     cx.shared.tasks.spawn(async move {
@@ -109,7 +125,7 @@ impl Call {
     async fn run(
         &mut self,
         up_req: Request<crate::body::RequestBody>,
-        upload: Arc<crate::body::UploadState>,
+        upload: Arc<crate::body::RequestState>,
         deadline: Option<Instant>,
         lifecycle: Arc<crate::shutdown::Lifecycle>,
     ) {
@@ -201,9 +217,14 @@ impl Call {
             match next {
                 Some(Ok(frame)) => {
                     let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    let last = body.is_end_stream();
+                    let item = Item {
+                        frame: Ok(frame),
+                        last,
+                    };
                     let delivered = match &client {
                         Some(tx) => tokio::select! {
-                            r = tx.send(Ok(frame)) => r.is_ok(),
+                            r = tx.send(item) => r.is_ok(),
                             _ = fire(&mut timer) => {
                                 self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
                                 return;
@@ -219,35 +240,60 @@ impl Call {
                         }
                         self.guard.add_discarded(n);
                     }
+                    if last {
+                        self.finish(conn, client, delivered_rx, &mut timer, status)
+                            .await;
+                        return;
+                    }
                 }
                 Some(Err(e)) => {
                     self.guard.decide(Outcome::UpstreamError, 502, None);
                     self.guard
                         .reason(format!("upstream response body failed: {e}"));
                     if let Some(tx) = client.take() {
-                        let _ = tx.send(Err(Box::new(e))).await;
+                        let _ = tx
+                            .send(Item {
+                                frame: Err(Box::new(e)),
+                                last: true,
+                            })
+                            .await;
                     }
                     return;
                 }
                 None => {
-                    self.guard.upstream_completed();
-                    conn.exchanged();
-                    let _ = poll_fn(|cx| Poll::Ready(conn.poll_drive(cx))).await;
-                    drop(conn);
-                    // Ok only once the client has taken the last frame.
-                    drop(client.take());
-                    let delivered = tokio::select! {
-                        r = delivered_rx => r.is_ok(),
-                        _ = fire(&mut timer) => false,
-                    };
-                    if delivered {
-                        self.guard.decide(Outcome::Ok, status, None);
-                    } else {
-                        self.guard.client_left(Instant::now());
-                    }
+                    self.finish(conn, client, delivered_rx, &mut timer, status)
+                        .await;
                     return;
                 }
             }
+        }
+    }
+
+    /// The upstream's response is complete: the call is `ok` once the client has taken
+    /// the last frame, otherwise it completed for nobody (protected).
+    async fn finish(
+        &mut self,
+        mut conn: crate::upstream::Conn,
+        client: Option<mpsc::Sender<Item>>,
+        delivered_rx: oneshot::Receiver<()>,
+        timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+        status: u16,
+    ) {
+        self.guard.upstream_completed();
+        conn.exchanged();
+        let _ = poll_fn(|cx| Poll::Ready(conn.poll_drive(cx))).await;
+        drop(conn);
+        let still_there = client.is_some();
+        drop(client);
+        let delivered = still_there
+            && tokio::select! {
+                r = delivered_rx => r.is_ok(),
+                _ = fire(timer) => false,
+            };
+        if delivered {
+            self.guard.decide(Outcome::Ok, status, None);
+        } else {
+            self.guard.client_left(Instant::now());
         }
     }
 
@@ -266,11 +312,14 @@ impl Call {
         outcome: Outcome,
         status: u16,
         by: CancelledBy,
-        client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>>,
+        client: Option<mpsc::Sender<Item>>,
     ) {
         self.guard.decide(outcome, status, Some(by));
         if let Some(tx) = client {
-            let _ = tx.try_send(Err(Box::new(StreamTimeout("protected call stopped"))));
+            let _ = tx.try_send(Item {
+                frame: Err(Box::new(StreamTimeout("protected call stopped"))),
+                last: true,
+            });
         }
     }
 }

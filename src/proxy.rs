@@ -23,7 +23,7 @@ use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::{ClientBodyError, ProxyBody, RequestBody, UploadState, UpstreamBody};
+use crate::body::{ClientBodyError, ProxyBody, RequestBody, RequestState, UpstreamBody};
 use crate::headers::{self, ClientInfo};
 use crate::outcome::{CancelledBy, ClientConn, InFlight, Outcome, Phase};
 use crate::routes::{Route, RouteTable};
@@ -48,9 +48,12 @@ pub struct ConnContext {
     pub info: ClientInfo,
 }
 
+/// Serves one request. `state` is created by the caller, which stamps it if hyper drops
+/// this future (see [`crate::outcome::Stamped`]).
 pub async fn handle(
     req: Request<Incoming>,
     cx: Arc<ConnContext>,
+    state: Arc<RequestState>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let table = cx.shared.table.load_full();
     let lifecycle = cx.shared.lifecycle.clone();
@@ -68,21 +71,22 @@ pub async fn handle(
             "no route matches this request\n",
         ));
     };
-    let guard = InFlight::new(
+    let mut guard = InFlight::new(
         Some(route.info.clone()),
         req.method().clone(),
         req.uri().clone(),
         cx.client.clone(),
         lifecycle,
     );
+    guard.watch(state.clone());
     let deadline = deadline(&route, &req, guard.started());
     if crate::tunnel::is_upgrade(&req) {
-        return Ok(crate::tunnel::forward(req, &route, guard, deadline, &cx).await);
+        return Ok(crate::tunnel::forward(req, &route, guard, deadline, &cx, state).await);
     }
     if route.info.protected {
-        return Ok(crate::protected::forward(req, route, guard, deadline, &cx).await);
+        return Ok(crate::protected::forward(req, route, guard, deadline, &cx, state).await);
     }
-    Ok(forward(req, &route, guard, deadline, &cx).await)
+    Ok(forward(req, &route, guard, deadline, &cx, state).await)
 }
 
 async fn forward(
@@ -91,9 +95,9 @@ async fn forward(
     mut guard: InFlight,
     deadline: Option<Instant>,
     cx: &ConnContext,
+    upload: Arc<RequestState>,
 ) -> Response<ProxyBody> {
-    let (up_req, upload) = prepare(req, route, cx);
-    guard.watch_upload(upload.clone());
+    let up_req = prepare(req, route, cx, &upload);
 
     let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
     let fired = async {
@@ -119,12 +123,13 @@ async fn forward(
     respond(resp, conn, timer, route, guard)
 }
 
-/// Rewrites the request for the upstream; the upload's progress is shared with the guard.
+/// Rewrites the request for the upstream; the upload's progress goes to `state`.
 pub(crate) fn prepare(
     req: Request<Incoming>,
     route: &Route,
     cx: &ConnContext,
-) -> (Request<RequestBody>, Arc<UploadState>) {
+    state: &Arc<RequestState>,
+) -> Request<RequestBody> {
     let (mut parts, body) = req.into_parts();
     let c = &route.config;
     headers::to_upstream(
@@ -134,9 +139,8 @@ pub(crate) fn prepare(
         c.strip_prefix,
         c.preserve_host,
     );
-    let upload = Arc::new(UploadState::default());
-    let body = RequestBody::new(body, upload.clone(), cx.shared.body_read_timeout);
-    (Request::from_parts(parts, body), upload)
+    let body = RequestBody::new(body, state.clone(), cx.shared.body_read_timeout);
+    Request::from_parts(parts, body)
 }
 
 /// Response headers arrived: the rest of the exchange lives in the body.
@@ -184,7 +188,7 @@ pub(crate) fn cancelled(guard: &mut InFlight, by: CancelledBy, at: Instant) -> R
 /// the client left (or stalled): that is never the upstream's fault.
 pub(crate) fn upstream_failed(
     guard: &mut InFlight,
-    upload: &UploadState,
+    upload: &RequestState,
     e: UpstreamError,
 ) -> Response<ProxyBody> {
     match upload.client_failure() {

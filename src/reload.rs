@@ -24,22 +24,34 @@ use crate::routes::RouteTable;
 
 const SETTLE: Duration = Duration::from_millis(150);
 
-pub async fn watch(shared: Arc<Shared>, mut current: Config) {
+pub async fn watch(
+    shared: Arc<Shared>,
+    mut current: Config,
+    hup: Option<tokio::signal::unix::Signal>,
+) {
     let path = current.source.clone();
     // `true` for SIGHUP: an explicit request reloads even an unchanged file.
     let (tx, mut rx) = mpsc::channel::<bool>(4);
-    let _watcher = file_watcher(&path, tx.clone());
-    let hup = tokio::spawn(sighup(tx));
-    let mut last_text = std::fs::read(&path).ok();
+    let _watcher = file_watcher(&path, &watched_files(&current), tx.clone());
+    // The file may have changed between its first load and this watch: then the first
+    // round reloads whatever is there.
+    let mut last_text = match config::load(&path) {
+        Ok(now) if now == current => fingerprint(&current),
+        _ => {
+            let _ = tx.try_send(false);
+            None
+        }
+    };
+    let hup = hup.map(|h| tokio::spawn(sighup(h, tx)));
     while let Some(mut forced) = rx.recv().await {
         // Coalesce: wait until the events stop for a moment.
         while let Ok(Some(f)) = tokio::time::timeout(SETTLE, rx.recv()).await {
             forced |= f;
         }
-        let text = std::fs::read(&path).ok();
+        let text = fingerprint(&current);
         if !forced && text.is_some() && text == last_text {
             // A touch, or an editor's intermediate write that ended where it began.
-            tracing::debug!(path = %path.display(), "config file unchanged");
+            tracing::debug!(path = %path.display(), "config and certificates unchanged");
             continue;
         }
         last_text = text;
@@ -54,7 +66,30 @@ pub async fn watch(shared: Arc<Shared>, mut current: Config) {
             }
         }
     }
-    hup.abort();
+    if let Some(h) = hup {
+        h.abort();
+    }
+}
+
+/// The config file and the listener's certificate files: a renewed certificate is picked
+/// up when its files change, without an edit of the config.
+fn watched_files(config: &Config) -> Vec<PathBuf> {
+    let mut files = vec![config.source.clone()];
+    if let Some(tls) = &config.server.tls {
+        files.push(tls.cert.clone());
+        files.push(tls.key.clone());
+    }
+    files
+}
+
+/// The bytes of every watched file; a reload runs only when they changed (or on SIGHUP).
+fn fingerprint(config: &Config) -> Option<Vec<u8>> {
+    let mut all = Vec::new();
+    for f in watched_files(config) {
+        all.extend(std::fs::read(f).ok()?);
+        all.push(0);
+    }
+    Some(all)
 }
 
 fn apply(shared: &Shared, old: &Config, new: &Config) -> Result<(), String> {
@@ -99,13 +134,21 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> Result<(), String> {
 
 /// Forwards file events for `path` into `tx`; `None` (logged) if watching is impossible,
 /// in which case SIGHUP still works.
-fn file_watcher(path: &Path, tx: mpsc::Sender<bool>) -> Option<notify::RecommendedWatcher> {
+fn file_watcher(
+    path: &Path,
+    files: &[PathBuf],
+    tx: mpsc::Sender<bool>,
+) -> Option<notify::RecommendedWatcher> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let name = path.file_name()?.to_os_string();
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter(|f| f.parent().unwrap_or(Path::new("")) == path.parent().unwrap_or(Path::new("")))
+        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+        .collect();
     let handler = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
@@ -114,7 +157,7 @@ fn file_watcher(path: &Path, tx: mpsc::Sender<bool>) -> Option<notify::Recommend
         if event
             .paths
             .iter()
-            .any(|p| p.file_name() == Some(name.as_os_str()))
+            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)))
         {
             // A full channel already holds a pending reload: nothing is lost.
             let _ = tx.try_send(false);
@@ -134,12 +177,7 @@ fn file_watcher(path: &Path, tx: mpsc::Sender<bool>) -> Option<notify::Recommend
     Some(watcher)
 }
 
-async fn sighup(tx: mpsc::Sender<bool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP");
-        return;
-    };
+async fn sighup(mut hup: tokio::signal::unix::Signal, tx: mpsc::Sender<bool>) {
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the config");
         let _ = tx.send(true).await;

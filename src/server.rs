@@ -26,8 +26,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::body::RequestState;
 use crate::headers::ClientInfo;
-use crate::outcome::ClientConn;
+use crate::outcome::{ClientConn, Stamped};
 use crate::proxy::{self, ConnContext, Shared};
 
 /// Settings of the client-facing listener; changing them needs a restart.
@@ -50,13 +51,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, settings: ServerS
     let lifecycle = shared.lifecycle.clone();
     loop {
         let permit = tokio::select! {
+            biased;
+            _ = lifecycle.draining() => break,
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
-            _ = lifecycle.draining() => break,
         };
         let (stream, peer) = tokio::select! {
+            biased;
+            _ = lifecycle.draining() => break,
             r = listener.accept() => match r {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -67,8 +71,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, settings: ServerS
                     continue;
                 }
             },
-            _ = lifecycle.draining() => break,
         };
+        if lifecycle.is_draining() {
+            // Accepted in the same instant the drain began: refuse rather than serve.
+            break;
+        }
         let shared = shared.clone();
         let settings = settings.clone();
         shared.tasks.clone().spawn(async move {
@@ -127,7 +134,10 @@ async fn serve_io<I>(
 {
     let client = cx.client.clone();
     let lifecycle = cx.shared.lifecycle.clone();
-    let service = service_fn(move |req| proxy::handle(req, cx.clone()));
+    let service = service_fn(move |req| {
+        let state = Arc::new(RequestState::default());
+        Stamped::new(proxy::handle(req, cx.clone(), state.clone()), state)
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -146,6 +156,14 @@ async fn serve_io<I>(
     let mut forced_window = None;
     loop {
         tokio::select! {
+            // The drain comes first: a request read after it began must see the
+            // connection closing, not be served as if nothing happened.
+            biased;
+            _ = lifecycle.draining(), if !draining => {
+                // Idle keep-alive connections close now; busy ones after their response.
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "client connection ended with an error");
@@ -155,11 +173,6 @@ async fn serve_io<I>(
             _ = hung_up(watch) => {
                 client.mark_gone();
                 break;
-            }
-            _ = lifecycle.draining(), if !draining => {
-                // Idle keep-alive connections close now; busy ones after their response.
-                conn.as_mut().graceful_shutdown();
-                draining = true;
             }
             _ = lifecycle.forced(), if forced_window.is_none() => {
                 forced_window = Some(Box::pin(tokio::time::sleep(FORCED_WRITE_WINDOW)));

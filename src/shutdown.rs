@@ -13,6 +13,7 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Where the process is in its life: serving, draining, or forcing the end.
@@ -63,37 +64,49 @@ impl Lifecycle {
     }
 }
 
-/// Resolves at the first SIGTERM or SIGINT, and forces at the second: an operator who
-/// signals twice wants the process gone now.
-pub async fn on_signals(lifecycle: std::sync::Arc<Lifecycle>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; SIGTERM will kill the process");
-        return;
-    };
-    let mut first = true;
-    loop {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        if first {
-            tracing::info!(
-                signal = name,
-                "draining: no new connections; in-flight requests may finish"
-            );
-            lifecycle.start_drain();
-            first = false;
-        } else {
-            tracing::warn!(
-                signal = name,
-                "second signal: cancelling everything still in flight"
-            );
-            lifecycle.force();
-            return;
+/// The process's signal streams, registered before the listeners are bound: a signal that
+/// arrives as soon as the proxy says "listening" must find its handler, not the default
+/// action (which would kill the process).
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    /// SIGHUP, handed to the reload watcher.
+    pub hup: Option<Signal>,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: Some(signal(SignalKind::hangup())?),
+        })
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT by starting the drain, and forces at the
+    /// second: an operator who signals twice wants the process gone now.
+    pub async fn drive(mut self, lifecycle: std::sync::Arc<Lifecycle>) {
+        let mut first = true;
+        loop {
+            let name = tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            };
+            if first {
+                tracing::info!(
+                    signal = name,
+                    "draining: no new connections; in-flight requests may finish"
+                );
+                lifecycle.start_drain();
+                first = false;
+            } else {
+                tracing::warn!(
+                    signal = name,
+                    "second signal: cancelling everything still in flight"
+                );
+                lifecycle.force();
+                return;
+            }
         }
     }
 }

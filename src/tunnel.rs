@@ -41,10 +41,11 @@ pub async fn forward(
     mut guard: InFlight,
     deadline: Option<Instant>,
     cx: &ConnContext,
+    upload: Arc<crate::body::RequestState>,
 ) -> Response<ProxyBody> {
     let protocol = req.headers().get(UPGRADE).cloned();
     let client_side = hyper::upgrade::on(&mut req);
-    let (mut up_req, upload) = proxy::prepare(req, route, cx);
+    let mut up_req = proxy::prepare(req, route, cx, &upload);
     if let Some(p) = protocol {
         up_req.headers_mut().insert(UPGRADE, p);
         up_req

@@ -634,7 +634,7 @@ timeout = "5s"
     assert_eq!(line["protected"], true, "{line}");
 
     // `q`: one completed call seeds the estimator; then one call holds the only slot and
-    // a second waits behind it until its client leaves.
+    // a second waits behind it until its client leaves; then the holder leaves too.
     assert_eq!(
         http_get(proxy.addr(), "/delay/q/seed?ms=200").await.status,
         200
@@ -643,9 +643,9 @@ timeout = "5s"
         .wait_for_access_log(|v| common::log_path_is(v, "/delay/q/seed"), WAIT)
         .await;
     let seed = up.records_for("/delay/q/seed").remove(0);
-    let addr = proxy.addr();
-    let holder = tokio::spawn(async move { http_get(addr, "/delay/q/hold?ms=800").await });
-    up.wait_request("/delay/q/hold", WAIT).await;
+    let mut holder = Client::connect(proxy.addr()).await;
+    holder.get("/delay/q/hold?ms=30000").await;
+    let held = up.wait_request("/delay/q/hold", WAIT).await;
     let mut queued = Client::connect(proxy.addr()).await;
     queued.get("/delay/q/queued?ms=10").await;
     proxy
@@ -660,7 +660,8 @@ timeout = "5s"
     proxy
         .wait_for_access_log(|v| common::log_path_is(v, "/delay/q/queued"), WAIT)
         .await;
-    assert_eq!(holder.await.expect("holder task").status, 200);
+    holder.close_fin().await;
+    let held = up.wait_closed(held.id, WAIT).await;
 
     // `st`: the client takes three chunks of a stream, then leaves.
     let mut client = Client::connect(proxy.addr()).await;
@@ -727,8 +728,8 @@ timeout = "5s"
         0.0,
     );
 
-    // q: the queued call never reached the upstream; it saved the typical duration (the
-    // one completed call, 200 ms) and wasted nothing.
+    // q: the queued call never reached the upstream: it saved the typical duration (the
+    // one completed call, 200 ms) and wasted nothing; the holder wasted what it ran.
     assert!(
         up.records_for("/delay/q/queued").is_empty(),
         "the queued call was sent: {}",
@@ -737,36 +738,42 @@ timeout = "5s"
     m.expect(
         "cutoff_requests_total",
         &[("route", "q"), ("outcome", "ok")],
-        2.0,
+        1.0,
     );
     m.expect(
         "cutoff_requests_total",
         &[("route", "q"), ("outcome", "client_closed")],
-        1.0,
+        2.0,
     );
-    m.expect(
-        "cutoff_upstream_cancelled_total",
-        &[
-            ("route", "q"),
-            ("cancelled_by", "client"),
-            ("phase", "queued"),
-        ],
-        1.0,
-    );
+    for (phase, n) in [("queued", 1.0), ("awaiting_headers", 1.0)] {
+        let labels = [("route", "q"), ("cancelled_by", "client"), ("phase", phase)];
+        m.expect("cutoff_upstream_cancelled_total", &labels, n);
+    }
     m.expect(
         "cutoff_upstream_duration_seconds_count",
         &[("route", "q")],
-        2.0,
+        1.0,
     );
+    // Only the holder had an upstream connection to close.
     m.expect(
-        "cutoff_upstream_wasted_seconds_total",
+        "cutoff_cancel_propagation_seconds_count",
         &[("route", "q")],
-        0.0,
+        1.0,
     );
+    assert_close(
+        "cutoff_upstream_wasted_seconds_total{route=\"q\"}",
+        m.value("cutoff_upstream_wasted_seconds_total", &[("route", "q")]),
+        spent(&held).as_secs_f64(),
+        0.02,
+    );
+    let typical = [took(&seed)];
+    let timeout = Duration::from_secs(3);
     assert_close(
         "cutoff_upstream_saved_seconds_total{route=\"q\"}",
         m.value("cutoff_upstream_saved_seconds_total", &[("route", "q")]),
-        estimated_saved(&[took(&seed)], Duration::from_secs(3), Duration::ZERO).as_secs_f64(),
+        (estimated_saved(&typical, timeout, Duration::ZERO)
+            + estimated_saved(&typical, timeout, spent(&held)))
+        .as_secs_f64(),
         0.02,
     );
     let waits = m.value("cutoff_queue_wait_seconds_count", &[("upstream", "narrow")]);

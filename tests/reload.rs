@@ -565,6 +565,7 @@ async fn a_changed_listen_address_needs_a_restart() {
         "{warn}"
     );
 
+    wait_reloads(&proxy, 1).await;
     // Still serving on the old address (the rest of the file was taken).
     assert_eq!(get(&proxy, "/r/x").await.status, 200);
     assert_eq!(get(&proxy, "/r2/x").await.status, 200);

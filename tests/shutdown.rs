@@ -408,7 +408,8 @@ async fn protected_calls_in_flight_get_the_grace_too() {
 async fn connections_made_after_the_drain_began_are_never_served() {
     let up = Upstream::start().await;
     let config = with_grace(&config_for(up.addr(), ""), "5s");
-    let rounds = 20;
+    const LATE_CONNECTS: usize = 4;
+    let rounds = 100;
     let mut served = Vec::new();
     for round in 0..rounds {
         let proxy = Proxy::start(&config).await;
@@ -421,16 +422,24 @@ async fn connections_made_after_the_drain_began_are_never_served() {
         let t0 = Instant::now();
         proxy.signal(libc::SIGTERM);
         wait_readyz_503(&proxy, t0).await;
-        let got = late_connect(proxy.addr()).await;
-        if let LateConnect::Served(resp) = got {
-            served.push((round, resp));
+        // A few at once, so that more than one may be queued when the listener closes.
+        let mut late = tokio::task::JoinSet::new();
+        for _ in 0..LATE_CONNECTS {
+            late.spawn(late_connect(proxy.addr()));
+        }
+        while let Some(got) = late.join_next().await {
+            if let LateConnect::Served(resp) = got.expect("a late connect") {
+                served.push((round, resp));
+            }
         }
         // Dropping the proxy kills it.
     }
     assert!(
         served.is_empty(),
-        "{} of {rounds} connections made after /readyz turned 503 were served: {served:?}",
-        served.len()
+        "{} of {} connections made after /readyz turned 503 were served (round, response): \
+         {served:?}",
+        served.len(),
+        rounds * LATE_CONNECTS
     );
 }
 

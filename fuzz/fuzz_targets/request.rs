@@ -10,7 +10,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cutoff::headers::ClientInfo;
-use cutoff::outcome::ClientConn;
+use cutoff::body::RequestState;
+use cutoff::outcome::{ClientConn, Stamped};
 use cutoff::proxy::{self, ConnContext, Shared};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -78,7 +79,10 @@ fuzz_target!(|data: &[u8]| {
             client: Arc::new(ClientConn::default()),
             info: ClientInfo::new([127, 0, 0, 1].into(), false),
         });
-        let service = service_fn(move |req| proxy::handle(req, cx.clone()));
+        let service = service_fn(move |req| {
+            let state = Arc::new(RequestState::default());
+            Stamped::new(proxy::handle(req, cx.clone(), state.clone()), state)
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_millis(100))

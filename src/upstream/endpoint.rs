@@ -118,7 +118,9 @@ pub struct Endpoint {
     pool_idle_timeout: Duration,
     pool_max_idle: usize,
     protocol: Protocol,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// The connector offering what `protocol` allows, and one offering only HTTP/1.1 (for
+    /// upgrades, which HTTP/2 cannot carry), with the server name for SNI.
+    tls: Option<(TlsConnector, TlsConnector, ServerName<'static>)>,
     /// Idle HTTP/1.1 connections, most recently used last (LIFO keeps the warm ones warm
     /// and lets the cold ones time out). The lock is never held across an await.
     idle: Mutex<Vec<(UpstreamIo, Instant)>>,
@@ -144,10 +146,12 @@ impl Endpoint {
         let tls = match config.scheme {
             Scheme::Http => None,
             Scheme::Https => {
-                let cc = crate::tls::client_config(upstream.ca_file.as_deref(), upstream.protocol)?;
+                let ca = upstream.ca_file.as_deref();
+                let cc = crate::tls::client_config(ca, upstream.protocol)?;
+                let h1 = crate::tls::client_config(ca, Protocol::Http1)?;
                 let name = ServerName::try_from(config.host.clone())
                     .map_err(|e| format!("{}: invalid TLS server name: {e}", config.url))?;
-                Some((TlsConnector::from(cc), name))
+                Some((TlsConnector::from(cc), TlsConnector::from(h1), name))
             }
         };
         let negotiated = match (upstream.protocol, config.scheme) {
@@ -186,6 +190,18 @@ impl Endpoint {
     /// Speaks HTTP/2: configured so, or negotiated by ALPN on an earlier connection.
     pub(super) fn uses_h2(&self) -> bool {
         self.negotiated.load(Ordering::Relaxed) == PROTO_H2
+    }
+
+    /// `auto` over TLS before the first handshake told which protocol the upstream
+    /// speaks: the first connection is set up once, and every call waits for it, so a
+    /// burst of first calls does not open one connection each.
+    pub(super) fn protocol_unknown(&self) -> bool {
+        self.negotiated.load(Ordering::Relaxed) == PROTO_UNKNOWN
+    }
+
+    /// Whether ALPN decides this endpoint's protocol (`auto` over TLS).
+    pub(super) fn negotiates(&self) -> bool {
+        self.protocol == Protocol::Auto && self.tls.is_some()
     }
 
     pub(super) fn enter(self: &Arc<Self>) -> Slot {
@@ -257,6 +273,15 @@ impl Endpoint {
 
     /// TCP, then TLS for https, both within `connect_timeout`.
     pub(super) async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
+        self.connect_with(false).await
+    }
+
+    /// A connection that speaks HTTP/1.1 whatever the upstream prefers (for upgrades).
+    pub(super) async fn connect_http1(&self) -> Result<UpstreamIo, UpstreamError> {
+        self.connect_with(true).await
+    }
+
+    async fn connect_with(&self, http1_only: bool) -> Result<UpstreamIo, UpstreamError> {
         let url = &self.config.url;
         let connect = async {
             let tcp = TcpStream::connect((self.config.host.as_str(), self.config.port))
@@ -268,7 +293,8 @@ impl Endpoint {
             let _ = tcp.set_nodelay(true);
             match &self.tls {
                 None => Ok(UpstreamIo::Plain(tcp)),
-                Some((connector, name)) => {
+                Some((any, h1, name)) => {
+                    let connector = if http1_only { h1 } else { any };
                     let tls = connector
                         .connect(name.clone(), tcp)
                         .await
@@ -289,7 +315,7 @@ impl Endpoint {
                 });
             }
         };
-        if self.protocol == Protocol::Auto && self.tls.is_some() {
+        if self.negotiates() && !http1_only {
             let p = if io.alpn_h2() { PROTO_H2 } else { PROTO_H1 };
             self.negotiated.store(p, Ordering::Relaxed);
         }

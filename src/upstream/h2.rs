@@ -95,13 +95,21 @@ impl H2Pool {
     }
 }
 
+/// Status of a set-up whose TLS handshake chose HTTP/1.1 (`auto`): not a failure; the
+/// connection went to the HTTP/1.1 idle list and the waiters use HTTP/1.1.
+pub(super) const NOT_H2: u16 = 0;
+
 async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
     let result = match endpoint.connect().await {
+        Ok(io) if !io.alpn_h2() && endpoint.negotiates() => {
+            endpoint.checkin(io);
+            Err((NOT_H2, "the upstream chose HTTP/1.1".to_string()))
+        }
         Ok(io) => handshake(io).await,
         Err(e) => Err((e.status(), e.to_string())),
     };
     match &result {
-        Ok(_) => endpoint.succeeded(),
+        Ok(_) | Err((NOT_H2, _)) => endpoint.succeeded(),
         Err((_, reason)) => {
             endpoint.failed(&UpstreamError::H2 {
                 status: 502,

@@ -192,19 +192,27 @@ impl Upstream {
         let mut retried = false;
         let (link, slot) = loop {
             let slot = endpoint.enter();
-            let link = if endpoint.uses_h2() {
-                endpoint.h2.sender(&endpoint).await.map(Link::H2)
-            } else {
-                match endpoint.checkout().await {
+            let link = match endpoint.uses_h2() || endpoint.protocol_unknown() {
+                true => match endpoint.h2.sender(&endpoint).await {
+                    Err(UpstreamError::H2 {
+                        status: h2::NOT_H2, ..
+                    }) => endpoint.checkout().await.map(Link::H1),
+                    other => other.map(Link::H2),
+                },
+                false => match endpoint.checkout().await {
+                    // `auto` found HTTP/2 on a new connection after all.
                     Ok(io) if io.alpn_h2() => endpoint.h2.adopt(&endpoint, io).await.map(Link::H2),
-                    Ok(io) => Ok(Link::H1(io)),
-                    Err(e) => Err(e),
-                }
+                    other => other.map(Link::H1),
+                },
             };
             match link {
                 Ok(link) => break (link, slot),
                 Err(e) => {
-                    endpoint.failed(&e);
+                    // An HTTP/2 set-up failure was counted once by the set-up task, not
+                    // once per request that waited for it.
+                    if !matches!(e, UpstreamError::H2 { .. }) {
+                        endpoint.failed(&e);
+                    }
                     let other = (!retried && e.nothing_sent())
                         .then(|| self.pick(Some(&endpoint)))
                         .flatten();
@@ -311,7 +319,7 @@ impl Upstream {
         guard.set_phase(Phase::Connecting);
         let endpoint = self.pick(None).ok_or(UpstreamError::NoEndpoint)?;
         let slot = endpoint.enter();
-        let io = match endpoint.connect().await {
+        let io = match endpoint.connect_http1().await {
             Ok(io) => io,
             Err(e) => {
                 endpoint.failed(&e);

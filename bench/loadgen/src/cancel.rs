@@ -100,7 +100,11 @@ pub async fn run(args: &Args) -> Result<(), String> {
                 let _p = sem.acquire_owned().await;
                 let t = Instant::now();
                 let r = tokio::time::timeout(Duration::from_secs(5), open(proxy, id, phase)).await;
-                (id, t.elapsed(), r.unwrap_or_else(|_| Err("open timed out".into())))
+                (
+                    id,
+                    t.elapsed(),
+                    r.unwrap_or_else(|_| Err("open timed out".into())),
+                )
             });
         }
         let mut conns: Vec<(u64, TcpStream)> = Vec::with_capacity(held);
@@ -231,20 +235,32 @@ pub async fn run(args: &Args) -> Result<(), String> {
 
 /// Opens one connection and brings its request into the phase. Returns the stream and,
 /// for the body phase, whether the first chunk reached the client.
-async fn open(proxy: std::net::SocketAddr, id: u64, phase: Phase) -> Result<(TcpStream, bool), String> {
-    let mut s = http::connect(proxy).await.map_err(|e| format!("connect {proxy}: {e}"))?;
+async fn open(
+    proxy: std::net::SocketAddr,
+    id: u64,
+    phase: Phase,
+) -> Result<(TcpStream, bool), String> {
+    let mut s = http::connect(proxy)
+        .await
+        .map_err(|e| format!("connect {proxy}: {e}"))?;
     let e = |e: std::io::Error| e.to_string();
     match phase {
         Phase::Headers => {
-            http::write_all(&mut s, format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
-                .await
-                .map_err(e)?;
+            http::write_all(
+                &mut s,
+                format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+            )
+            .await
+            .map_err(e)?;
             Ok((s, false))
         }
         Phase::Body => {
-            http::write_all(&mut s, format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
-                .await
-                .map_err(e)?;
+            http::write_all(
+                &mut s,
+                format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+            )
+            .await
+            .map_err(e)?;
             let mut got = Vec::new();
             let mut tmp = [0u8; 4096];
             let deadline = Instant::now() + Duration::from_secs(3);
@@ -264,7 +280,9 @@ async fn open(proxy: std::net::SocketAddr, id: u64, phase: Phase) -> Result<(Tcp
                 "POST /c/{id} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/octet-stream\r\nContent-Length: {UPLOAD_DECLARED}\r\n\r\n"
             );
             http::write_all(&mut s, head.as_bytes()).await.map_err(e)?;
-            http::write_all(&mut s, &vec![b'x'; UPLOAD_SENT]).await.map_err(e)?;
+            http::write_all(&mut s, &vec![b'x'; UPLOAD_SENT])
+                .await
+                .map_err(e)?;
             Ok((s, false))
         }
     }

@@ -182,7 +182,9 @@ async fn wait_port(args: &Args) -> Result<(), String> {
             return Ok(());
         }
         if std::time::Instant::now() >= end {
-            return Err(format!("{addr} did not accept connections within {limit:?}"));
+            return Err(format!(
+                "{addr} did not accept connections within {limit:?}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -37,7 +37,12 @@ pub fn wrk_parse(args: &Args) -> Result<(), String> {
                 .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
                 .sum();
         } else if l.contains("requests in") {
-            v["requests"] = json!(words.first().and_then(|w| w.parse::<u64>().ok()).unwrap_or(0));
+            v["requests"] = json!(
+                words
+                    .first()
+                    .and_then(|w| w.parse::<u64>().ok())
+                    .unwrap_or(0)
+            );
         }
     }
     v["socket_errors"] = json!(socket_errors);
@@ -46,7 +51,10 @@ pub fn wrk_parse(args: &Args) -> Result<(), String> {
     }
     println!(
         "wrk {label}: {} req/s, p50 {} µs, p99 {} µs, non-2xx {}, socket errors {socket_errors}",
-        v["rps"], v["p50_us"], v["p99_us"], v.get("non2xx").unwrap_or(&json!(0))
+        v["rps"],
+        v["p50_us"],
+        v["p99_us"],
+        v.get("non2xx").unwrap_or(&json!(0))
     );
     emit(v);
     Ok(())
@@ -134,10 +142,13 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 fn rank(proxy: &str) -> usize {
-    ORDER.iter().position(|p| *p == proxy).unwrap_or(ORDER.len())
+    ORDER
+        .iter()
+        .position(|p| *p == proxy)
+        .unwrap_or(ORDER.len())
 }
 
-fn sorted<'a>(mut v: Vec<&'a Value>) -> Vec<&'a Value> {
+fn sorted(mut v: Vec<&Value>) -> Vec<&Value> {
     v.sort_by_key(|r| rank(r["proxy"].as_str().unwrap_or("")));
     v
 }
@@ -167,7 +178,10 @@ fn cancel_table(out: &mut String, rows: &[&Value]) {
     out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let phases = ["headers", "body", "upload"];
     let helds: BTreeSet<u64> = rows.iter().filter_map(|r| r["held"].as_u64()).collect();
-    let settles: BTreeSet<u64> = rows.iter().map(|r| r["settle_ms"].as_u64().unwrap_or(0)).collect();
+    let settles: BTreeSet<u64> = rows
+        .iter()
+        .map(|r| r["settle_ms"].as_u64().unwrap_or(0))
+        .collect();
     for (phase, settle) in phases
         .iter()
         .flat_map(|p| settles.iter().map(move |s| (*p, *s)))
@@ -217,7 +231,12 @@ fn cancel_table(out: &mut String, rows: &[&Value]) {
                 if r["stop"] != "rounds done" {
                     notes.push(s(&r["stop"]));
                 }
-                for k in ["not_arrived", "open_failed", "closed_before_client", "no_first_chunk"] {
+                for k in [
+                    "not_arrived",
+                    "open_failed",
+                    "closed_before_client",
+                    "no_first_chunk",
+                ] {
                     if r[k].as_u64().unwrap_or(0) > 0 {
                         notes.push(format!("{k}={}", r[k]));
                     }
@@ -226,7 +245,11 @@ fn cancel_table(out: &mut String, rows: &[&Value]) {
                 let _ = writeln!(
                     out,
                     "| {phase} | {held} | {} | {} | {share:.1}% | {} | {} | {} | {r50} | {r99} | {} | {} |",
-                    if is_c { format!("**{}**", s(&r["proxy"])) } else { s(&r["proxy"]) },
+                    if is_c {
+                        format!("**{}**", s(&r["proxy"]))
+                    } else {
+                        s(&r["proxy"])
+                    },
                     s(&r["departed"]),
                     num0(&lat["p50"]),
                     num0(&lat["p99"]),
@@ -345,7 +368,11 @@ fn wrk_table(out: &mut String, rows: &[&Value]) {
             s(&r["socket_errors"]),
             others
                 .get(&s(&r["proxy"]))
-                .map(|v| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", "))
+                .map(|v| v
+                    .iter()
+                    .map(|x| format!("{x:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", "))
                 .unwrap_or_default(),
         );
     }

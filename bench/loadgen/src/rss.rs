@@ -31,7 +31,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
     // Warm-up: a few held-and-released requests, so lazily built state is in the baseline.
     let warm = hold(proxy, 1_000_000, 50).await;
     let warm_ids: Vec<u64> = warm.iter().map(|(id, _)| *id).collect();
-    up.wait_arrived(&warm_ids, Instant::now() + Duration::from_secs(5)).await;
+    up.wait_arrived(&warm_ids, Instant::now() + Duration::from_secs(5))
+        .await;
     drop(warm);
     up.release_all();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -93,7 +94,11 @@ async fn hold(proxy: std::net::SocketAddr, first: u64, n: u64) -> Vec<(u64, TcpS
             let _p = sem.acquire_owned().await;
             let r = tokio::time::timeout(Duration::from_secs(5), async {
                 let mut s = http::connect(proxy).await?;
-                http::write_all(&mut s, format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await?;
+                http::write_all(
+                    &mut s,
+                    format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+                )
+                .await?;
                 Ok::<_, std::io::Error>(s)
             })
             .await;

@@ -45,7 +45,17 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let rss_fresh = http::rss_kib(pid)?;
     // Warm-up with completed requests only, then let every connection go.
     let warm = Arc::new(Counts::default());
-    drive(proxy, 1_000_000_000, 400, 8, delay, false, Instant::now() + Duration::from_secs(10), warm.clone()).await;
+    drive(
+        proxy,
+        1_000_000_000,
+        400,
+        8,
+        delay,
+        false,
+        Instant::now() + Duration::from_secs(10),
+        warm.clone(),
+    )
+    .await;
     up.release_all();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fd0 = http::fd_count(pid)?;
@@ -55,7 +65,17 @@ pub async fn run(args: &Args) -> Result<(), String> {
 
     let started = Instant::now();
     let counts = Arc::new(Counts::default());
-    drive(proxy, 0, n, conc, delay, true, started + budget, counts.clone()).await;
+    drive(
+        proxy,
+        0,
+        n,
+        conc,
+        delay,
+        true,
+        started + budget,
+        counts.clone(),
+    )
+    .await;
     let secs = started.elapsed().as_secs_f64();
     let accepted = up.accepted.load(Ordering::Relaxed) - acc0;
     let seen = up.requests.load(Ordering::Relaxed) - req0;
@@ -81,7 +101,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
 
     // Per request, from the upstream's records: what became of the abandoned calls, and
     // whether any completed request had its upstream call closed (it never should).
-    let (mut never_sent, mut cut, mut wasted, mut wrongly_closed, mut pending) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut never_sent, mut cut, mut wasted, mut wrongly_closed, mut pending) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     {
         let recs = up.recs();
         for id in 0..n {
@@ -204,7 +225,11 @@ async fn drive(
                     continue;
                 }
                 buf.clear();
-                let r = tokio::time::timeout(Duration::from_secs(10), http::read_response(&mut s, &mut buf)).await;
+                let r = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    http::read_response(&mut s, &mut buf),
+                )
+                .await;
                 match r {
                     Ok(Ok((status, close))) => {
                         if status == 200 {

@@ -61,8 +61,10 @@ pub async fn run(args: &Args) -> Result<(), String> {
     // Give the upstream side a moment to see closes that come after the response.
     let ids: Vec<u64> = samples.iter().map(|s| s.id).collect();
     up.wait_until(Instant::now() + Duration::from_secs(1), |r| {
-        ids.iter()
-            .all(|id| r.get(id).is_none_or(|x| x.arrived.is_none() || x.closed.is_some()))
+        ids.iter().all(|id| {
+            r.get(id)
+                .is_none_or(|x| x.arrived.is_none() || x.closed.is_some())
+        })
     })
     .await;
 
@@ -80,7 +82,9 @@ pub async fn run(args: &Args) -> Result<(), String> {
         let rec = up.get(s.id);
         match (rec.arrived, rec.closed) {
             (None, _) => not_arrived += 1,
-            (Some(_), Some(c)) => late_close.push((c.max(s.start) - s.start).as_secs_f64() * 1e6 - t_us),
+            (Some(_), Some(c)) => {
+                late_close.push((c.max(s.start) - s.start).as_secs_f64() * 1e6 - t_us)
+            }
             (Some(_), None) => never_closed += 1,
         }
     }

@@ -168,7 +168,11 @@ impl Upstream {
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     s.set_reuse_address(true)?;
     s.bind(&addr.into())?;
     s.listen(8192)?;
@@ -184,14 +188,22 @@ fn request_id(head: &[u8]) -> u64 {
     let path = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     let last = path.rsplit(|&b| b == b'/').next().unwrap_or_default();
-    let digits: Vec<u8> = last.iter().copied().take_while(u8::is_ascii_digit).collect();
+    let digits: Vec<u8> = last
+        .iter()
+        .copied()
+        .take_while(u8::is_ascii_digit)
+        .collect();
     std::str::from_utf8(&digits)
         .ok()
         .and_then(|d| d.parse().ok())
         .unwrap_or_else(|| ANON.fetch_add(1, Ordering::Relaxed))
 }
 
-async fn serve(up: Arc<Upstream>, s: TcpStream, mut release: watch::Receiver<u64>) -> io::Result<()> {
+async fn serve(
+    up: Arc<Upstream>,
+    s: TcpStream,
+    mut release: watch::Receiver<u64>,
+) -> io::Result<()> {
     s.set_nonblocking(true)?;
     s.set_nodelay(true)?;
     // SAFETY: the std TcpStream owns its descriptor, which stays open and unchanged for as
