@@ -30,6 +30,25 @@ use crate::upstream::Conn;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
+/// A request's whole-exchange deadline, armed once and handed from the handler to the
+/// response body, so that one timer covers the exchange from start to last byte.
+pub type DeadlineTimer = Option<Pin<Box<Sleep>>>;
+
+pub fn deadline_timer(deadline: Option<Instant>) -> DeadlineTimer {
+    deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())))
+}
+
+/// Resolves with the moment the deadline fired; never, without a deadline.
+pub async fn fired(timer: &mut DeadlineTimer) -> Instant {
+    match timer.as_mut() {
+        Some(t) => {
+            t.as_mut().await;
+            Instant::now()
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// The client went away (or stopped sending) in the middle of its request body.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientBodyError {
@@ -212,7 +231,7 @@ impl Body for RequestBody {
 pub struct UpstreamBody {
     conn: Option<Conn>,
     body: Option<Incoming>,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: DeadlineTimer,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     guard: InFlight,
     status: u16,
@@ -223,7 +242,7 @@ impl UpstreamBody {
     pub fn new(
         conn: Conn,
         body: Incoming,
-        deadline: Option<Pin<Box<Sleep>>>,
+        deadline: DeadlineTimer,
         idle_timeout: Option<Duration>,
         guard: InFlight,
         status: u16,

@@ -25,7 +25,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::body::{BoxError, StreamTimeout};
+use crate::body::{BoxError, DeadlineTimer, StreamTimeout, deadline_timer, fired};
 use crate::headers;
 use crate::outcome::{CancelledBy, InFlight, Outcome, Phase};
 use crate::proxy::{self, ConnContext};
@@ -129,7 +129,7 @@ impl Call {
         deadline: Option<Instant>,
         lifecycle: Arc<crate::shutdown::Lifecycle>,
     ) {
-        let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
+        let mut timer = deadline_timer(deadline);
 
         // Until response headers: the upstream call, the timer, a forced shutdown. The
         // client leaving is only noted; it stops nothing.
@@ -153,7 +153,7 @@ impl Call {
             let r = loop {
                 tokio::select! {
                     r = &mut send => break Ok(r),
-                    at = fire(&mut timer) => break Err((CancelledBy::Timeout, at)),
+                    at = fired(&mut timer) => break Err((CancelledBy::Timeout, at)),
                     _ = lifecycle.forced() => break Err((CancelledBy::Shutdown, Instant::now())),
                     at = &mut head_closed, if client_left_at.is_none() => {
                         client_left_at = Some(at);
@@ -205,7 +205,7 @@ impl Call {
                     let _ = conn.poll_drive(cx);
                     Pin::new(&mut body).poll_frame(cx)
                 }) => f,
-                _ = fire(&mut timer) => {
+                _ = fired(&mut timer) => {
                     self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
                     return;
                 }
@@ -225,7 +225,7 @@ impl Call {
                     let delivered = match &client {
                         Some(tx) => tokio::select! {
                             r = tx.send(item) => r.is_ok(),
-                            _ = fire(&mut timer) => {
+                            _ = fired(&mut timer) => {
                                 self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
                                 return;
                             }
@@ -276,7 +276,7 @@ impl Call {
         mut conn: crate::upstream::Conn,
         client: Option<mpsc::Sender<Item>>,
         delivered_rx: oneshot::Receiver<()>,
-        timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+        timer: &mut DeadlineTimer,
         status: u16,
     ) {
         self.guard.upstream_completed();
@@ -288,7 +288,7 @@ impl Call {
         let delivered = still_there
             && tokio::select! {
                 r = delivered_rx => r.is_ok(),
-                _ = fire(timer) => false,
+                _ = fired(timer) => false,
             };
         if delivered {
             self.guard.decide(Outcome::Ok, status, None);
@@ -321,16 +321,5 @@ impl Call {
                 last: true,
             });
         }
-    }
-}
-
-/// Resolves when the deadline passes; never, without one.
-async fn fire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) -> Instant {
-    match timer.as_mut() {
-        Some(t) => {
-            t.as_mut().await;
-            Instant::now()
-        }
-        None => std::future::pending().await,
     }
 }

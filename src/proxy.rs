@@ -23,7 +23,10 @@ use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::{ClientBodyError, ProxyBody, RequestBody, RequestState, UpstreamBody};
+use crate::body::{
+    ClientBodyError, DeadlineTimer, ProxyBody, RequestBody, RequestState, UpstreamBody,
+    deadline_timer, fired,
+};
 use crate::headers::{self, ClientInfo};
 use crate::outcome::{CancelledBy, ClientConn, InFlight, Outcome, Phase};
 use crate::routes::{Route, RouteTable};
@@ -99,19 +102,10 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let up_req = prepare(req, route, cx, &upload);
 
-    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
-    let fired = async {
-        match timer.as_mut() {
-            Some(t) => {
-                t.as_mut().await;
-                Instant::now()
-            }
-            None => std::future::pending().await,
-        }
-    };
+    let mut timer = deadline_timer(deadline);
     let sent = tokio::select! {
         r = route.upstream.send(up_req, &mut guard, deadline, route.config.deadline_header.as_ref()) => Ok(r),
-        at = fired => Err((CancelledBy::Timeout, at)),
+        at = fired(&mut timer) => Err((CancelledBy::Timeout, at)),
         _ = cx.shared.lifecycle.forced() => Err((CancelledBy::Shutdown, Instant::now())),
     };
     // Whatever lost the race above has been dropped: the upstream call is closed already.
@@ -147,7 +141,7 @@ pub(crate) fn prepare(
 pub(crate) fn respond(
     resp: Response<Incoming>,
     conn: Conn,
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: DeadlineTimer,
     route: &Route,
     mut guard: InFlight,
 ) -> Response<ProxyBody> {

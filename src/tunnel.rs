@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, deadline_timer, fired};
 use crate::outcome::{CancelledBy, InFlight, Outcome, Phase};
 use crate::proxy::{self, ConnContext};
 use crate::routes::Route;
@@ -52,19 +52,10 @@ pub async fn forward(
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())));
-    let fired = async {
-        match timer.as_mut() {
-            Some(t) => {
-                t.as_mut().await;
-                Instant::now()
-            }
-            None => std::future::pending().await,
-        }
-    };
+    let mut timer = deadline_timer(deadline);
     let sent = tokio::select! {
         r = route.upstream.upgrade(up_req, &mut guard) => Ok(r),
-        at = fired => Err((CancelledBy::Timeout, at)),
+        at = fired(&mut timer) => Err((CancelledBy::Timeout, at)),
         _ = cx.shared.lifecycle.forced() => Err((CancelledBy::Shutdown, Instant::now())),
     };
     let (mut resp, conn) = match sent {

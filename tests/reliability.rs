@@ -1,0 +1,1225 @@
+//! Reliability: a proxy that survives load, faults and bad input. The real `cutoff` binary
+//! on real loopback sockets, between raw clients and upstreams that misbehave on purpose.
+//!
+//! - Bad input: malformed request lines and headers, smuggling attempts, oversized heads.
+//!   Each gets a 4xx or a closed connection (never a 2xx or a 5xx), the connection ends,
+//!   the upstream never sees the request, and the process lives on and serves.
+//! - Slow clients: slow headers (slowloris) are cut off by `header_read_timeout`, a stalled
+//!   request body by `body_read_timeout` (408, outcome `timeout`, upstream closed).
+//! - Upstream faults, one raw-TCP [`FaultUpstream`] per behaviour: refused, reset before
+//!   headers, reset mid-body, garbage, headers that never end, a body shorter than its
+//!   length. Each ends in the documented status and outcome, and the next request through
+//!   the same proxy works. Upstreams that close keep-alive connections (after every
+//!   response, or after 50 ms idle) never poison the pool.
+//! - Limits: `max_connections` holds extra connections in the kernel backlog (served once
+//!   a slot frees, descriptors bounded), and `max_header_bytes` below its minimum is a
+//!   config error naming the key.
+//!
+//! Every wait is bounded; time bounds are generous for a loaded 2-core machine.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+// ------------------------------------------------------------------------------------------
+// Configs
+// ------------------------------------------------------------------------------------------
+
+/// One route of a test config: its name (also its upstream's), prefix, upstream URL and
+/// extra route lines.
+struct RouteSpec<'a> {
+    name: &'a str,
+    prefix: &'a str,
+    url: String,
+    extra: &'a str,
+}
+
+/// Proxy and admin on port 0, JSON logs, `[server]` plus `server_extra`, and one upstream
+/// per route, named like the route.
+fn config(server_extra: &str, routes: &[RouteSpec<'_>]) -> String {
+    let mut out = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+{server_extra}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+format = "json"
+level = "info"
+"#
+    );
+    for r in routes {
+        out.push_str(&format!("\n[upstreams.{}]\nurl = \"{}\"\n", r.name, r.url));
+    }
+    for r in routes {
+        out.push_str(&format!(
+            "\n[[routes]]\nname = \"{}\"\npath_prefix = \"{}\"\nupstream = \"{}\"\n{}\n",
+            r.name, r.prefix, r.name, r.extra
+        ));
+    }
+    out
+}
+
+/// The recording upstream behind route `r` on `/`, with `server_extra` lines.
+async fn single(server_extra: &str) -> (Upstream, Proxy) {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        server_extra,
+        &[RouteSpec {
+            name: "r",
+            prefix: "/",
+            url: format!("http://{}", up.addr()),
+            extra: "",
+        }],
+    ))
+    .await;
+    (up, proxy)
+}
+
+// ------------------------------------------------------------------------------------------
+// Liveness and "the upstream never saw it"
+// ------------------------------------------------------------------------------------------
+
+/// The proxy process is still running (not exited, not a zombie) and never panicked.
+fn assert_alive(proxy: &Proxy) {
+    let path = format!("/proc/{}/stat", proxy.pid());
+    let stat = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cutoff is gone ({path}: {e}); stderr:\n{}", proxy.stderr()));
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or("?");
+    assert!(
+        state != "Z" && state != "X",
+        "cutoff exited (state {state}); stderr:\n{}",
+        proxy.stderr()
+    );
+    assert!(
+        !proxy.stderr().contains("panicked"),
+        "cutoff panicked; stderr:\n{}",
+        proxy.stderr()
+    );
+}
+
+/// A normal request succeeds through the proxy, and it is the first and only request the
+/// upstream ever got: whatever came before never reached it. Checks liveness too.
+async fn assert_only_normal_request_reached(proxy: &Proxy, up: &Upstream, tag: &str) {
+    assert_alive(proxy);
+    let path = format!("/ok/{tag}");
+    let resp = within(
+        WAIT,
+        "a normal request after the bad one",
+        http_get(proxy.addr(), &path),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "normal request: {}", resp.text());
+    assert_eq!(resp.text(), "ok");
+    let records = up.records();
+    assert!(
+        records.len() == 1 && records[0].path == path,
+        "the upstream must have seen only {path}; it saw:\n{}",
+        up.summary()
+    );
+    assert_alive(proxy);
+}
+
+// ------------------------------------------------------------------------------------------
+// Raw client helpers
+// ------------------------------------------------------------------------------------------
+
+/// Writes `data`, tolerating the proxy closing the connection half-way (it may answer and
+/// close before it read everything). Returns how many bytes were written.
+async fn send_lenient(client: &Client, data: &[u8]) -> usize {
+    let stream = client.stream();
+    let mut written = 0;
+    while written < data.len() {
+        let ready = within(
+            Duration::from_secs(10),
+            "the socket becoming writable",
+            stream.writable(),
+        )
+        .await;
+        if ready.is_err() {
+            break;
+        }
+        match stream.try_write(&data[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    written
+}
+
+/// What the proxy did with a request it should refuse.
+#[derive(Debug)]
+enum Reply {
+    Status(u16),
+    Closed(ReadEnd),
+}
+
+/// Sends `raw` on a fresh connection; returns the reply, after checking it is a 4xx or a
+/// closed connection, and that the connection ends afterwards.
+async fn send_bad(proxy: &Proxy, what: &str, raw: &[u8]) -> Reply {
+    let mut client = Client::connect(proxy.addr()).await;
+    let written = send_lenient(&client, raw).await;
+    let reply = match client.try_read_head(WAIT).await {
+        Ok(head) => Reply::Status(head.status),
+        Err(ReadEnd::TimedOut) => panic!(
+            "{what}: cutoff neither answered nor closed within {WAIT:?}; stderr:\n{}",
+            proxy.stderr()
+        ),
+        Err(end) => Reply::Closed(end),
+    };
+    eprintln!(
+        "[reliability] {what}: wrote {written}/{} bytes, reply {reply:?}",
+        raw.len()
+    );
+    if let Reply::Status(status) = reply {
+        assert!(
+            (400..500).contains(&status),
+            "{what}: cutoff answered {status}; only a 4xx or a closed connection is acceptable"
+        );
+        let end = client.wait_closed_by_peer(WAIT).await;
+        assert!(
+            end != ReadEnd::TimedOut,
+            "{what}: after the {status}, cutoff kept the connection open"
+        );
+    }
+    reply
+}
+
+/// One malformed request on a fresh proxy: refused, connection closed, the upstream never
+/// sees it, and the proxy lives on.
+async fn malformed_case(tag: &str, raw: &[u8]) -> Reply {
+    let (up, proxy) = single("max_header_bytes = 16384").await;
+    let reply = send_bad(&proxy, tag, raw).await;
+    // The bad request left no access-log line that claims it was served or failed upstream.
+    for line in proxy.access_logs() {
+        let status = line["status"].as_u64().unwrap_or(0);
+        assert!(
+            (400..500).contains(&status),
+            "{tag}: an access-log line for the bad request says {status}: {line}"
+        );
+    }
+    assert_only_normal_request_reached(&proxy, &up, tag).await;
+    reply
+}
+
+// ------------------------------------------------------------------------------------------
+// Bad input
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_request_line_is_refused() {
+    malformed_case("garbage", b"GARBAGE\r\n\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_http_version_is_refused() {
+    malformed_case("version", b"GET /x HTTP/9.9\r\nHost: x\r\n\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_a_header_value_is_refused() {
+    malformed_case("nul", b"GET /x HTTP/1.1\r\nHost: x\r\nX-Bad: a\0b\r\n\r\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_lf_inside_a_header_value_is_refused() {
+    // The bare LF ends the value early and leaves `continued` as a line with no colon.
+    malformed_case(
+        "bare-lf",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Bad: start\ncontinued\r\n\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_name_with_a_space_is_refused() {
+    malformed_case(
+        "name-space",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_different_content_lengths_are_refused() {
+    malformed_case(
+        "two-cl",
+        b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+}
+
+/// The classic CL.TE smuggling attempt: `Content-Length` and `Transfer-Encoding: chunked`
+/// on one request, with a second request hidden after the chunked body's end. A proxy
+/// must never let the hidden request through as a request of its own, and (RFC 9112
+/// section 6.3: such a message "ought to be handled as an error") should refuse the whole
+/// thing rather than forward it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_refused() {
+    let (up, proxy) = single("max_header_bytes = 16384").await;
+    let raw = b"POST /sink/smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\
+        Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+        GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut client = Client::connect(proxy.addr()).await;
+    send_lenient(&client, raw).await;
+    let first = client.try_read_head(WAIT).await;
+    // Whatever the first answer was, nothing more may come on this connection.
+    let mut second = None;
+    if let Ok(head) = &first {
+        let _ = client.read_body_until_end(head, WAIT).await;
+        second = client.try_read_head(Duration::from_secs(1)).await.ok();
+    }
+    eprintln!("[reliability] CL+TE: first {first:?}, second {second:?}");
+
+    // Let anything the proxy forwarded arrive, then the normal request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_alive(&proxy);
+    let smuggled: Vec<_> = up
+        .records()
+        .into_iter()
+        .filter(|r| r.path.contains("smuggled"))
+        .collect();
+    assert!(
+        smuggled.is_empty(),
+        "the smuggled request reached the upstream as a request of its own:\n{}",
+        up.summary()
+    );
+    assert!(second.is_none(), "a second response came: {second:?}");
+    match &first {
+        Ok(head) => assert!(
+            (400..500).contains(&head.status),
+            "cutoff answered {} to a request with both Content-Length and \
+             Transfer-Encoding: chunked (it should refuse it); the upstream saw:\n{}",
+            head.status,
+            up.summary()
+        ),
+        Err(end) => assert!(*end != ReadEnd::TimedOut, "no answer and no close"),
+    }
+    assert!(
+        client.wait_closed_by_peer(WAIT).await != ReadEnd::TimedOut,
+        "cutoff kept the connection open after the smuggling attempt"
+    );
+    assert_only_normal_request_reached(&proxy, &up, "cl-te").await;
+}
+
+/// A chunked body whose chunk size is not hex. The head is valid, so a streaming proxy
+/// may already have sent it upstream: what matters is that the upstream never gets a
+/// complete request (its connection is cut), the client gets a 4xx or a close, and the
+/// proxy serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_chunk_size_is_refused() {
+    let (up, proxy) = single("max_header_bytes = 16384").await;
+    let raw = b"POST /sink/chunk HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+        zz\r\nhello\r\n0\r\n\r\n";
+    send_bad(&proxy, "invalid chunk size", raw).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for rec in up.records_for("/sink/chunk") {
+        let rec = up.wait_closed(rec.id, WAIT).await;
+        assert!(
+            !rec.body_complete && rec.finished.is_none(),
+            "the upstream got a complete request from a malformed chunked body: {rec:?}"
+        );
+    }
+    let before = up.records().len();
+    assert_alive(&proxy);
+    let resp = within(
+        WAIT,
+        "a normal request",
+        http_get(proxy.addr(), "/ok/chunk"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let records = up.records();
+    assert_eq!(records.len(), before + 1, "{}", up.summary());
+    assert_eq!(
+        before,
+        0,
+        "the upstream saw the head of a request whose body is malformed (cutoff streams \
+         request bodies, so it forwards the head before it reads the bad chunk):\n{}",
+        up.summary()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_refused() {
+    let mut raw = b"GET /x HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..40 {
+        raw.extend_from_slice(format!("X-Pad-{i}: {}\r\n", "a".repeat(500)).as_bytes());
+    }
+    raw.extend_from_slice(b"\r\n");
+    assert!(raw.len() > 16384 + 1000);
+    if let Reply::Status(s) = malformed_case("big-head", &raw).await {
+        assert!(
+            s == 431 || s == 400,
+            "oversized head: {s}, expected 431 or 400"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_line_longer_than_the_limit_is_refused() {
+    let raw = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(20 * 1024));
+    malformed_case("long-line", raw.as_bytes()).await;
+}
+
+/// The limit is not stricter than configured: a 12 KiB head under `max_header_bytes =
+/// 16384` goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_under_the_limit_is_served() {
+    let (up, proxy) = single("max_header_bytes = 16384").await;
+    let pad = "b".repeat(12 * 1024);
+    let resp = within(
+        WAIT,
+        "a request with a 12 KiB header",
+        request(proxy.addr(), "GET", "/under-limit", &[("X-Pad", &pad)], b""),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let rec = up.wait_request("/under-limit", WAIT).await;
+    assert_eq!(rec.header("x-pad").map(str::len), Some(pad.len()));
+}
+
+// ------------------------------------------------------------------------------------------
+// Slow clients
+// ------------------------------------------------------------------------------------------
+
+/// Slowloris: a head that trickles in one byte every 100 ms is cut off by
+/// `header_read_timeout = "300ms"` (a 408 or a plain close), and never reaches upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_head_is_cut_off_by_header_read_timeout() {
+    let (up, proxy) = single("header_read_timeout = \"300ms\"").await;
+    let mut client = Client::connect(proxy.addr()).await;
+    let t0 = Instant::now();
+    client
+        .send(b"GET /slowloris HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await;
+    let stream = client.stream();
+    let ended = within(
+        Duration::from_secs(10),
+        "cutoff cutting the slow head off",
+        async {
+            let mut buf = [0u8; 1024];
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        // Ignored: the proxy may already have closed; the read below tells.
+                        let _ = stream.try_write(b"a");
+                    }
+                    r = stream.readable() => {
+                        if r.is_err() {
+                            return (Instant::now(), String::new());
+                        }
+                        match stream.try_read(&mut buf) {
+                            Ok(0) => return (Instant::now(), String::from("closed")),
+                            Ok(n) => {
+                                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                                return (Instant::now(), text);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => return (Instant::now(), format!("error {e}")),
+                        }
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    let (at, what) = ended;
+    let elapsed = at - t0;
+    eprintln!("[reliability] slowloris ended after {elapsed:?}: {what:?}");
+    assert!(
+        what == "closed" || what.starts_with("error") || what.starts_with("HTTP/1.1 408"),
+        "slowloris: expected a 408 or a close, got {what:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(280) && elapsed <= Duration::from_secs(3),
+        "slowloris cut off after {elapsed:?}; expected about 300 ms (at most 3 s)"
+    );
+    assert_only_normal_request_reached(&proxy, &up, "slowloris").await;
+}
+
+/// A client that connects and never sends a byte holds a connection slot and descriptors
+/// as surely as a slow head does: `header_read_timeout` must end it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_cut_off_by_header_read_timeout() {
+    let (up, proxy) = single("header_read_timeout = \"300ms\"").await;
+    let mut client = Client::connect(proxy.addr()).await;
+    let t0 = Instant::now();
+    let end = client.wait_closed_by_peer(Duration::from_secs(5)).await;
+    let elapsed = t0.elapsed();
+    assert!(
+        end != ReadEnd::TimedOut,
+        "a client that sent nothing was still connected after {elapsed:?} \
+         (header_read_timeout = 300ms)"
+    );
+    assert!(
+        elapsed <= Duration::from_secs(3),
+        "silent client cut off only after {elapsed:?}"
+    );
+    assert_only_normal_request_reached(&proxy, &up, "silent").await;
+}
+
+/// `body_read_timeout = "300ms"`: a client that announces 1000 bytes, sends 10 and stalls
+/// gets a 408 (or a close); the upstream sees its connection close and never finishes;
+/// the access log says `timeout` with status 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_body_times_out_with_408() {
+    let (up, proxy) = single("body_read_timeout = \"300ms\"").await;
+    let mut client = Client::connect(proxy.addr()).await;
+    client
+        .send_head("POST", "/sink/stall", &[("Content-Length", "1000")])
+        .await;
+    client.send(b"0123456789").await;
+    let t0 = Instant::now();
+    let rec = up.wait_request("/sink/stall", WAIT).await;
+    let reply = client.try_read_head(Duration::from_secs(10)).await;
+    let elapsed = t0.elapsed();
+    eprintln!("[reliability] stalled body: {reply:?} after {elapsed:?}");
+    match &reply {
+        Ok(head) => assert_eq!(head.status, 408, "stalled body answered {}", head.status),
+        Err(end) => assert!(*end != ReadEnd::TimedOut, "no answer within 10 s"),
+    }
+    assert!(
+        elapsed <= Duration::from_secs(3),
+        "the stalled body was cut off only after {elapsed:?}"
+    );
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert_eq!(rec.body_bytes, 10, "{rec:?}");
+    assert!(!rec.body_complete);
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/sink/stall"), WAIT)
+        .await;
+    assert_access(&line, 408, "timeout", Some("timeout"));
+    assert_alive(&proxy);
+    let resp = within(
+        WAIT,
+        "a normal request",
+        http_get(proxy.addr(), "/ok/after"),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+}
+
+/// A plain config (no limits given) loads and serves: the defaults (10 s header read, 60 s
+/// body read, 64 KiB heads) are sane enough to start with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_config_loads_with_default_limits() {
+    let up = Upstream::start().await;
+    let text = config_for(up.addr(), "");
+    let dir = unique_temp_dir("reliability-defaults");
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let out = run_cutoff(&["check", "--config", path.to_str().expect("utf-8 path")]).await;
+    assert!(
+        out.status.success(),
+        "`cutoff check` rejected a plain config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let proxy = Proxy::start(&text).await;
+    let resp = within(WAIT, "a request", http_get(proxy.addr(), "/ok/defaults")).await;
+    assert_eq!(resp.status, 200);
+}
+
+// ------------------------------------------------------------------------------------------
+// Config limits
+// ------------------------------------------------------------------------------------------
+
+/// Runs `cutoff ARGS`, bounded by 10 s (it is killed on timeout).
+async fn run_cutoff(args: &[&str]) -> std::process::Output {
+    let child = tokio::process::Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+    within(
+        Duration::from_secs(10),
+        format!("`cutoff {}` to exit", args.join(" ")),
+        child.wait_with_output(),
+    )
+    .await
+    .expect("wait for cutoff")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_header_bytes_below_the_minimum_is_a_config_error() {
+    let text = config(
+        "max_header_bytes = 100",
+        &[RouteSpec {
+            name: "r",
+            prefix: "/",
+            url: "http://127.0.0.1:9".into(),
+            extra: "",
+        }],
+    );
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("max_header_bytes"))
+        .expect("the key is in the config")
+        + 1;
+    let dir = unique_temp_dir("reliability-max-header");
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let p = path.to_str().expect("utf-8 path");
+    let location = format!("{p}:{line}:");
+
+    for args in [vec!["check", "--config", p], vec!["--config", p]] {
+        let out = run_cutoff(&args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let context = format!(
+            "`cutoff {}`: {:?}\nstderr:\n{stderr}\nstdout:\n{stdout}",
+            args.join(" "),
+            out.status
+        );
+        assert!(
+            !out.status.success(),
+            "accepted max_header_bytes = 100; {context}"
+        );
+        assert!(
+            stderr.contains("max_header_bytes"),
+            "the error must name the key; {context}"
+        );
+        assert!(
+            stderr.contains(&location),
+            "the error must point at {location}; {context}"
+        );
+        assert!(
+            !stderr.contains("\"listening\""),
+            "it started listening; {context}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `max_connections = 4`: four connections hold slow requests; a fifth connection waits
+/// in the backlog and is served only once one of the four has ended; 50 more clients
+/// trying to connect meanwhile do not make the proxy's descriptor count grow without
+/// bound, and every one of them is served in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_extra_connections_in_the_backlog() {
+    let (up, proxy) = single("max_connections = 4").await;
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let baseline = fds();
+
+    let mut slow = JoinSet::new();
+    for i in 0..4 {
+        let addr = proxy.addr();
+        slow.spawn(async move {
+            let mut c = Client::connect(addr).await;
+            c.send_head(
+                "GET",
+                &format!("/delay/slow-{i}?ms=3000"),
+                &[("Connection", "close")],
+            )
+            .await;
+            c.read_response(Duration::from_secs(20)).await.status
+        });
+    }
+    up.wait_for("the four slow requests", WAIT, |rs| {
+        rs.iter()
+            .filter(|r| r.path.starts_with("/delay/slow-"))
+            .count()
+            == 4
+    })
+    .await;
+
+    let addr = proxy.addr();
+    let fifth = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await;
+        c.send_head("GET", "/delay/fifth?ms=0", &[("Connection", "close")])
+            .await;
+        c.read_response(Duration::from_secs(20)).await.status
+    });
+
+    // Fifty more clients knock while every slot is taken.
+    let mut extra = JoinSet::new();
+    for i in 0..50 {
+        extra.spawn(async move {
+            let mut c = Client::connect(addr).await;
+            c.send_head(
+                "GET",
+                &format!("/delay/extra-{i}?ms=0"),
+                &[("Connection", "close")],
+            )
+            .await;
+            c.read_response(Duration::from_secs(30)).await.status
+        });
+    }
+    let mut peak = 0;
+    for _ in 0..20 {
+        peak = peak.max(fds());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let early = up
+        .records()
+        .iter()
+        .filter(|r| r.path.starts_with("/delay/fifth") || r.path.starts_with("/delay/extra-"))
+        .count();
+    eprintln!(
+        "[reliability] fds: baseline {baseline}, peak {peak} while 4 slots are busy; \
+         {early} queued requests reached the upstream early"
+    );
+
+    while let Some(r) = slow.join_next().await {
+        assert_eq!(r.expect("slow client"), 200);
+    }
+    let status = within(Duration::from_secs(20), "the fifth response", fifth)
+        .await
+        .expect("fifth client");
+    assert_eq!(status, 200);
+    let statuses = within(Duration::from_secs(30), "the 50 extra clients", async {
+        let mut v = Vec::new();
+        while let Some(r) = extra.join_next().await {
+            v.push(r.expect("extra client"));
+        }
+        v
+    })
+    .await;
+
+    let records = up.records();
+    let slow_finished = records
+        .iter()
+        .filter(|r| r.path.starts_with("/delay/slow-"))
+        .filter_map(|r| r.finished)
+        .min()
+        .expect("a slow request finished");
+    let fifth_rec = up.wait_request("/delay/fifth", WAIT).await;
+    assert!(
+        fifth_rec.arrived >= slow_finished,
+        "with max_connections = 4 and four slots busy, a fifth connection was served \
+         {:?} before any slot freed; {early} of the 51 queued requests reached the \
+         upstream while the four slots were busy",
+        slow_finished - fifth_rec.arrived
+    );
+    assert_eq!(
+        early, 0,
+        "queued requests were served while every slot was busy"
+    );
+    assert!(
+        peak < baseline + 20,
+        "descriptors grew from {baseline} to {peak} while connections waited"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every queued client is served in the end: {statuses:?}"
+    );
+    assert_alive(&proxy);
+}
+
+// ------------------------------------------------------------------------------------------
+// Upstream faults
+// ------------------------------------------------------------------------------------------
+
+/// How a [`FaultUpstream`] misbehaves, once it has read a request head.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// RST (SO_LINGER 0) without a byte of response.
+    ResetBeforeHeaders,
+    /// Headers with `Content-Length: 100000`, 1000 bytes, then RST.
+    ResetMidBody,
+    /// `HELLO\r\n\r\n` instead of HTTP, then silence.
+    Garbage,
+    /// `HTTP/1.1 200 OK\r\nX: ` and then nothing, ever.
+    HeadersNeverFinish,
+    /// `Content-Length: 100`, 50 bytes, then FIN.
+    ShortBodyThenFin,
+    /// A healthy `200 ok` with `Connection: close`, then FIN.
+    CloseAfterEach,
+    /// A healthy keep-alive `200 ok`; closes (FIN) a connection idle for this long.
+    IdleClose(Duration),
+}
+
+#[derive(Default)]
+struct FaultCounts {
+    /// Request heads read.
+    requests: usize,
+    /// When the proxy closed a connection the upstream was holding open.
+    peer_closed: Vec<Instant>,
+}
+
+/// A raw-TCP upstream with one fault. Counts connections and requests, and notes when the
+/// proxy closes a connection it holds open.
+struct FaultUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    counts: Arc<Mutex<FaultCounts>>,
+    changed: watch::Sender<u64>,
+    task: JoinHandle<()>,
+}
+
+impl FaultUpstream {
+    async fn start(fault: Fault) -> FaultUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counts = Arc::new(Mutex::new(FaultCounts::default()));
+        let (changed, _) = watch::channel(0);
+        let (a, c, ch) = (accepted.clone(), counts.clone(), changed.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    r = listener.accept() => {
+                        let Ok((stream, _)) = r else { continue };
+                        let _ = stream.set_nodelay(true);
+                        a.fetch_add(1, Ordering::SeqCst);
+                        conns.spawn(fault_conn(stream, fault, c.clone(), ch.clone()));
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        FaultUpstream {
+            addr,
+            accepted,
+            counts,
+            changed,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.counts.lock().expect("counts").requests
+    }
+
+    /// Waits until the proxy has closed `n` connections the upstream held open.
+    async fn wait_peer_closed(&self, n: usize, timeout: Duration) -> Vec<Instant> {
+        let mut rx = self.changed.subscribe();
+        within(
+            timeout,
+            format!("{n} connections closed by the proxy"),
+            async {
+                loop {
+                    rx.mark_unchanged();
+                    {
+                        let c = self.counts.lock().expect("counts");
+                        if c.peer_closed.len() >= n {
+                            return c.peer_closed.clone();
+                        }
+                    }
+                    let _ = rx.changed().await;
+                }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for FaultUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+enum HeadRead {
+    Head,
+    Closed,
+    Idle,
+}
+
+/// Reads one request head (and skips a `Content-Length` body). With `idle`, gives up if no
+/// byte of a new head arrives for that long.
+async fn read_request_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    idle: Option<Duration>,
+) -> HeadRead {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.advance(end + 4);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < len {
+                match stream.read_buf(buf).await {
+                    Ok(0) | Err(_) => return HeadRead::Closed,
+                    Ok(_) => {}
+                }
+            }
+            buf.advance(len);
+            return HeadRead::Head;
+        }
+        let waiting = buf.is_empty();
+        let read = stream.read_buf(buf);
+        let r = match idle {
+            Some(d) if waiting => match tokio::time::timeout(d, read).await {
+                Ok(r) => r,
+                Err(_) => return HeadRead::Idle,
+            },
+            _ => read.await,
+        };
+        match r {
+            Ok(0) | Err(_) => return HeadRead::Closed,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+async fn fault_conn(
+    mut stream: TcpStream,
+    fault: Fault,
+    counts: Arc<Mutex<FaultCounts>>,
+    changed: watch::Sender<u64>,
+) {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let bump = || changed.send_modify(|n| *n += 1);
+    loop {
+        let idle = match fault {
+            Fault::IdleClose(d) => Some(d),
+            _ => None,
+        };
+        match read_request_head(&mut stream, &mut buf, idle).await {
+            HeadRead::Head => {}
+            HeadRead::Closed => return,
+            HeadRead::Idle => {
+                let _ = stream.shutdown().await;
+                return;
+            }
+        }
+        counts.lock().expect("counts").requests += 1;
+        bump();
+        let hold_open = match fault {
+            Fault::ResetBeforeHeaders => return reset(stream),
+            Fault::ResetMidBody => {
+                let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
+                out.extend_from_slice(&[b'r'; 1000]);
+                let _ = stream.write_all(&out).await;
+                // Long enough for the proxy to read and pass on what was sent (a RST may
+                // discard what it has not read yet).
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return reset(stream);
+            }
+            Fault::Garbage => {
+                let _ = stream.write_all(b"HELLO\r\n\r\n").await;
+                true
+            }
+            Fault::HeadersNeverFinish => {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nX: ").await;
+                true
+            }
+            Fault::ShortBodyThenFin => {
+                let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".to_vec();
+                out.extend_from_slice(&[b's'; 50]);
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
+                // Hold the socket until the proxy closes its side too.
+                false
+            }
+            Fault::CloseAfterEach => {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Fault::IdleClose(_) => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                continue;
+            }
+        };
+        // Hold the connection until the proxy closes it (bounded: 30 s).
+        let mut sink = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    if hold_open {
+                        counts
+                            .lock()
+                            .expect("counts")
+                            .peer_closed
+                            .push(Instant::now());
+                        bump();
+                    }
+                    return;
+                }
+                Ok(Ok(_)) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// A proxy with route `fault` on `/fault/` to `fault_url` (plus `fault_extra`), and route
+/// `r` on `/` to a healthy recording upstream.
+async fn fault_proxy(fault_url: String, fault_extra: &str) -> (Upstream, Proxy) {
+    let healthy = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        "",
+        &[
+            RouteSpec {
+                name: "r",
+                prefix: "/",
+                url: format!("http://{}", healthy.addr()),
+                extra: "",
+            },
+            RouteSpec {
+                name: "fault",
+                prefix: "/fault/",
+                url: fault_url,
+                extra: fault_extra,
+            },
+        ],
+    ))
+    .await;
+    (healthy, proxy)
+}
+
+/// `GET path` on a fresh connection: the response head, and the body with how it ended.
+async fn get_raw(proxy: &Proxy, path: &str) -> (ResponseHead, Vec<u8>, Result<(), ReadEnd>) {
+    let mut c = Client::connect(proxy.addr()).await;
+    c.send_head("GET", path, &[("Connection", "close")]).await;
+    let head = c.read_head(Duration::from_secs(10)).await;
+    let (body, end) = c.read_body_until_end(&head, Duration::from_secs(10)).await;
+    (head, body, end)
+}
+
+/// After a fault, the healthy route through the same proxy still works.
+async fn assert_healthy_route_serves(proxy: &Proxy, healthy: &Upstream, tag: &str) {
+    assert_alive(proxy);
+    let path = format!("/ok/{tag}");
+    let resp = within(
+        WAIT,
+        "a normal request after the fault",
+        http_get(proxy.addr(), &path),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "after {tag}: {}", resp.text());
+    assert_eq!(resp.text(), "ok");
+    healthy.wait_request(&path, WAIT).await;
+}
+
+/// Expects a 502 (or `status`) made by the proxy, and the access log's `upstream_error`.
+async fn assert_fault_answered(proxy: &Proxy, path: &str, status: u16, outcome: &str) -> Value {
+    let (head, body, end) = get_raw(proxy, path).await;
+    assert_eq!(
+        head.status,
+        status,
+        "{path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        end.is_ok(),
+        "{path}: the proxy's own {status} was cut short: {end:?}"
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, path), WAIT)
+        .await;
+    let by = (outcome == "timeout").then_some("timeout");
+    assert_access(&line, u64::from(status), outcome, by);
+    assert_eq!(line["route"], "fault", "{line}");
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upstream_is_a_502() {
+    let (healthy, proxy) = fault_proxy(format!("http://{}", refused_addr()), "").await;
+    assert_fault_answered(&proxy, "/fault/refused", 502, "upstream_error").await;
+    assert_healthy_route_serves(&proxy, &healthy, "refused").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_before_headers_is_a_502() {
+    let fault = FaultUpstream::start(Fault::ResetBeforeHeaders).await;
+    let (healthy, proxy) = fault_proxy(fault.url(), "").await;
+    assert_fault_answered(&proxy, "/fault/reset", 502, "upstream_error").await;
+    assert_eq!(
+        fault.requests(),
+        1,
+        "the request is never retried after a reset"
+    );
+    assert_healthy_route_serves(&proxy, &healthy, "reset").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_upstream_is_a_502() {
+    let fault = FaultUpstream::start(Fault::Garbage).await;
+    let (healthy, proxy) = fault_proxy(fault.url(), "").await;
+    assert_fault_answered(&proxy, "/fault/garbage", 502, "upstream_error").await;
+    // The connection that spoke garbage is closed, never pooled.
+    fault.wait_peer_closed(1, WAIT).await;
+    assert_healthy_route_serves(&proxy, &healthy, "garbage").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_headers_that_never_finish_time_out_with_504() {
+    let fault = FaultUpstream::start(Fault::HeadersNeverFinish).await;
+    let (healthy, proxy) = fault_proxy(fault.url(), "timeout = \"500ms\"").await;
+    let t0 = Instant::now();
+    assert_fault_answered(&proxy, "/fault/never", 504, "timeout").await;
+    let elapsed = t0.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(450) && elapsed <= Duration::from_secs(3),
+        "the 504 came after {elapsed:?}; the route timeout is 500 ms"
+    );
+    // The timer closed the upstream connection too.
+    let closed = fault.wait_peer_closed(1, WAIT).await;
+    assert!(
+        closed[0] - t0 <= Duration::from_secs(3),
+        "upstream closed late"
+    );
+    assert_healthy_route_serves(&proxy, &healthy, "never").await;
+}
+
+/// A body cut short by the upstream must reach the client cut short (never completed as
+/// if it were whole), logged `upstream_error`.
+async fn assert_body_cut_short(fault: Fault, path: &str, declared: usize) {
+    let up = FaultUpstream::start(fault).await;
+    let (healthy, proxy) = fault_proxy(up.url(), "").await;
+    let (head, body, end) = get_raw(&proxy, path).await;
+    assert_eq!(
+        head.status, 200,
+        "{path}: the upstream's headers were passed on"
+    );
+    assert!(
+        end.is_err() && body.len() < declared,
+        "{path}: the client must see the body cut short; it got {} of {declared} bytes, \
+         end {end:?}",
+        body.len()
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, path), WAIT)
+        .await;
+    assert_eq!(line["outcome"], "upstream_error", "{line}");
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["route"], "fault", "{line}");
+    assert_healthy_route_serves(&proxy, &healthy, path.trim_start_matches("/fault/")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_mid_body_cuts_the_body_short() {
+    assert_body_cut_short(Fault::ResetMidBody, "/fault/reset-mid-body", 100_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_body_shorter_than_its_length_cuts_the_body_short() {
+    assert_body_cut_short(Fault::ShortBodyThenFin, "/fault/short-body", 100).await;
+}
+
+/// 50 sequential requests on one client connection through a proxy whose upstream is
+/// `fault`, pausing `gap(i)` before request `i`: every one is a 200 `ok`.
+async fn fifty_sequential_requests(fault: Fault, gap: impl Fn(usize) -> Duration) -> usize {
+    let up = FaultUpstream::start(fault).await;
+    let proxy = Proxy::start(&config(
+        "",
+        &[RouteSpec {
+            name: "r",
+            prefix: "/",
+            url: up.url(),
+            extra: "",
+        }],
+    ))
+    .await;
+    let mut client = Client::connect(proxy.addr()).await;
+    let mut errors = Vec::new();
+    for i in 0..50 {
+        tokio::time::sleep(gap(i)).await;
+        let path = format!("/seq/{i}");
+        client.send_head("GET", &path, &[]).await;
+        let head = match client.try_read_head(Duration::from_secs(10)).await {
+            Ok(h) => h,
+            Err(end) => {
+                errors.push(format!("#{i}: connection ended: {end:?}"));
+                client = Client::connect(proxy.addr()).await;
+                continue;
+            }
+        };
+        let (body, end) = client
+            .read_body_until_end(&head, Duration::from_secs(10))
+            .await;
+        if head.status != 200 || body != b"ok" || end.is_err() {
+            errors.push(format!(
+                "#{i}: {} {:?} {end:?}",
+                head.status,
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        if end.is_err() {
+            client = Client::connect(proxy.addr()).await;
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{fault:?}: {} of 50 requests failed:\n{}\n(upstream: {} connections, {} requests)",
+        errors.len(),
+        errors.join("\n"),
+        up.accepted(),
+        up.requests()
+    );
+    assert_eq!(up.requests(), 50, "each request reached the upstream once");
+    assert_alive(&proxy);
+    up.accepted()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_after_each_response_never_poisons_the_pool() {
+    let conns = fifty_sequential_requests(Fault::CloseAfterEach, |_| Duration::ZERO).await;
+    assert_eq!(conns, 50, "a connection the upstream closed was reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_idle_connections_never_poisons_the_pool() {
+    // Every third request comes after the upstream closed the idle connection (50 ms);
+    // the others come at once, on the warm one.
+    let gap = |i: usize| {
+        if i % 3 == 0 {
+            Duration::from_millis(120)
+        } else {
+            Duration::ZERO
+        }
+    };
+    let conns = fifty_sequential_requests(Fault::IdleClose(Duration::from_millis(50)), gap).await;
+    eprintln!("[reliability] idle-close upstream: {conns} connections for 50 requests");
+    assert!(
+        conns >= 17,
+        "every pause outlives the upstream's idle limit, so it needs a new connection: {conns}"
+    );
+}
