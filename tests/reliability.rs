@@ -173,6 +173,15 @@ enum Reply {
     Closed(ReadEnd),
 }
 
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Status(s) => write!(f, "answered {s}"),
+            Reply::Closed(end) => write!(f, "closed without an answer ({end:?})"),
+        }
+    }
+}
+
 /// Sends `raw` on a fresh connection; returns the reply, after checking it is a 4xx or a
 /// closed connection, and that the connection ends afterwards.
 async fn send_bad(proxy: &Proxy, what: &str, raw: &[u8]) -> Reply {
@@ -187,7 +196,7 @@ async fn send_bad(proxy: &Proxy, what: &str, raw: &[u8]) -> Reply {
         Err(end) => Reply::Closed(end),
     };
     eprintln!(
-        "[reliability] {what}: wrote {written}/{} bytes, reply {reply:?}",
+        "[reliability] {what}: wrote {written}/{} bytes; cutoff {reply}",
         raw.len()
     );
     if let Reply::Status(status) = reply {
