@@ -44,12 +44,8 @@ if ((${#need_apt[@]})); then
   apt-get install -y -qq "${need_apt[@]}" >/dev/null ||
     { apt-get update -qq >/dev/null && apt-get install -y -qq "${need_apt[@]}" >/dev/null; }
 fi
-# The packages' own services are not what we measure; make sure none is running.
-for svc in nginx haproxy; do
-  if command -v service >/dev/null && service "$svc" status >/dev/null 2>&1; then
-    service "$svc" stop >/dev/null 2>&1 || true
-  fi
-done
+# Any nginx or HAProxy service the packages run is left alone: every process measured
+# here is started by this script, on ports it picked free.
 ulimit -n "$(ulimit -Hn)"
 
 # --- builds ------------------------------------------------------------------------------
@@ -324,7 +320,7 @@ rotate() {
 
 meta "date" "$(date -u '+%Y-%m-%d %H:%M UTC')"
 meta "machine" "$(nproc) cores, $(uname -r), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
-meta "cutoff" "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+meta "cutoff" "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (+ uncommitted changes to src/)')"
 meta "nginx" "$(nginx -v 2>&1 | sed 's/.*version: //')"
 meta "haproxy" "$(haproxy -v | head -n1 | awk '{print $3}')"
 meta "wrk" "$(wrk -v 2>&1 | head -n1 | awk '{print $2}')"

@@ -51,7 +51,9 @@ pub fn write(r: &AccessRecord<'_>) {
         };
     }
     match r.outcome {
-        Outcome::Ok | Outcome::ClientClosed | Outcome::NoRoute => emit!(tracing::Level::INFO),
+        Outcome::Ok | Outcome::ClientClosed | Outcome::NoRoute | Outcome::BadRequest => {
+            emit!(tracing::Level::INFO)
+        }
         Outcome::Timeout | Outcome::UpstreamError | Outcome::Shutdown => {
             emit!(tracing::Level::WARN)
         }

@@ -56,6 +56,8 @@ pub enum ClientBodyError {
     Gone,
     #[error("the client sent no request body bytes for {0:?}")]
     TooSlow(Duration),
+    #[error("the client sent a malformed request body")]
+    Malformed,
 }
 
 /// A timer of the route fired while the response streamed.
@@ -77,6 +79,7 @@ const UPLOADING: u8 = 0;
 const DONE: u8 = 1;
 const CLIENT_GONE: u8 = 2;
 const CLIENT_SLOW: u8 = 3;
+const CLIENT_MALFORMED: u8 = 4;
 
 impl RequestState {
     pub fn is_done(&self) -> bool {
@@ -98,6 +101,7 @@ impl RequestState {
         match self.upload.load(Ordering::Acquire) {
             CLIENT_GONE => Some(ClientBodyError::Gone),
             CLIENT_SLOW => Some(ClientBodyError::TooSlow(Duration::ZERO)),
+            CLIENT_MALFORMED => Some(ClientBodyError::Malformed),
             _ => None,
         }
     }
@@ -159,6 +163,7 @@ impl RequestBody {
         self.inner = None;
         Poll::Ready(Some(Err(match state {
             CLIENT_SLOW => Box::new(ClientBodyError::TooSlow(self.read_timeout)),
+            CLIENT_MALFORMED => Box::new(ClientBodyError::Malformed),
             _ => Box::new(ClientBodyError::Gone),
         })))
     }
@@ -184,6 +189,9 @@ impl Body for RequestBody {
                 this.timer_armed = false;
                 Poll::Ready(Some(Ok(frame)))
             }
+            // A body hyper could not decode (a bad chunk size) is the client's malformed
+            // request; every other body error is its connection going away.
+            Poll::Ready(Some(Err(e))) if malformed(&e) => this.fail(CLIENT_MALFORMED),
             Poll::Ready(Some(Err(_))) => this.fail(CLIENT_GONE),
             Poll::Ready(None) => {
                 // hyper reports a connection dropped mid-body as an error; the length
@@ -225,6 +233,25 @@ impl Body for RequestBody {
             None => SizeHint::with_exact(0),
         }
     }
+}
+
+/// hyper reports a body it cannot decode as a body error caused by an `InvalidInput` or
+/// `InvalidData` I/O error; a vanished client is an incomplete message or a reset.
+fn malformed(e: &hyper::Error) -> bool {
+    if e.is_parse() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The upstream's response body on its way to the client. See the module comment.

@@ -164,7 +164,7 @@ pub async fn run(
     let settings = ServerSettings {
         header_read_timeout: config.server.header_read_timeout,
         max_header_bytes: config.server.max_header_bytes,
-        max_connections: config.server.max_connections,
+        slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
     };
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -35,16 +35,21 @@ pub enum Outcome {
     UpstreamError = 3,
     Shutdown = 4,
     NoRoute = 5,
+    /// An extension of the contract's outcomes: a request the proxy refused as malformed
+    /// (smuggling shape, a broken chunked body). Neither an error of the proxy nor of
+    /// the upstream.
+    BadRequest = 6,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Ok,
         Outcome::ClientClosed,
         Outcome::Timeout,
         Outcome::UpstreamError,
         Outcome::Shutdown,
         Outcome::NoRoute,
+        Outcome::BadRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +60,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::Shutdown => "shutdown",
             Outcome::NoRoute => "no_route",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }
@@ -127,9 +133,19 @@ pub struct RouteInfo {
 #[derive(Default)]
 pub struct ClientConn {
     gone_at: std::sync::OnceLock<Instant>,
+    /// A request has arrived on this connection (its first head was read).
+    spoke: std::sync::atomic::AtomicBool,
 }
 
 impl ClientConn {
+    pub fn mark_request(&self) {
+        self.spoke.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn has_spoken(&self) -> bool {
+        self.spoke.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn mark_gone(&self) {
         let _ = self.gone_at.set(Instant::now());
     }

@@ -192,6 +192,12 @@ pub(crate) fn upstream_failed(
             guard.reason("the client left while sending the request body");
             local(StatusCode::BAD_REQUEST, "incomplete request body\n")
         }
+        Some(ClientBodyError::Malformed) => {
+            guard.upstream_aborted();
+            guard.decide(Outcome::BadRequest, 400, Some(CancelledBy::Client));
+            guard.reason("the client sent a malformed request body");
+            local(StatusCode::BAD_REQUEST, "malformed request body\n")
+        }
         Some(ClientBodyError::TooSlow(_)) => {
             guard.upstream_aborted();
             guard.decide(Outcome::Timeout, 408, Some(CancelledBy::Timeout));

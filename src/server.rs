@@ -36,7 +36,9 @@ use crate::proxy::{self, ConnContext, Shared};
 pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
-    pub max_connections: usize,
+    /// One pool of connection slots for the whole process (every worker takes from it):
+    /// `max_connections` bounds the process, not each worker.
+    pub slots: Arc<Semaphore>,
 }
 
 /// How long connections may go on writing the 503s of a forced shutdown before they are
@@ -47,7 +49,7 @@ const FORCED_WRITE_WINDOW: Duration = Duration::from_millis(250);
 /// new connections wait in the kernel's backlog instead of the process running out of
 /// descriptors; they are served as soon as a slot frees.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, settings: ServerSettings) {
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let slots = settings.slots.clone();
     let lifecycle = shared.lifecycle.clone();
     loop {
         let permit = tokio::select! {
@@ -135,6 +137,7 @@ async fn serve_io<I>(
     let client = cx.client.clone();
     let lifecycle = cx.shared.lifecycle.clone();
     let service = service_fn(move |req| {
+        cx.client.mark_request();
         let state = Arc::new(RequestState::default());
         Stamped::new(proxy::handle(req, cx.clone(), state.clone()), state)
     });
@@ -154,6 +157,12 @@ async fn serve_io<I>(
     let mut conn = std::pin::pin!(conn);
     let mut draining = false;
     let mut forced_window = None;
+    // hyper's header timer starts only once the protocol is known (hyper-util's auto
+    // builder first reads the preface with no timer): a client that connects and says
+    // nothing is cut off here.
+    let first_request = tokio::time::sleep(settings.header_read_timeout);
+    let mut first_request = std::pin::pin!(first_request);
+    let mut spoke = false;
     loop {
         tokio::select! {
             // The drain comes first: a request read after it began must see the
@@ -173,6 +182,13 @@ async fn serve_io<I>(
             _ = hung_up(watch) => {
                 client.mark_gone();
                 break;
+            }
+            _ = &mut first_request, if !spoke => {
+                if !client.has_spoken() {
+                    tracing::debug!("client sent no request within header_read_timeout");
+                    break;
+                }
+                spoke = true;
             }
             _ = lifecycle.forced(), if forced_window.is_none() => {
                 forced_window = Some(Box::pin(tokio::time::sleep(FORCED_WRITE_WINDOW)));
