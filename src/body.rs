@@ -399,8 +399,7 @@ impl UpstreamBody {
     pub fn complete(&mut self, cx: &mut Context<'_>) {
         self.guard.upstream_completed();
         if let Some(conn) = self.conn.as_mut() {
-            conn.exchanged();
-            let _ = conn.poll_drive(cx);
+            conn.exchanged(cx);
         }
         self.conn = None;
         self.body = None;

@@ -173,8 +173,23 @@ async fn serve(config: Config, demo: bool) -> ExitCode {
     }
 }
 
+/// Listening sockets get a deep accept backlog: a burst of connects beyond the default
+/// 128 would otherwise be dropped by the kernel and retried by clients a second later.
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
-    match TcpListener::bind(addr).await {
+    match listen(addr) {
         Ok(l) => {
             log_listening(what, &l);
             Ok(l)

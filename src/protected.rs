@@ -280,8 +280,11 @@ impl Call {
         status: u16,
     ) {
         self.guard.upstream_completed();
-        conn.exchanged();
-        let _ = poll_fn(|cx| Poll::Ready(conn.poll_drive(cx))).await;
+        poll_fn(|cx| {
+            conn.exchanged(cx);
+            Poll::Ready(())
+        })
+        .await;
         drop(conn);
         let still_there = client.is_some();
         drop(client);

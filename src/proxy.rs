@@ -49,6 +49,9 @@ pub struct ConnContext {
     pub shared: Arc<Shared>,
     pub client: Arc<ClientConn>,
     pub info: ClientInfo,
+    /// The shutdown's force signal, as a child token of this connection's own: requests
+    /// wait on it without contending on the process-wide token's lock.
+    pub forced: tokio_util::sync::CancellationToken,
 }
 
 /// Serves one request. `state` is created by the caller, which stamps it if hyper drops
@@ -106,7 +109,7 @@ async fn forward(
     let sent = tokio::select! {
         r = route.upstream.send(up_req, &mut guard, deadline, route.config.deadline_header.as_ref()) => Ok(r),
         at = fired(&mut timer) => Err((CancelledBy::Timeout, at)),
-        _ = cx.shared.lifecycle.forced() => Err((CancelledBy::Shutdown, Instant::now())),
+        _ = cx.forced.cancelled() => Err((CancelledBy::Shutdown, Instant::now())),
     };
     // Whatever lost the race above has been dropped: the upstream call is closed already.
     let (resp, conn) = match sent {

@@ -103,6 +103,7 @@ async fn connection(
         shared: shared.clone(),
         client: client.clone(),
         info: ClientInfo::new(peer.ip(), acceptor.is_some()),
+        forced: shared.lifecycle.force_token().child_token(),
     });
     match acceptor {
         None => serve_io(TokioIo::new(stream), cx, &watch, settings).await,
@@ -163,12 +164,17 @@ async fn serve_io<I>(
     let first_request = tokio::time::sleep(settings.header_read_timeout);
     let mut first_request = std::pin::pin!(first_request);
     let mut spoke = false;
+    // Created once, not per wake-up: each of these registers with a shared waiter list,
+    // and re-registering on every poll of a busy connection costs a lock each time.
+    let mut drain_started = std::pin::pin!(lifecycle.draining());
+    let mut force_started = std::pin::pin!(lifecycle.forced());
+    let mut hangup = std::pin::pin!(hung_up(watch));
     loop {
         tokio::select! {
             // The drain comes first: a request read after it began must see the
             // connection closing, not be served as if nothing happened.
             biased;
-            _ = lifecycle.draining(), if !draining => {
+            _ = &mut drain_started, if !draining => {
                 // Idle keep-alive connections close now; busy ones after their response.
                 conn.as_mut().graceful_shutdown();
                 draining = true;
@@ -179,7 +185,7 @@ async fn serve_io<I>(
                 }
                 break;
             }
-            _ = hung_up(watch) => {
+            _ = &mut hangup => {
                 client.mark_gone();
                 break;
             }
@@ -190,7 +196,7 @@ async fn serve_io<I>(
                 }
                 spoke = true;
             }
-            _ = lifecycle.forced(), if forced_window.is_none() => {
+            _ = &mut force_started, if forced_window.is_none() => {
                 forced_window = Some(Box::pin(tokio::time::sleep(FORCED_WRITE_WINDOW)));
             }
             _ = async { forced_window.as_mut().expect("guarded").await }, if forced_window.is_some() => {

@@ -56,7 +56,7 @@ pub async fn forward(
     let sent = tokio::select! {
         r = route.upstream.upgrade(up_req, &mut guard) => Ok(r),
         at = fired(&mut timer) => Err((CancelledBy::Timeout, at)),
-        _ = cx.shared.lifecycle.forced() => Err((CancelledBy::Shutdown, Instant::now())),
+        _ = cx.forced.cancelled() => Err((CancelledBy::Shutdown, Instant::now())),
     };
     let (mut resp, conn) = match sent {
         Ok(Ok(exchange)) => exchange,

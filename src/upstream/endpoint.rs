@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::UpstreamError;
 use super::h2::H2Pool;
+use super::{H1Conn, H1Sender, UpstreamError};
 use crate::config::{EndpointConfig, Protocol, Scheme, UpstreamConfig};
 use crate::metrics::EndpointMetrics;
 
@@ -123,7 +123,7 @@ pub struct Endpoint {
     tls: Option<(TlsConnector, TlsConnector, ServerName<'static>)>,
     /// Idle HTTP/1.1 connections, most recently used last (LIFO keeps the warm ones warm
     /// and lets the cold ones time out). The lock is never held across an await.
-    idle: Mutex<Vec<(UpstreamIo, Instant)>>,
+    idle: Mutex<Vec<(Idle, Instant)>>,
     pub(super) h2: H2Pool,
     negotiated: AtomicU8,
     inflight: AtomicUsize,
@@ -242,18 +242,20 @@ impl Endpoint {
     }
 
     /// An idle HTTP/1.1 connection that is still open, or a new connection.
-    pub(super) async fn checkout(&self) -> Result<UpstreamIo, UpstreamError> {
+    pub(super) async fn checkout(&self) -> Result<Idle, UpstreamError> {
         loop {
             let candidate = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                 idle.pop()
             };
-            let Some((io, since)) = candidate else { break };
-            if since.elapsed() < self.pool_idle_timeout && still_open(io.tcp()) {
-                return Ok(io);
+            let Some((mut conn, since)) = candidate else {
+                break;
+            };
+            if since.elapsed() < self.pool_idle_timeout && conn.still_open() {
+                return Ok(conn);
             }
         }
-        self.connect().await
+        self.connect().await.map(Idle::Io)
     }
 
     /// Closes idle connections that the upstream closed or that outlived
@@ -261,13 +263,15 @@ impl Endpoint {
     /// no descriptor lingers in CLOSE_WAIT). Run periodically.
     pub fn sweep(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(io, since)| since.elapsed() < self.pool_idle_timeout && still_open(io.tcp()));
+        idle.retain_mut(|(conn, since)| {
+            since.elapsed() < self.pool_idle_timeout && conn.still_open()
+        });
     }
 
-    pub(super) fn checkin(&self, io: UpstreamIo) {
+    pub(super) fn checkin(&self, conn: Idle) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.pool_max_idle {
-            idle.push((io, Instant::now()));
+            idle.push((conn, Instant::now()));
         }
     }
 
@@ -320,6 +324,28 @@ impl Endpoint {
             self.negotiated.store(p, Ordering::Relaxed);
         }
         Ok(io)
+    }
+}
+
+/// An idle HTTP/1.1 connection: a bare socket, or one whose hyper connection (buffers,
+/// dispatcher) is kept for the next exchange, which saves setting those up per request.
+pub enum Idle {
+    Io(UpstreamIo),
+    Ready(H1Sender, Box<H1Conn>),
+}
+
+impl Idle {
+    /// An idle HTTP/1.1 connection has nothing to say: if it is readable, the upstream
+    /// closed it (or sent garbage), and either way it must not carry a request.
+    fn still_open(&mut self) -> bool {
+        match self {
+            Idle::Io(io) => still_open(io.tcp()),
+            Idle::Ready(sender, conn) => {
+                // One poll lets hyper notice a close; it must still want a request.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                conn.poll_without_shutdown(&mut cx).is_pending() && sender.is_ready()
+            }
+        }
     }
 }
 

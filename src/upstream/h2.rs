@@ -102,7 +102,7 @@ pub(super) const NOT_H2: u16 = 0;
 async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
     let result = match endpoint.connect().await {
         Ok(io) if !io.alpn_h2() && endpoint.negotiates() => {
-            endpoint.checkin(io);
+            endpoint.checkin(super::endpoint::Idle::Io(io));
             Err((NOT_H2, "the upstream chose HTTP/1.1".to_string()))
         }
         Ok(io) => handshake(io).await,

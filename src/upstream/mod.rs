@@ -35,8 +35,12 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 
 use self::admission::Admission;
+use self::endpoint::Idle;
 use self::endpoint::Slot;
 pub use self::endpoint::{Endpoint, UpstreamIo};
+
+type H1Conn = http1::Connection<TokioIo<UpstreamIo>, RequestBody>;
+type H1Sender = http1::SendRequest<RequestBody>;
 use crate::body::RequestBody;
 use crate::config::{Scheme, UpstreamConfig};
 use crate::outcome::{InFlight, Phase};
@@ -102,11 +106,25 @@ impl UpstreamError {
 
     /// A failure of the endpoint itself, which counts towards its ejection.
     fn blames_endpoint(&self) -> bool {
-        !matches!(
-            self,
-            UpstreamError::QueueFull { .. } | UpstreamError::QueueTimeout(_)
-        )
+        match self {
+            UpstreamError::QueueFull { .. } | UpstreamError::QueueTimeout(_) => false,
+            // The request body failed: the client left, stalled or sent garbage mid-upload.
+            // That aborts the exchange, but it is the client's doing, never the endpoint's.
+            UpstreamError::Http { source, .. } => !caused_by_client_body(source),
+            _ => true,
+        }
     }
+}
+
+fn caused_by_client_body(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<crate::body::ClientBodyError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// One configured upstream: its endpoints and how to talk to them.
@@ -201,7 +219,9 @@ impl Upstream {
                 },
                 false => match endpoint.checkout().await {
                     // `auto` found HTTP/2 on a new connection after all.
-                    Ok(io) if io.alpn_h2() => endpoint.h2.adopt(&endpoint, io).await.map(Link::H2),
+                    Ok(Idle::Io(io)) if io.alpn_h2() => {
+                        endpoint.h2.adopt(&endpoint, io).await.map(Link::H2)
+                    }
                     other => other.map(Link::H1),
                 },
             };
@@ -269,7 +289,7 @@ impl Upstream {
     async fn exchange_h1(
         &self,
         endpoint: &Arc<Endpoint>,
-        io: UpstreamIo,
+        idle: Idle,
         req: Request<RequestBody>,
         guard: &mut InFlight,
         phase: Phase,
@@ -278,31 +298,66 @@ impl Upstream {
             endpoint: endpoint.config.url.clone(),
             source,
         };
-        let (mut sender, conn) = self
-            .http1
-            .handshake::<_, RequestBody>(TokioIo::new(io))
-            .await
-            .map_err(http_err)?;
+        let (mut sender, conn, mut req) = match idle {
+            Idle::Ready(sender, conn) => (sender, conn, req),
+            Idle::Io(io) => {
+                let (sender, conn) = self.handshake(io).await.map_err(http_err)?;
+                (sender, conn, req)
+            }
+        };
+        // A kept connection that turns out not to take a request hands the request back
+        // untouched: it goes on a new connection (nothing was sent).
         let mut conn = Conn::new(endpoint, Some(conn));
         guard.dispatched(phase);
-        let mut response = std::pin::pin!(sender.send_request(req));
-        let resp = poll_fn(|cx| {
-            if !conn.done {
-                // An error here reaches the response future too, with more context.
-                let _ = conn.poll_drive(cx);
+        let mut attempt = 0;
+        let resp = loop {
+            let mut response = std::pin::pin!(sender.try_send_request(req));
+            let r = poll_fn(|cx| {
+                if !conn.done {
+                    // An error here reaches the response future too, with more context.
+                    let _ = conn.poll_drive(cx);
+                }
+                match response.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending if conn.done => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match r {
+                Some(Ok(resp)) => break resp,
+                Some(Err(mut e)) if attempt == 0 => match e.take_message() {
+                    Some(back) => {
+                        attempt += 1;
+                        req = back;
+                        let io = endpoint.connect().await?;
+                        let (s, c) = self.handshake(io).await.map_err(http_err)?;
+                        sender = s;
+                        conn = Conn::new(endpoint, Some(c));
+                    }
+                    None => return Err(http_err(e.into_error())),
+                },
+                Some(Err(e)) => return Err(http_err(e.into_error())),
+                None => {
+                    return Err(UpstreamError::ClosedEarly {
+                        endpoint: endpoint.config.url.clone(),
+                    });
+                }
             }
-            match response.as_mut().poll(cx) {
-                Poll::Ready(r) => Poll::Ready(r.map_err(http_err)),
-                Poll::Pending if conn.done => Poll::Ready(Err(UpstreamError::ClosedEarly {
-                    endpoint: endpoint.config.url.clone(),
-                })),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await?;
-        drop(sender);
+        };
         conn.reusable = keep_alive(&resp);
+        conn.sender = Some(sender);
         Ok((resp, conn))
+    }
+
+    /// Boxed: a hyper connection is several hundred bytes, and it moves between the
+    /// request, its body and the idle list.
+    async fn handshake(&self, io: UpstreamIo) -> Result<(H1Sender, Box<H1Conn>), hyper::Error> {
+        let (sender, conn) = self
+            .http1
+            .handshake::<_, RequestBody>(TokioIo::new(io))
+            .await?;
+        Ok((sender, Box::new(conn)))
     }
 }
 
@@ -359,7 +414,7 @@ impl Upstream {
 
 /// How the call reaches its endpoint.
 enum Link {
-    H1(UpstreamIo),
+    H1(Idle),
     H2(hyper::client::conn::http2::SendRequest<RequestBody>),
 }
 
@@ -447,7 +502,9 @@ fn keep_alive(resp: &Response<Incoming>) -> bool {
 /// upstream that is not reading (busy, or slow to take a large upload) would never see
 /// it. A reset reaches it at once, whatever is queued.
 pub struct Conn {
-    conn: Option<http1::Connection<TokioIo<UpstreamIo>, RequestBody>>,
+    conn: Option<Box<H1Conn>>,
+    /// Kept with the connection so that both can serve the next exchange.
+    sender: Option<H1Sender>,
     endpoint: Arc<Endpoint>,
     slot: Option<Slot>,
     permit: Option<OwnedSemaphorePermit>,
@@ -470,13 +527,11 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    fn new(
-        endpoint: &Arc<Endpoint>,
-        conn: Option<http1::Connection<TokioIo<UpstreamIo>, RequestBody>>,
-    ) -> Conn {
+    fn new(endpoint: &Arc<Endpoint>, conn: Option<Box<H1Conn>>) -> Conn {
         Conn {
             done: conn.is_none(),
             conn,
+            sender: None,
             endpoint: endpoint.clone(),
             slot: None,
             permit: None,
@@ -485,26 +540,39 @@ impl Conn {
         }
     }
 
-    /// The upstream's response ended cleanly: if the connection must be closed rather than
-    /// pooled, it is closed politely.
-    pub fn exchanged(&mut self) {
+    /// The upstream's response ended cleanly. A connection that agreed to keep-alive and
+    /// is ready for another request goes back to the endpoint's idle list (with its hyper
+    /// state); any other is closed politely.
+    pub fn exchanged(&mut self, cx: &mut Context<'_>) {
         self.exchanged = true;
+        if self.done {
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        // Lets hyper settle the finished exchange (and notice a close).
+        if conn.poll_without_shutdown(cx).is_ready() {
+            self.done = true;
+            self.conn = None;
+            return;
+        }
+        if let (true, Some(sender), Some(conn)) =
+            (self.reusable, self.sender.take(), self.conn.take())
+        {
+            self.done = true;
+            self.endpoint.checkin(Idle::Ready(sender, conn));
+        }
     }
 
-    /// Drives reads and writes. Ready once the exchange is over; then, if the connection is
-    /// clean, it goes back to the endpoint's idle list.
+    /// Drives reads and writes. Ready once the connection has closed (an error, or the
+    /// upstream's `Connection: close`).
     pub fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(Ok(()));
         };
         let r = std::task::ready!(conn.poll_without_shutdown(cx));
         self.done = true;
-        if let (true, true, Some(conn)) = (r.is_ok(), self.reusable, self.conn.take()) {
-            let parts = conn.into_parts();
-            if parts.read_buf.is_empty() {
-                self.endpoint.checkin(parts.io.into_inner());
-            }
-        }
         self.conn = None;
         Poll::Ready(r)
     }
