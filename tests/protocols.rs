@@ -1438,13 +1438,6 @@ async fn wait_reloads(proxy: &Proxy, n: usize) {
     }
 }
 
-/// cutoff installs its SIGHUP handler (and its config-file watch) only after it logged
-/// `listening`; until then SIGHUP has its default action, which ends the process. Tests
-/// about reloading, rather than about that window, let the proxy settle first.
-async fn settle_after_start() {
-    tokio::time::sleep(Duration::from_millis(500)).await;
-}
-
 /// A reload asked for as soon as the proxy says it is listening (a deploy script that
 /// starts it, then pushes a config) must reload, not kill it.
 #[tokio::test]
@@ -1492,7 +1485,6 @@ async fn certificate_reload_on_sighup_and_on_config_change() {
     // A renewal: new files under the same names, then SIGHUP.
     let second = pki.leaf(1002);
     pki.install(&second);
-    settle_after_start().await;
     proxy.signal(libc::SIGHUP);
     wait_reloads(&proxy, 1).await;
     assert!(
@@ -1535,7 +1527,6 @@ async fn certificate_reload_keeps_the_old_certificate_when_the_new_one_is_broken
     ))
     .await;
     let cc = pki.client_config(&[b"h2"]);
-    settle_after_start().await;
     write_atomically(
         &cert,
         b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
@@ -1571,7 +1562,6 @@ async fn certificate_reload_on_touching_the_config() {
     let cc = pki.client_config(&[b"h2"]);
     assert!(peer_certificate(proxy.addr(), cc.clone()).await == first.der);
 
-    settle_after_start().await;
     let second = pki.leaf(3002);
     pki.install(&second);
     std::fs::File::options()
