@@ -25,6 +25,7 @@ pub mod defaults {
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
     pub const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
     pub const MAX_HEADER_BYTES: usize = 64 * 1024;
     pub const MAX_CONNECTIONS: usize = 10_000;
@@ -81,6 +82,9 @@ pub struct ServerConfig {
     /// per core the process may run on.
     pub workers: usize,
     pub header_read_timeout: Duration,
+    /// A client connection with no request in flight for this long is closed, so that idle
+    /// keep-alive connections do not hold slots of `max_connections` forever.
+    pub keepalive_timeout: Duration,
     /// Longest gap between two reads of a request body before the client counts as gone.
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
@@ -200,6 +204,7 @@ struct RawServer {
     max_connections: Option<Spanned<i64>>,
     workers: Option<Spanned<i64>>,
     header_read_timeout: Option<Spanned<String>>,
+    keepalive_timeout: Option<Spanned<String>>,
     body_read_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<i64>>,
     tls: Option<RawTls>,
@@ -358,6 +363,7 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             &s.header_read_timeout,
             defaults::HEADER_READ_TIMEOUT,
         )?,
+        keepalive_timeout: duration_or(at, &s.keepalive_timeout, defaults::KEEPALIVE_TIMEOUT)?,
         body_read_timeout: duration_or(at, &s.body_read_timeout, defaults::BODY_READ_TIMEOUT)?,
         max_header_bytes: positive_or(at, &s.max_header_bytes, defaults::MAX_HEADER_BYTES)?,
         tls: s

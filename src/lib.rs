@@ -163,6 +163,7 @@ pub async fn run(
     let grace = config.server.shutdown_grace;
     let settings = ServerSettings {
         header_read_timeout: config.server.header_read_timeout,
+        keepalive_timeout: config.server.keepalive_timeout,
         max_header_bytes: config.server.max_header_bytes,
         slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
     };

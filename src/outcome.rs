@@ -17,6 +17,7 @@
 //! guard, so the guard's drop time is the moment the upstream learnt of the cancellation.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, Uri};
@@ -130,20 +131,39 @@ pub struct RouteInfo {
 
 /// Per downstream connection: when its client was seen leaving, if it was. Set by the
 /// hang-up watch, read by the guards of the connection's requests.
-#[derive(Default)]
+/// Per downstream connection: whether and when its client was seen leaving (set by the
+/// hang-up watch, read by the guards of its requests), and how busy it is (for the
+/// keep-alive idle timeout).
 pub struct ClientConn {
     gone_at: std::sync::OnceLock<Instant>,
     /// A request has arrived on this connection (its first head was read).
-    spoke: std::sync::atomic::AtomicBool,
+    spoke: AtomicBool,
+    /// Requests of this connection whose guard is alive (until their last byte).
+    active: AtomicUsize,
+    opened: Instant,
+    /// Nanoseconds after `opened` when the last request ended.
+    last_ended: AtomicU64,
+}
+
+impl Default for ClientConn {
+    fn default() -> ClientConn {
+        ClientConn {
+            gone_at: std::sync::OnceLock::new(),
+            spoke: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            opened: Instant::now(),
+            last_ended: AtomicU64::new(0),
+        }
+    }
 }
 
 impl ClientConn {
     pub fn mark_request(&self) {
-        self.spoke.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.spoke.store(true, Ordering::Relaxed);
     }
 
     pub fn has_spoken(&self) -> bool {
-        self.spoke.load(std::sync::atomic::Ordering::Relaxed)
+        self.spoke.load(Ordering::Relaxed)
     }
 
     pub fn mark_gone(&self) {
@@ -152,6 +172,25 @@ impl ClientConn {
 
     pub fn gone_at(&self) -> Option<Instant> {
         self.gone_at.get().copied()
+    }
+
+    /// How long the connection has had no request in flight; `None` while it has one.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.active.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let ended = std::time::Duration::from_nanos(self.last_ended.load(Ordering::Relaxed));
+        Some(self.opened.elapsed().saturating_sub(ended))
+    }
+
+    fn request_started(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn request_ended(&self) {
+        let now = self.opened.elapsed().as_nanos() as u64;
+        self.last_ended.fetch_max(now, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -201,6 +240,7 @@ impl InFlight {
         client: Arc<ClientConn>,
         lifecycle: Arc<Lifecycle>,
     ) -> InFlight {
+        client.request_started();
         InFlight {
             route,
             method,
@@ -443,6 +483,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.record();
+        self.client.request_ended();
     }
 }
 

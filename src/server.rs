@@ -35,6 +35,7 @@ use crate::proxy::{self, ConnContext, Shared};
 #[derive(Clone)]
 pub struct ServerSettings {
     pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     /// One pool of connection slots for the whole process (every worker takes from it):
     /// `max_connections` bounds the process, not each worker.
@@ -169,6 +170,8 @@ async fn serve_io<I>(
     let mut drain_started = std::pin::pin!(lifecycle.draining());
     let mut force_started = std::pin::pin!(lifecycle.forced());
     let mut hangup = std::pin::pin!(hung_up(watch));
+    let idle_check = tokio::time::sleep(settings.keepalive_timeout);
+    let mut idle_check = std::pin::pin!(idle_check);
     loop {
         tokio::select! {
             // The drain comes first: a request read after it began must see the
@@ -195,6 +198,19 @@ async fn serve_io<I>(
                     break;
                 }
                 spoke = true;
+            }
+            _ = &mut idle_check, if !draining => {
+                match client.idle_for() {
+                    Some(idle) if idle >= settings.keepalive_timeout => {
+                        // hyper closes an idle keep-alive connection at once.
+                        conn.as_mut().graceful_shutdown();
+                        draining = true;
+                    }
+                    idle => {
+                        let wait = settings.keepalive_timeout - idle.unwrap_or_default();
+                        idle_check.as_mut().reset(tokio::time::Instant::now() + wait);
+                    }
+                }
             }
             _ = &mut force_started, if forced_window.is_none() => {
                 forced_window = Some(Box::pin(tokio::time::sleep(FORCED_WRITE_WINDOW)));
