@@ -92,6 +92,7 @@ fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("cutoff-worker-{index}"))
         .spawn(move || {
+            upstream::set_worker_index(index);
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -35,8 +35,16 @@ pub async fn watch(
     let _watcher = file_watcher(&path, &watched_files(&current), tx.clone());
     // The file may have changed between its first load and this watch: then the first
     // round reloads whatever is there.
-    let mut last_text = match config::load(&path) {
-        Ok(now) if now == current => fingerprint(&current),
+    // One read serves both the comparison and the fingerprint: reading twice would let an
+    // edit land in between and be mistaken for the state already applied.
+    let initial = std::fs::read(&path).ok();
+    let unchanged = initial
+        .as_deref()
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|t| config::parse(&path, t).ok())
+        .is_some_and(|now| now == current);
+    let mut last_text = match (unchanged, initial) {
+        (true, Some(text)) => fingerprint_with(&current, text),
         _ => {
             let _ = tx.try_send(false);
             None
@@ -84,8 +92,13 @@ fn watched_files(config: &Config) -> Vec<PathBuf> {
 
 /// The bytes of every watched file; a reload runs only when they changed (or on SIGHUP).
 fn fingerprint(config: &Config) -> Option<Vec<u8>> {
-    let mut all = Vec::new();
-    for f in watched_files(config) {
+    fingerprint_with(config, std::fs::read(&config.source).ok()?)
+}
+
+/// As [`fingerprint`], with the config file's bytes already read.
+fn fingerprint_with(config: &Config, mut all: Vec<u8>) -> Option<Vec<u8>> {
+    all.push(0);
+    for f in watched_files(config).iter().skip(1) {
         all.extend(std::fs::read(f).ok()?);
         all.push(0);
     }

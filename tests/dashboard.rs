@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Client, Proxy, Upstream, WAIT, http_get, log_path_is};
+use common::{Client, Proxy, Upstream, WAIT, config_head, http_get, log_path_is};
 use serde_json::Value;
 
 const DASHBOARD: &str = include_str!(concat!(
@@ -235,16 +235,7 @@ fn config(
     pool_b: std::net::SocketAddr,
 ) -> String {
     format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
+        r#"{head}
 [upstreams.up]
 url = "http://{up}"
 
@@ -264,7 +255,8 @@ name = "pooled"
 path_prefix = "/delay/pool/"
 upstream = "pool"
 timeout = "10s"
-"#
+"#,
+        head = config_head("")
     )
 }
 

@@ -21,135 +21,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Client, Proxy, RequestRecord, Upstream, WAIT, http_get, log_path};
-
-// ------------------------------------------------------------------------------------------
-// A tiny Prometheus text-format parser: `name{label="value",...} value`.
-// ------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Every sample of a Prometheus text exposition (comments and blank lines skipped).
-fn parse_metrics(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, labels, rest) = match line.find('{') {
-            Some(open) => {
-                let (labels, after) = parse_label_set(&line[open + 1..])
-                    .unwrap_or_else(|| panic!("malformed labels in {line:?}"));
-                (&line[..open], labels, after)
-            }
-            None => {
-                let end = line.find(char::is_whitespace).unwrap_or(line.len());
-                (&line[..end], BTreeMap::new(), &line[end..])
-            }
-        };
-        let value = rest
-            .split_whitespace()
-            .next()
-            .unwrap_or_else(|| panic!("no value in {line:?}"));
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v
-                .parse()
-                .unwrap_or_else(|e| panic!("bad value {v:?} in {line:?}: {e}")),
-        };
-        out.push(Sample {
-            name: name.to_string(),
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// Parses `k="v",k2="v2"}` (the text after `{`); returns the labels and the text after `}`.
-fn parse_label_set(mut s: &str) -> Option<(BTreeMap<String, String>, &str)> {
-    let mut labels = BTreeMap::new();
-    loop {
-        s = s.trim_start_matches([',', ' ']);
-        if let Some(rest) = s.strip_prefix('}') {
-            return Some((labels, rest));
-        }
-        let eq = s.find('=')?;
-        let key = s[..eq].trim().to_string();
-        let mut chars = s[eq + 1..].strip_prefix('"')?.char_indices();
-        let body = &s[eq + 2..];
-        let mut value = String::new();
-        let end = loop {
-            match chars.next()? {
-                (_, '\\') => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    c => value.push(c),
-                },
-                (i, '"') => break i,
-                (_, c) => value.push(c),
-            }
-        };
-        labels.insert(key, value);
-        s = &body[end + 1..];
-    }
-}
-
-/// A parsed scrape, with lookups by exact label set.
-struct Scrape {
-    samples: Vec<Sample>,
-    text: String,
-}
-
-impl Scrape {
-    async fn take(proxy: &Proxy) -> Scrape {
-        let text = proxy.metrics_text().await;
-        Scrape {
-            samples: parse_metrics(&text),
-            text,
-        }
-    }
-
-    /// The value of the series `name` whose labels are exactly `labels`.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let want: BTreeMap<String, String> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let found: Vec<&Sample> = self
-            .samples
-            .iter()
-            .filter(|s| s.name == name && s.labels == want)
-            .collect();
-        assert!(
-            found.len() <= 1,
-            "series {name}{labels:?} appears {} times",
-            found.len()
-        );
-        found.first().map(|s| s.value)
-    }
-
-    /// Like [`Scrape::get`], panicking (with the whole scrape) when the series is missing.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels).unwrap_or_else(|| {
-            panic!(
-                "series {name}{labels:?} is missing from /metrics:\n{}",
-                self.text
-            )
-        })
-    }
-
-    fn expect(&self, name: &str, labels: &[(&str, &str)], want: f64) {
-        let got = self.value(name, labels);
-        assert_eq!(got, want, "{name}{labels:?}");
-    }
-}
+use common::{
+    Client, Proxy, RequestRecord, Scrape, Upstream, WAIT, config_head, http_get, log_path,
+};
 
 // ------------------------------------------------------------------------------------------
 // The traffic mix
@@ -182,16 +56,7 @@ const LEAVE_AFTER: Duration = Duration::from_millis(150);
 
 fn config(upstream: std::net::SocketAddr) -> String {
     format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
+        r#"{head}
 [upstreams.up]
 url = "http://{upstream}"
 
@@ -223,7 +88,8 @@ timeout = "300ms"
 name = "idle"
 path_prefix = "/idle/"
 upstream = "up"
-"#
+"#,
+        head = config_head("")
     )
 }
 
@@ -577,16 +443,7 @@ async fn a_known_mix_gives_exact_counts_and_measured_waste_and_savings() {
 async fn protected_queued_and_streaming_calls_are_accounted_as_documented() {
     let up = Upstream::start().await;
     let config = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
+        r#"{head}
 [upstreams.up]
 url = "http://{up}"
 
@@ -614,6 +471,7 @@ path_prefix = "/stream/st/"
 upstream = "up"
 timeout = "5s"
 "#,
+        head = config_head(""),
         up = up.addr()
     );
     let proxy = Proxy::start(&config).await;

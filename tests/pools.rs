@@ -30,42 +30,6 @@ use tokio::task::{JoinHandle, JoinSet};
 // Private helpers
 // ------------------------------------------------------------------------------------------
 
-/// A pool config: proxy and admin on port 0, JSON logs, upstream `up` with `urls`, one
-/// route `r` on `/`.
-fn pool_config(urls: &[String], upstream_extra: &str, route_extra: &str) -> String {
-    let list = urls
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
-[upstreams.up]
-urls = [{list}]
-{upstream_extra}
-
-[[routes]]
-name = "r"
-path_prefix = "/"
-upstream = "up"
-{route_extra}
-"#
-    )
-}
-
-fn url_of(addr: SocketAddr) -> String {
-    format!("http://{addr}")
-}
-
 /// A minimal keep-alive HTTP/1.1 upstream that answers every request `200 ok` after a
 /// fixed delay of its own, whatever the path, and counts the requests it received. Unlike
 /// the harness's [`Upstream`], its delay is per instance (so one of several endpoints can
@@ -165,16 +129,6 @@ async fn fixed_serve(mut stream: TcpStream, delay: Duration, hits: Arc<AtomicUsi
     }
 }
 
-/// Polls `cond` every 10 ms until it holds; panics after `timeout` with `what`.
-async fn poll_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    within(timeout, what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
-
 /// The lines that say an endpoint was ejected.
 fn ejection_lines(proxy: &Proxy) -> Vec<Value> {
     proxy
@@ -201,11 +155,6 @@ fn header_ms(rec: &RequestRecord, name: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{name}: {v:?} is not a number of ms ({e}): {rec:?}"))
 }
 
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(text, name, labels)
-        .unwrap_or_else(|| panic!("no sample of {name} {labels:?} in /metrics:\n{text}"))
-}
-
 // ------------------------------------------------------------------------------------------
 // Balancing
 // ------------------------------------------------------------------------------------------
@@ -217,7 +166,11 @@ async fn slow_endpoint_gets_less_work() {
     let fast_a = FixedUpstream::start(Duration::from_millis(5)).await;
     let fast_b = FixedUpstream::start(Duration::from_millis(5)).await;
     let slow = FixedUpstream::start(Duration::from_millis(200)).await;
-    let urls = [url_of(fast_a.addr), url_of(fast_b.addr), url_of(slow.addr)];
+    let urls = [
+        http_url(fast_a.addr),
+        http_url(fast_b.addr),
+        http_url(slow.addr),
+    ];
     let proxy = Proxy::start(&pool_config(&urls, "", "")).await;
     let addr = proxy.addr();
 
@@ -284,8 +237,12 @@ async fn refusing_endpoint_is_ejected_and_comes_back() {
     let good_a = FixedUpstream::start(Duration::ZERO).await;
     let good_b = FixedUpstream::start(Duration::ZERO).await;
     let dead = refused_addr();
-    let dead_url = url_of(dead);
-    let urls = [url_of(good_a.addr), url_of(good_b.addr), dead_url.clone()];
+    let dead_url = http_url(dead);
+    let urls = [
+        http_url(good_a.addr),
+        http_url(good_b.addr),
+        dead_url.clone(),
+    ];
     let proxy = Proxy::start(&pool_config(&urls, "", "")).await;
 
     // 50 requests, 5 at a time.
@@ -379,7 +336,7 @@ async fn refusing_endpoint_is_ejected_and_comes_back() {
 async fn client_departures_never_eject_endpoints() {
     let up_a = Upstream::start().await;
     let up_b = Upstream::start().await;
-    let urls = [url_of(up_a.addr()), url_of(up_b.addr())];
+    let urls = [http_url(up_a.addr()), http_url(up_b.addr())];
     let proxy = Proxy::start(&pool_config(&urls, "", "")).await;
 
     const N: usize = 100;
@@ -472,7 +429,7 @@ async fn client_departures_never_eject_endpoints() {
 async fn route_timeouts_never_eject_endpoints() {
     let hanging = HangingListener::start().await;
     let slow = Upstream::start().await;
-    let urls = [url_of(hanging.addr()), url_of(slow.addr())];
+    let urls = [http_url(hanging.addr()), http_url(slow.addr())];
     let proxy = Proxy::start(&pool_config(
         &urls,
         "connect_timeout = \"10s\"",
@@ -549,7 +506,7 @@ async fn route_timeouts_never_eject_endpoints() {
 async fn queued_calls_whose_client_left_are_never_dispatched() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config_for_url(
-        &url_of(up.addr()),
+        &http_url(up.addr()),
         "max_inflight = 2\nmax_queue = 100\nqueue_timeout = \"10s\"",
         "",
     ))
@@ -694,7 +651,7 @@ async fn queued_calls_whose_client_left_are_never_dispatched() {
 async fn full_queue_answers_503_at_once() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config_for_url(
-        &url_of(up.addr()),
+        &http_url(up.addr()),
         "max_inflight = 1\nmax_queue = 1\nqueue_timeout = \"10s\"",
         "",
     ))
@@ -747,7 +704,7 @@ async fn full_queue_answers_503_at_once() {
 async fn queue_timeout_answers_503() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config_for_url(
-        &url_of(up.addr()),
+        &http_url(up.addr()),
         "max_inflight = 1\nmax_queue = 10\nqueue_timeout = \"200ms\"",
         "",
     ))
@@ -792,24 +749,14 @@ async fn queue_timeout_answers_503() {
 const DEADLINE_ROUTE: &str = "timeout = \"5s\"\ndeadline_header = \"x-request-timeout-ms\"\n\
                               accept_deadline_header = \"x-request-timeout-ms\"";
 
-/// A client's deadline header shortens the route's 5 s timeout to 300 ms: 504 after about
-/// 300 ms, the upstream told less than 300 ms remain, and its call closed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_deadline_shortens_timeout_and_travels_upstream() {
-    let up = Upstream::start().await;
-    let proxy = Proxy::start(&config_for(up.addr(), DEADLINE_ROUTE)).await;
-
+/// Sends `GET path` with `header` (a client deadline of 300 ms) and asserts that it is
+/// answered 504 after about 300 ms, not after the route's 5 s.
+async fn assert_504_after_300ms(proxy: &Proxy, path: &str, header: (&str, &str), what: &str) {
     let t0 = Instant::now();
     let r = within(
         WAIT,
-        "the request with a 300 ms deadline",
-        request(
-            proxy.addr(),
-            "GET",
-            "/delay/short?ms=3000",
-            &[("x-request-timeout-ms", "300")],
-            b"",
-        ),
+        what,
+        request(proxy.addr(), "GET", path, &[header], b""),
     )
     .await;
     let took = t0.elapsed();
@@ -818,6 +765,22 @@ async fn client_deadline_shortens_timeout_and_travels_upstream() {
         took >= Duration::from_millis(250) && took <= Duration::from_secs(2),
         "504 after about 300 ms, not {took:?}"
     );
+}
+
+/// A client's deadline header shortens the route's 5 s timeout to 300 ms: 504 after about
+/// 300 ms, the upstream told less than 300 ms remain, and its call closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_deadline_shortens_timeout_and_travels_upstream() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config_for(up.addr(), DEADLINE_ROUTE)).await;
+
+    assert_504_after_300ms(
+        &proxy,
+        "/delay/short?ms=3000",
+        ("x-request-timeout-ms", "300"),
+        "the request with a 300 ms deadline",
+    )
+    .await;
     let rec = up.wait_request("/delay/short", WAIT).await;
     let ms = header_ms(&rec, "x-request-timeout-ms");
     assert!(
@@ -864,7 +827,7 @@ async fn client_deadline_shortens_timeout_and_travels_upstream() {
 async fn deadline_is_recomputed_after_the_queue_wait() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config_for_url(
-        &url_of(up.addr()),
+        &http_url(up.addr()),
         "max_inflight = 1\nmax_queue = 10\nqueue_timeout = \"5s\"",
         DEADLINE_ROUTE,
     ))
@@ -915,25 +878,13 @@ async fn grpc_timeout_shortens_and_is_rewritten() {
     ))
     .await;
 
-    let t0 = Instant::now();
-    let r = within(
-        WAIT,
+    assert_504_after_300ms(
+        &proxy,
+        "/delay/grpc?ms=3000",
+        ("grpc-timeout", "300m"),
         "the request with grpc-timeout",
-        request(
-            proxy.addr(),
-            "GET",
-            "/delay/grpc?ms=3000",
-            &[("grpc-timeout", "300m")],
-            b"",
-        ),
     )
     .await;
-    let took = t0.elapsed();
-    assert_eq!(r.status, 504, "{}", r.text());
-    assert!(
-        took >= Duration::from_millis(250) && took <= Duration::from_secs(2),
-        "504 after about 300 ms, not {took:?}"
-    );
     let rec = up.wait_request("/delay/grpc", WAIT).await;
     let grpc = rec
         .header("grpc-timeout")

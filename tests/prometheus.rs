@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, Proxy, Upstream, WAIT, http_get, unique_temp_dir};
+use common::{Client, Proxy, Upstream, WAIT, config_head, http_get, unique_temp_dir};
 use serde_json::Value;
 
 const DASHBOARD: &str = include_str!(concat!(
@@ -207,16 +207,7 @@ fn interpolate(expr: &str, route: &str, upstream: &str) -> String {
 
 fn config(up: SocketAddr) -> String {
     format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
+        r#"{head}
 [upstreams.up]
 url = "http://{up}"
 
@@ -231,7 +222,8 @@ name = "slow"
 path_prefix = "/delay/slow/"
 upstream = "up"
 timeout = "300ms"
-"#
+"#,
+        head = config_head("")
     )
 }
 

@@ -12,7 +12,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
 /// How soon after its cause the upstream must see a cancelled call's connection close.
 const PROPAGATION: Duration = Duration::from_secs(1);
@@ -21,16 +20,7 @@ const PROPAGATION: Duration = Duration::from_secs(1);
 /// route `plain` (`/`, default `cancel`), both to `upstream`.
 fn protected_config(upstream: std::net::SocketAddr, timeout: &str) -> String {
     format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
+        r#"{head}
 [upstreams.up]
 url = "http://{upstream}"
 
@@ -46,7 +36,8 @@ on_client_disconnect = "continue"
 name = "plain"
 path_prefix = "/"
 upstream = "up"
-"#
+"#,
+        head = config_head("")
     )
 }
 
@@ -54,12 +45,6 @@ async fn start(timeout: &str) -> (Upstream, Proxy) {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&protected_config(up.addr(), timeout)).await;
     (up, proxy)
-}
-
-async fn access_line(proxy: &Proxy, path: &str) -> Value {
-    proxy
-        .wait_for_access_log(|v| log_path_is(v, path), WAIT)
-        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

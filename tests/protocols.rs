@@ -18,13 +18,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::{
-    Client, Proxy, Upstream, WAIT, assert_access, assert_closed_promptly, http_get, log_path_is,
-    unique_temp_dir, within,
+    Client, Proxy, Upstream, WAIT, access_line, assert_access, assert_closed_promptly, http_get,
+    http_url, single_route_config, unique_temp_dir, wait_log_count, within,
 };
 use common_tls::*;
 use http::{HeaderValue, Version};
 use http_body_util::BodyExt;
-use serde_json::Value;
 
 /// How soon after its cause (a reset stream, a client gone) the upstream must see the
 /// cancellation. Propagation takes milliseconds; the bound is generous for a loaded 2-core
@@ -48,38 +47,15 @@ fn config(
             )
         })
         .unwrap_or_default();
-    format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-{tls}
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
-[upstreams.up]
-url = "{url}"
-{upstream_extra}
-
-[[routes]]
-name = "r"
-path_prefix = "/"
-upstream = "up"
-{route_extra}
-"#
+    single_route_config(
+        &tls,
+        &format!("url = \"{url}\"\n{upstream_extra}"),
+        route_extra,
     )
 }
 
 fn ca_file(pki: &Pki) -> String {
     format!("ca_file = \"{}\"", pki.ca_pem.display())
-}
-
-async fn access_line(proxy: &Proxy, path: &str) -> Value {
-    proxy
-        .wait_for_access_log(|v| log_path_is(v, path), WAIT)
-        .await
 }
 
 /// A gRPC request: `application/grpc`, `te: trailers`, one message.
@@ -108,16 +84,27 @@ fn grpc_messages(body: &[u8]) -> Vec<String> {
 // HTTPS upstreams
 // ------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn https_upstream_trusted_through_ca_file_is_forwarded() {
+/// An HTTPS upstream offering `alpn`, with a certificate for `localhost` signed by the CA
+/// of a fresh [`Pki`]; returns the `Pki`, the upstream and its `https://localhost:PORT`.
+async fn https_upstream(alpn: &[&[u8]]) -> (Pki, HyperUpstream, String) {
     let pki = Pki::new(unique_temp_dir("pki"));
     let up = HyperUpstream::start(UpstreamOptions {
-        tls: Some(server_config(&pki.leaf(1), &[b"http/1.1"])),
+        tls: Some(server_config(&pki.leaf(1), alpn)),
         ..Default::default()
     })
     .await;
     let url = format!("https://localhost:{}", up.addr().port());
-    let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
+    (pki, up, url)
+}
+
+#[tokio::test]
+async fn https_upstream_trusted_through_ca_file_is_forwarded() {
+    let (pki, up, url) = https_upstream(&[b"http/1.1"]).await;
+    // One worker: idle upstream connections are kept per worker thread, and this test
+    // counts the connections one worker's sequential calls need.
+    let config =
+        config(&url, &ca_file(&pki), "", None).replacen("[server]\n", "[server]\nworkers = 1\n", 1);
+    let proxy = Proxy::start(&config).await;
 
     let resp = within(
         WAIT,
@@ -148,13 +135,7 @@ async fn https_upstream_trusted_through_ca_file_is_forwarded() {
 
 #[tokio::test]
 async fn https_upstream_with_an_unknown_ca_is_a_502_with_the_tls_reason() {
-    let pki = Pki::new(unique_temp_dir("pki"));
-    let up = HyperUpstream::start(UpstreamOptions {
-        tls: Some(server_config(&pki.leaf(1), &[b"http/1.1"])),
-        ..Default::default()
-    })
-    .await;
-    let url = format!("https://localhost:{}", up.addr().port());
+    let (_pki, up, url) = https_upstream(&[b"http/1.1"]).await;
     // No ca_file: the system roots do not know the test CA.
     let proxy = Proxy::start(&config(&url, "", "", None)).await;
 
@@ -181,13 +162,7 @@ async fn https_upstream_with_an_unknown_ca_is_a_502_with_the_tls_reason() {
 
 #[tokio::test]
 async fn https_upstream_negotiates_h2_by_alpn_with_protocol_auto() {
-    let pki = Pki::new(unique_temp_dir("pki"));
-    let up = HyperUpstream::start(UpstreamOptions {
-        tls: Some(server_config(&pki.leaf(1), &[b"h2", b"http/1.1"])),
-        ..Default::default()
-    })
-    .await;
-    let url = format!("https://localhost:{}", up.addr().port());
+    let (pki, up, url) = https_upstream(&[b"h2", b"http/1.1"]).await;
     let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
 
     for i in 0..3 {
@@ -222,13 +197,7 @@ async fn https_upstream_negotiates_h2_by_alpn_with_protocol_auto() {
 #[tokio::test]
 async fn https_upstream_auto_h2_burst_shares_one_connection() {
     const N: usize = 20;
-    let pki = Pki::new(unique_temp_dir("pki"));
-    let up = HyperUpstream::start(UpstreamOptions {
-        tls: Some(server_config(&pki.leaf(1), &[b"h2", b"http/1.1"])),
-        ..Default::default()
-    })
-    .await;
-    let url = format!("https://localhost:{}", up.addr().port());
+    let (pki, up, url) = https_upstream(&[b"h2", b"http/1.1"]).await;
     let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
     let tasks: Vec<_> = (0..N)
         .map(|i| {
@@ -317,15 +286,21 @@ async fn read_one_frame_then_reset(h2: &H2Sender, scheme: &str, path: &str) -> I
 
 async fn tls_proxy_for(url: &str, upstream_extra: &str) -> (Pki, Proxy) {
     let pki = Pki::new(unique_temp_dir("pki"));
-    let (cert, key) = pki.install(&pki.leaf(1));
-    let proxy = Proxy::start(&config(url, upstream_extra, "", Some((&cert, &key)))).await;
+    let proxy = tls_proxy_serving(&pki, &pki.leaf(1), url, upstream_extra).await;
     (pki, proxy)
+}
+
+/// A proxy whose TLS listener serves `leaf` (installed under `pki`'s names), in front of
+/// the upstream at `url`.
+async fn tls_proxy_serving(pki: &Pki, leaf: &Leaf, url: &str, upstream_extra: &str) -> Proxy {
+    let (cert, key) = pki.install(leaf);
+    Proxy::start(&config(url, upstream_extra, "", Some((&cert, &key)))).await
 }
 
 #[tokio::test]
 async fn tls_listener_h2_client_to_http1_upstream() {
     let up = Upstream::start().await;
-    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "").await;
+    let (pki, proxy) = tls_proxy_for(&http_url(up.addr()), "").await;
     let h2 = h2_tls_connect(proxy.addr(), &pki).await;
 
     assert_bodies_intact(&h2, "https", "/big/h2?bytes=300000", &[b'z'; 300_000]).await;
@@ -389,7 +364,7 @@ async fn tls_listener_h2_client_to_http1_upstream() {
 #[tokio::test]
 async fn tls_listener_h2_client_to_h2_upstream() {
     let up = HyperUpstream::start(UpstreamOptions::default()).await;
-    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "protocol = \"h2\"").await;
+    let (pki, proxy) = tls_proxy_for(&http_url(up.addr()), "protocol = \"h2\"").await;
     let h2 = h2_tls_connect(proxy.addr(), &pki).await;
 
     assert_bodies_intact(&h2, "https", "/bytes/h2?n=300000", &pattern(300_000)).await;
@@ -460,7 +435,7 @@ async fn tls_listener_h2_client_to_h2_upstream() {
 #[tokio::test]
 async fn tls_listener_still_speaks_http1_by_alpn() {
     let up = Upstream::start().await;
-    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "").await;
+    let (pki, proxy) = tls_proxy_for(&http_url(up.addr()), "").await;
     let tls = within(
         WAIT,
         "TLS handshake",
@@ -497,13 +472,7 @@ async fn tls_listener_cuts_a_client_that_never_starts_its_handshake() {
     let up = Upstream::start().await;
     let pki = Pki::new(unique_temp_dir("pki"));
     let (cert, key) = pki.install(&pki.leaf(1));
-    let text = config(
-        &format!("http://{}", up.addr()),
-        "",
-        "",
-        Some((&cert, &key)),
-    )
-    .replacen(
+    let text = config(&http_url(up.addr()), "", "", Some((&cert, &key))).replacen(
         "listen = \"127.0.0.1:0\"\n",
         "listen = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n",
         1,
@@ -536,7 +505,7 @@ async fn tls_listener_cuts_a_client_that_never_starts_its_handshake() {
 #[tokio::test]
 async fn h2c_prior_knowledge_downstream() {
     let up = Upstream::start().await;
-    let proxy = Proxy::start(&config(&format!("http://{}", up.addr()), "", "", None)).await;
+    let proxy = Proxy::start(&config(&http_url(up.addr()), "", "", None)).await;
     let h2 = h2c_connect(proxy.addr()).await;
 
     assert_bodies_intact(&h2, "http", "/big/h2c?bytes=300000", &[b'z'; 300_000]).await;
@@ -572,7 +541,7 @@ async fn h2c_prior_knowledge_downstream() {
 #[tokio::test]
 async fn h2_client_closing_its_connection_cancels_every_stream() {
     let up = Upstream::start().await;
-    let proxy = Proxy::start(&config(&format!("http://{}", up.addr()), "", "", None)).await;
+    let proxy = Proxy::start(&config(&http_url(up.addr()), "", "", None)).await;
     let (h2, socket) = h2c_connect_killable(proxy.addr()).await;
     let calls: Vec<_> = (0..3)
         .map(|i| {
@@ -625,13 +594,7 @@ async fn h2_client_closing_its_connection_cancels_every_stream() {
 async fn h2_upstream_hundred_calls_half_leave_on_one_connection() {
     const N: usize = 100;
     let up = HyperUpstream::start(UpstreamOptions::default()).await;
-    let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
-        "protocol = \"h2\"",
-        "",
-        None,
-    ))
-    .await;
+    let proxy = Proxy::start(&config(&http_url(up.addr()), "protocol = \"h2\"", "", None)).await;
 
     let tasks: Vec<_> = (0..N)
         .map(|i| {
@@ -766,10 +729,7 @@ async fn cancelled_during_set_up(tls: bool) {
             format!("protocol = \"h2\"\n{}", ca_file(&pki)),
         )
     } else {
-        (
-            format!("http://{}", up.addr()),
-            "protocol = \"h2\"".to_string(),
-        )
+        (http_url(up.addr()), "protocol = \"h2\"".to_string())
     };
     let proxy = Proxy::start(&config(&url, &extra, "", None)).await;
 
@@ -817,7 +777,7 @@ async fn h2_tls_set_up_survives_the_first_request_leaving() {
 async fn h2_upstream_timeout_resets_only_the_stream() {
     let up = HyperUpstream::start(UpstreamOptions::default()).await;
     let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
+        &http_url(up.addr()),
         "protocol = \"h2\"",
         "timeout = \"500ms\"",
         None,
@@ -1072,13 +1032,7 @@ async fn grpc_calls(h2: &H2Sender, scheme: &str, up: &HyperUpstream, proxy: &Pro
 #[tokio::test]
 async fn grpc_over_h2c_unary_streaming_and_cancel() {
     let up = HyperUpstream::start(UpstreamOptions::default()).await;
-    let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
-        "protocol = \"h2\"",
-        "",
-        None,
-    ))
-    .await;
+    let proxy = Proxy::start(&config(&http_url(up.addr()), "protocol = \"h2\"", "", None)).await;
     let h2 = h2c_connect(proxy.addr()).await;
     grpc_calls(&h2, "http", &up, &proxy).await;
     assert_eq!(up.accepted(), 1, "{}", up.summary());
@@ -1087,7 +1041,7 @@ async fn grpc_over_h2c_unary_streaming_and_cancel() {
 #[tokio::test]
 async fn grpc_over_tls_unary_streaming_and_cancel() {
     let up = HyperUpstream::start(UpstreamOptions::default()).await;
-    let (pki, proxy) = tls_proxy_for(&format!("http://{}", up.addr()), "protocol = \"h2\"").await;
+    let (pki, proxy) = tls_proxy_for(&http_url(up.addr()), "protocol = \"h2\"").await;
     let h2 = h2_tls_connect(proxy.addr(), &pki).await;
     grpc_calls(&h2, "https", &up, &proxy).await;
     assert_eq!(up.accepted(), 1, "{}", up.summary());
@@ -1117,7 +1071,7 @@ fn grpc_timeout_ms(v: &HeaderValue) -> f64 {
 async fn grpc_timeout_rewritten(route_extra: &str) {
     let up = HyperUpstream::start(UpstreamOptions::default()).await;
     let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
+        &http_url(up.addr()),
         "protocol = \"h2\"",
         route_extra,
         None,
@@ -1170,7 +1124,7 @@ async fn grpc_timeout_is_rewritten_with_a_deadline_header_too() {
 async fn grpc_timeout_shortens_the_route_timeout() {
     let up = HyperUpstream::start(UpstreamOptions::default()).await;
     let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
+        &http_url(up.addr()),
         "protocol = \"h2\"",
         "timeout = \"30s\"",
         None,
@@ -1198,13 +1152,7 @@ async fn grpc_timeout_shortens_the_route_timeout() {
 
 async fn ws_pair(route_extra: &str) -> (WsUpstream, Proxy) {
     let up = WsUpstream::start().await;
-    let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
-        "",
-        route_extra,
-        None,
-    ))
-    .await;
+    let proxy = Proxy::start(&config(&http_url(up.addr()), "", route_extra, None)).await;
     (up, proxy)
 }
 
@@ -1417,25 +1365,14 @@ async fn upgrade_declined_by_the_upstream_is_an_ordinary_response() {
 // ------------------------------------------------------------------------------------------
 
 async fn wait_reloads(proxy: &Proxy, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let count = proxy
-            .logs()
-            .iter()
-            .filter(|v| {
-                v["fields"]["message"] == "config reloaded" || v["message"] == "config reloaded"
-            })
-            .count();
-        if count >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{count} `config reloaded` lines after 10 s, expected {n}; stderr:\n{}",
-            proxy.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_log_count(
+        proxy,
+        n,
+        "`config reloaded`",
+        Duration::from_secs(10),
+        |v| v["fields"]["message"] == "config reloaded" || v["message"] == "config reloaded",
+    )
+    .await;
 }
 
 /// A reload asked for as soon as the proxy says it is listening (a deploy script that
@@ -1444,14 +1381,7 @@ async fn wait_reloads(proxy: &Proxy, n: usize) {
 async fn sighup_right_after_listening_reloads_and_does_not_kill() {
     let up = Upstream::start().await;
     let pki = Pki::new(unique_temp_dir("pki"));
-    let (cert, key) = pki.install(&pki.leaf(4001));
-    let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
-        "",
-        "",
-        Some((&cert, &key)),
-    ))
-    .await;
+    let proxy = tls_proxy_serving(&pki, &pki.leaf(4001), &http_url(up.addr()), "").await;
     proxy.signal(libc::SIGHUP);
     proxy
         .wait_for_log(|v| v["message"] == "config reloaded", WAIT)
@@ -1471,14 +1401,7 @@ async fn certificate_reload_on_sighup_and_on_config_change() {
     let up = Upstream::start().await;
     let pki = Pki::new(unique_temp_dir("pki"));
     let first = pki.leaf(1001);
-    let (cert, key) = pki.install(&first);
-    let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
-        "",
-        "",
-        Some((&cert, &key)),
-    ))
-    .await;
+    let proxy = tls_proxy_serving(&pki, &first, &http_url(up.addr()), "").await;
     let cc = pki.client_config(&[b"h2"]);
     assert!(peer_certificate(proxy.addr(), cc.clone()).await == first.der);
 
@@ -1519,13 +1442,7 @@ async fn certificate_reload_keeps_the_old_certificate_when_the_new_one_is_broken
     let pki = Pki::new(unique_temp_dir("pki"));
     let first = pki.leaf(2001);
     let (cert, key) = pki.install(&first);
-    let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
-        "",
-        "",
-        Some((&cert, &key)),
-    ))
-    .await;
+    let proxy = Proxy::start(&config(&http_url(up.addr()), "", "", Some((&cert, &key)))).await;
     let cc = pki.client_config(&[b"h2"]);
     write_atomically(
         &cert,
@@ -1551,14 +1468,7 @@ async fn certificate_reload_on_touching_the_config() {
     let up = Upstream::start().await;
     let pki = Pki::new(unique_temp_dir("pki"));
     let first = pki.leaf(3001);
-    let (cert, key) = pki.install(&first);
-    let proxy = Proxy::start(&config(
-        &format!("http://{}", up.addr()),
-        "",
-        "",
-        Some((&cert, &key)),
-    ))
-    .await;
+    let proxy = tls_proxy_serving(&pki, &first, &http_url(up.addr()), "").await;
     let cc = pki.client_config(&[b"h2"]);
     assert!(peer_certificate(proxy.addr(), cc.clone()).await == first.der);
 

@@ -49,19 +49,7 @@ struct RouteSpec<'a> {
 /// Proxy and admin on port 0, JSON logs, `[server]` plus `server_extra`, and one upstream
 /// per route, named like the route.
 fn config(server_extra: &str, routes: &[RouteSpec<'_>]) -> String {
-    let mut out = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-{server_extra}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-"#
-    );
+    let mut out = config_head(server_extra);
     for r in routes {
         out.push_str(&format!("\n[upstreams.{}]\nurl = \"{}\"\n", r.name, r.url));
     }

@@ -25,19 +25,8 @@ const RELOAD_WAIT: Duration = Duration::from_secs(10);
 /// `routes` (TOML `[[routes]]` tables).
 fn config_with(listen: &str, upstream: SocketAddr, routes: &str) -> String {
     format!(
-        r#"[server]
-listen = "{listen}"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-level = "info"
-
-[upstreams.up]
-url = "http://{upstream}"
-{routes}"#
+        "{}\n[upstreams.up]\nurl = \"http://{upstream}\"\n{routes}",
+        config_head_on(listen, "")
     )
 }
 
@@ -77,33 +66,6 @@ fn is_reload_error(v: &Value) -> bool {
         .is_some_and(|m| m.starts_with("config reload failed"))
 }
 
-/// Waits until at least `n` JSON log lines match `pred`; returns them. The harness wakes
-/// waiters of single lines only, so this counting wait polls the captured lines (every
-/// 10 ms), bounded by `timeout`.
-async fn wait_log_count(
-    proxy: &Proxy,
-    n: usize,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let found: Vec<Value> = proxy.logs().into_iter().filter(|v| pred(v)).collect();
-        if found.len() >= n {
-            return found;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "after {timeout:?}: {} of {n} log lines for {what}; stderr:\n{}",
-                found.len(),
-                proxy.stderr()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Waits for the `n`th successful reload: its log line, and the counter.
 async fn wait_reloads(proxy: &Proxy, n: usize) {
     wait_log_count(proxy, n, "`config reloaded`", RELOAD_WAIT, is_reloaded).await;
@@ -115,16 +77,6 @@ async fn wait_reloads(proxy: &Proxy, n: usize) {
             WAIT,
         )
         .await;
-}
-
-/// Waits until the proxy's config watch (and SIGHUP handler) is surely installed: the main
-/// runtime has served an admin request, and the reload task was spawned, and first polled,
-/// before that (tasks of a current-thread runtime first run in the order they were spawned,
-/// before it next looks for I/O). An edit saved between the `listening` lines and that
-/// point is lost: see `an_edit_saved_right_after_startup_is_not_lost`.
-async fn wait_started(proxy: &Proxy) {
-    let r = within(WAIT, "GET /readyz", http_get(proxy.admin_addr(), "/readyz")).await;
-    assert_eq!(r.status, 200, "/readyz: {}", r.text());
 }
 
 async fn get(proxy: &Proxy, path: &str) -> Response {
@@ -307,6 +259,29 @@ fn line_of(text: &str, needle: &str) -> usize {
         + 1
 }
 
+/// Waits for the `n`th rejected reload (`what` names it) and checks it: logged at ERROR
+/// with the file, line `line_no` and `key` in the error, and counted.
+async fn assert_nth_reload_error(proxy: &Proxy, n: usize, what: &str, line_no: usize, key: &str) {
+    let errors = wait_log_count(proxy, n, what, RELOAD_WAIT, is_reload_error).await;
+    let e = &errors[n - 1];
+    assert_eq!(e["level"], "ERROR", "{e}");
+    let msg = e["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("proxy.toml"), "the error names the file: {e}");
+    assert!(
+        msg.contains(&format!(":{line_no}:")),
+        "the error names line {line_no}: {e}"
+    );
+    assert!(msg.contains(key), "the error names the key: {e}");
+    proxy
+        .wait_for_metric(
+            "cutoff_config_reloads_total",
+            &[("result", "error")],
+            |v| v == n as f64,
+            WAIT,
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_edits_are_rejected_and_the_old_routes_keep_serving() {
     let up = Upstream::start().await;
@@ -321,24 +296,7 @@ async fn broken_edits_are_rejected_and_the_old_routes_keep_serving() {
     let bad = config_with(listen, up.addr(), &route("api", "timeout = \"3x\""));
     let line_no = line_of(&bad, "\"3x\"");
     save_in_place(&path, &bad);
-    let errors = wait_log_count(&proxy, 1, "the reload error", RELOAD_WAIT, is_reload_error).await;
-    let e = &errors[0];
-    assert_eq!(e["level"], "ERROR", "{e}");
-    let msg = e["error"].as_str().unwrap_or_default();
-    assert!(msg.contains("proxy.toml"), "the error names the file: {e}");
-    assert!(
-        msg.contains(&format!(":{line_no}:")),
-        "the error names line {line_no}: {e}"
-    );
-    assert!(msg.contains("timeout"), "the error names the key: {e}");
-    proxy
-        .wait_for_metric(
-            "cutoff_config_reloads_total",
-            &[("result", "error")],
-            |v| v == 1.0,
-            WAIT,
-        )
-        .await;
+    assert_nth_reload_error(&proxy, 1, "the reload error", line_no, "timeout").await;
     let r = get(&proxy, "/api/after-bad-duration").await;
     assert_eq!(r.status, 200, "the old routes keep serving: {}", r.text());
     let line = proxy
@@ -354,31 +312,7 @@ async fn broken_edits_are_rejected_and_the_old_routes_keep_serving() {
     );
     let line_no = line_of(&bad, "retries");
     save_by_rename(&path, &bad);
-    let errors = wait_log_count(
-        &proxy,
-        2,
-        "the second reload error",
-        RELOAD_WAIT,
-        is_reload_error,
-    )
-    .await;
-    let e = &errors[1];
-    assert_eq!(e["level"], "ERROR", "{e}");
-    let msg = e["error"].as_str().unwrap_or_default();
-    assert!(msg.contains("proxy.toml"), "the error names the file: {e}");
-    assert!(
-        msg.contains(&format!(":{line_no}:")),
-        "the error names line {line_no}: {e}"
-    );
-    assert!(msg.contains("retries"), "the error names the key: {e}");
-    proxy
-        .wait_for_metric(
-            "cutoff_config_reloads_total",
-            &[("result", "error")],
-            |v| v == 2.0,
-            WAIT,
-        )
-        .await;
+    assert_nth_reload_error(&proxy, 2, "the second reload error", line_no, "retries").await;
     assert_eq!(get(&proxy, "/api/after-unknown-key").await.status, 200);
 
     // Neither was swapped in: the route's 3 s timeout still holds (a 1 s call succeeds).

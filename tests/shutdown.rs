@@ -30,16 +30,6 @@ fn with_grace(config: &str, grace: &str) -> String {
     out
 }
 
-/// Waits until the proxy's signal handlers are surely installed: the main runtime has
-/// polled the admin listener, which starts after the signal task (tasks of a
-/// current-thread runtime first run in the order they were spawned). Without this, a
-/// signal sent right after the `listening` lines kills the process: see
-/// `sigterm_right_after_startup_drains_instead_of_killing`.
-async fn wait_started(proxy: &Proxy) {
-    let r = within(WAIT, "GET /readyz", http_get(proxy.admin_addr(), "/readyz")).await;
-    assert_eq!(r.status, 200, "/readyz before any signal: {}", r.text());
-}
-
 /// Polls `GET /readyz` on the admin listener until it answers 503 (the drain has begun).
 /// Returns how long after `since` it first did. There are no change events to wait on
 /// from outside the process, so this is a bounded poll.

@@ -6,6 +6,7 @@
 //! gets real traffic again. Only failures of the endpoint itself count; callers never
 //! report a call that was cancelled by its client, its timer or a shutdown.
 
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -106,6 +107,19 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
+/// Idle lists per endpoint; workers beyond this share them.
+const POOL_SHARDS: usize = 8;
+
+thread_local! {
+    /// The index of the worker thread this code runs on (0: the main thread).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Called once at the start of each worker thread.
+pub fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
 /// Which protocol the endpoint speaks, once known.
 const PROTO_UNKNOWN: u8 = 0;
 const PROTO_H1: u8 = 1;
@@ -123,7 +137,11 @@ pub struct Endpoint {
     tls: Option<(TlsConnector, TlsConnector, ServerName<'static>)>,
     /// Idle HTTP/1.1 connections, most recently used last (LIFO keeps the warm ones warm
     /// and lets the cold ones time out). The lock is never held across an await.
-    idle: Mutex<Vec<(Idle, Instant)>>,
+    ///
+    /// One list per worker thread: a connection goes back to the worker that drove it, so
+    /// its readiness events keep coming from that worker's own reactor (no wake-up crosses
+    /// threads).
+    idle: [Mutex<Vec<(Idle, Instant)>>; POOL_SHARDS],
     pub(super) h2: H2Pool,
     negotiated: AtomicU8,
     inflight: AtomicUsize,
@@ -168,7 +186,7 @@ impl Endpoint {
             pool_max_idle: upstream.pool_max_idle,
             protocol: upstream.protocol,
             tls,
-            idle: Mutex::new(Vec::new()),
+            idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
             h2: H2Pool::default(),
             negotiated: AtomicU8::new(negotiated),
             inflight: AtomicUsize::new(0),
@@ -184,7 +202,15 @@ impl Endpoint {
     }
 
     pub fn idle_connections(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+        self.idle
+            .iter()
+            .map(|s| s.lock().map(|v| v.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// This worker's idle list.
+    fn idle_here(&self) -> &Mutex<Vec<(Idle, Instant)>> {
+        &self.idle[WORKER.with(Cell::get) % POOL_SHARDS]
     }
 
     /// Speaks HTTP/2: configured so, or negotiated by ALPN on an earlier connection.
@@ -245,7 +271,7 @@ impl Endpoint {
     pub(super) async fn checkout(&self) -> Result<Idle, UpstreamError> {
         loop {
             let candidate = {
-                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
                 idle.pop()
             };
             let Some((mut conn, since)) = candidate else {
@@ -262,14 +288,16 @@ impl Endpoint {
     /// `pool_idle_timeout`, so that the pool never holds a dead connection for long (and
     /// no descriptor lingers in CLOSE_WAIT). Run periodically.
     pub fn sweep(&self) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain_mut(|(conn, since)| {
-            since.elapsed() < self.pool_idle_timeout && conn.still_open()
-        });
+        for shard in &self.idle {
+            let mut idle = shard.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain_mut(|(conn, since)| {
+                since.elapsed() < self.pool_idle_timeout && conn.still_open()
+            });
+        }
     }
 
     pub(super) fn checkin(&self, conn: Idle) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.pool_max_idle {
             idle.push((conn, Instant::now()));
         }

@@ -37,7 +37,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use self::admission::Admission;
 use self::endpoint::Idle;
 use self::endpoint::Slot;
-pub use self::endpoint::{Endpoint, UpstreamIo};
+pub use self::endpoint::{Endpoint, UpstreamIo, set_worker_index};
 
 type H1Conn = http1::Connection<TokioIo<UpstreamIo>, RequestBody>;
 type H1Sender = http1::SendRequest<RequestBody>;

@@ -18,13 +18,22 @@
 //! - [`Client`]: a raw HTTP/1.1 client that can leave at any moment, with a FIN
 //!   ([`Client::close_fin`]) or a RST ([`Client::close_rst`]), and read responses piece by
 //!   piece ([`BodyDecoder`] is shared with the upstream).
-//! - Small helpers: [`config_for`], [`refused_addr`], [`HangingListener`] (a loopback
-//!   address whose connects hang), access-log assertions, Prometheus text parsing.
+//! - Configs: [`config_head`] (the `[server]`/`[admin]`/`[log]` head every test config
+//!   shares), [`config_for`], [`config_for_url`], [`pool_config`], [`single_route_config`].
+//! - Polling waits, for what has no change event: [`poll_until`], [`wait_log_count`],
+//!   [`wait_started`] (the proxy's signal handlers and config watch are installed).
+//! - Prometheus text parsing, in `metrics.rs`: [`metric_value`], [`metric`], [`Scrape`].
+//! - Small helpers: [`refused_addr`], [`HangingListener`] (a loopback address whose
+//!   connects hang), access-log assertions and [`access_line`].
 //!
 //! Conventions: no fixed ports; waits are on events (a `watch` channel bumped at every
 //! record or log change), never on sleeps; every wait has a bound.
 
 #![allow(dead_code)]
+
+mod metrics;
+
+pub use metrics::*;
 
 use std::fmt::{Display, Write as _};
 use std::future::Future;
@@ -91,19 +100,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 // Configs
 // ------------------------------------------------------------------------------------------
 
-/// The typical test config: proxy and admin on port 0, JSON logs at info, one upstream `up`
-/// at `upstream`, one route `r` with `path_prefix = "/"` plus `route_extra` (TOML lines
-/// such as `timeout = "300ms"`).
-pub fn config_for(upstream: SocketAddr, route_extra: &str) -> String {
-    config_for_url(&format!("http://{upstream}"), "", route_extra)
+/// `http://ADDR`, the URL of an upstream listening on `addr`.
+pub fn http_url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
 }
 
-/// Like [`config_for`], with the upstream given by URL and extra lines for the upstream
-/// table too (such as `connect_timeout = "200ms"`).
-pub fn config_for_url(url: &str, upstream_extra: &str, route_extra: &str) -> String {
+/// The head every test config starts with: `[server]` listening on `listen` plus
+/// `server_extra` (TOML lines, or tables such as `[server.tls]`), `[admin]` on port 0, and
+/// JSON logs at info. Upstream and route tables follow it.
+pub fn config_head_on(listen: &str, server_extra: &str) -> String {
     format!(
         r#"[server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
+{server_extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -111,17 +120,63 @@ listen = "127.0.0.1:0"
 [log]
 format = "json"
 level = "info"
+"#
+    )
+}
 
+/// [`config_head_on`] with the proxy on port 0, as in almost every test.
+pub fn config_head(server_extra: &str) -> String {
+    config_head_on("127.0.0.1:0", server_extra)
+}
+
+/// A config with one upstream `up` and one route `r` on `/`: [`config_head`] with
+/// `server_extra`, then `[upstreams.up]` with `upstream_lines` (its `url` or `urls` and
+/// any extra keys), then the route with `route_extra` (TOML lines such as
+/// `timeout = "300ms"`).
+pub fn single_route_config(server_extra: &str, upstream_lines: &str, route_extra: &str) -> String {
+    format!(
+        r#"{head}
 [upstreams.up]
-url = "{url}"
-{upstream_extra}
+{upstream_lines}
 
 [[routes]]
 name = "r"
 path_prefix = "/"
 upstream = "up"
 {route_extra}
-"#
+"#,
+        head = config_head(server_extra)
+    )
+}
+
+/// The typical test config: proxy and admin on port 0, JSON logs at info, one upstream `up`
+/// at `upstream`, one route `r` with `path_prefix = "/"` plus `route_extra` (TOML lines
+/// such as `timeout = "300ms"`).
+pub fn config_for(upstream: SocketAddr, route_extra: &str) -> String {
+    config_for_url(&http_url(upstream), "", route_extra)
+}
+
+/// Like [`config_for`], with the upstream given by URL and extra lines for the upstream
+/// table too (such as `connect_timeout = "200ms"`).
+pub fn config_for_url(url: &str, upstream_extra: &str, route_extra: &str) -> String {
+    single_route_config(
+        "",
+        &format!("url = \"{url}\"\n{upstream_extra}"),
+        route_extra,
+    )
+}
+
+/// Like [`config_for_url`], with a pool: upstream `up` balances over `urls`.
+pub fn pool_config(urls: &[String], upstream_extra: &str, route_extra: &str) -> String {
+    let list = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    single_route_config(
+        "",
+        &format!("urls = [{list}]\n{upstream_extra}"),
+        route_extra,
     )
 }
 
@@ -477,7 +532,65 @@ impl Drop for Proxy {
 }
 
 // ------------------------------------------------------------------------------------------
-// Access-log and metrics helpers
+// Polling waits on the proxy (for what has no change event to wait on)
+// ------------------------------------------------------------------------------------------
+
+/// Polls `cond` every 10 ms until it holds; panics after `timeout` with `what`.
+pub async fn poll_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    within(timeout, what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Waits until at least `n` JSON log lines match `pred`; returns them. The harness wakes
+/// waiters of single lines only, so this counting wait polls the captured lines (every
+/// 10 ms), bounded by `timeout`; `what` names the lines in the panic message.
+pub async fn wait_log_count(
+    proxy: &Proxy,
+    n: usize,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found: Vec<Value> = proxy.logs().into_iter().filter(|v| pred(v)).collect();
+        if found.len() >= n {
+            return found;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "after {timeout:?}: {} of {n} log lines for {what}; stderr:\n{}",
+                found.len(),
+                proxy.stderr()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the proxy's signal handlers and config watch are surely installed: its
+/// admin listener answered `GET /readyz` with 200. The main runtime spawns the signal and
+/// reload tasks before the admin listener, and tasks of a current-thread runtime first run
+/// in the order they were spawned, so once the admin answered they have been polled.
+/// Without this, a signal sent right after the `listening` lines kills the process, and an
+/// edit saved before that point is lost: see `sigterm_right_after_startup_drains_instead_of_killing`
+/// (shutdown.rs) and `an_edit_saved_right_after_startup_is_not_lost` (reload.rs).
+pub async fn wait_started(proxy: &Proxy) {
+    let r = within(WAIT, "GET /readyz", http_get(proxy.admin_addr(), "/readyz")).await;
+    assert_eq!(
+        r.status,
+        200,
+        "/readyz before any signal or edit: {}",
+        r.text()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Access-log helpers
 // ------------------------------------------------------------------------------------------
 
 pub fn is_access_log(v: &Value) -> bool {
@@ -493,6 +606,14 @@ pub fn log_path(v: &Value) -> &str {
 /// True when the access log's `path` (query ignored) is `path`.
 pub fn log_path_is(v: &Value, path: &str) -> bool {
     is_access_log(v) && log_path(v) == path
+}
+
+/// Waits (at most [`WAIT`]) for the access-log line of the request for `path` (query
+/// ignored).
+pub async fn access_line(proxy: &Proxy, path: &str) -> Value {
+    proxy
+        .wait_for_access_log(|v| log_path_is(v, path), WAIT)
+        .await
 }
 
 /// Checks an access-log line: status, outcome, `cancelled_by` (absent or null when
@@ -523,72 +644,6 @@ pub fn assert_access(v: &Value, status: u64, outcome: &str, cancelled_by: Option
     if let Some(u) = v.get("upstream_ms") {
         assert!(u.is_number() || u.is_null(), "upstream_ms is a number: {v}");
     }
-}
-
-/// The value of the first sample of metric `name` whose labels include all of `labels`,
-/// in Prometheus text format.
-pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .find_map(|line| {
-            let (series, rest) = match line.find('{') {
-                Some(i) => {
-                    let end = line.rfind('}')?;
-                    (&line[..i], Some((&line[i + 1..end], &line[end + 1..])))
-                }
-                None => (line.split_whitespace().next()?, None),
-            };
-            if series != name {
-                return None;
-            }
-            let (label_text, value_text) = match rest {
-                Some((l, v)) => (l, v),
-                None => ("", &line[series.len()..]),
-            };
-            let parsed = parse_labels(label_text);
-            let all = labels
-                .iter()
-                .all(|(k, v)| parsed.iter().any(|(pk, pv)| pk == k && pv == v));
-            if !all {
-                return None;
-            }
-            value_text.split_whitespace().next()?.parse().ok()
-        })
-}
-
-fn parse_labels(text: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(eq) = rest.find('=') {
-        let key = rest[..eq].trim().trim_start_matches(',').trim().to_string();
-        let after = &rest[eq + 1..];
-        let Some(after) = after.strip_prefix('"') else {
-            break;
-        };
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, n)) = chars.next() {
-                        value.push(match n {
-                            'n' => '\n',
-                            other => other,
-                        });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        out.push((key, value));
-        rest = &after[end..];
-    }
-    out
 }
 
 // ------------------------------------------------------------------------------------------
