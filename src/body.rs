@@ -143,21 +143,6 @@ impl RequestBody {
         }
     }
 
-    /// A body-less request.
-    pub fn empty() -> RequestBody {
-        let upload = Arc::new(RequestState::default());
-        upload.set(DONE);
-        RequestBody {
-            inner: None,
-            upload,
-            expected: Some(0),
-            received: 0,
-            read_timeout: Duration::MAX,
-            timer: None,
-            timer_armed: false,
-        }
-    }
-
     fn fail(&mut self, state: u8) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.upload.set(state);
         self.inner = None;
@@ -241,17 +226,21 @@ fn malformed(e: &hyper::Error) -> bool {
     if e.is_parse() {
         return true;
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
+    causes(e)
+        .find_map(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
                 io.kind(),
                 std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
-            );
-        }
-        source = s.source();
-    }
-    false
+            )
+        })
+}
+
+/// The chain of causes below an error (its sources, nearest first).
+pub fn causes<'a>(
+    e: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(e.source(), |&s| s.source())
 }
 
 /// The upstream's response body on its way to the client. See the module comment.

@@ -266,10 +266,6 @@ impl InFlight {
         self.started
     }
 
-    pub fn phase(&self) -> Phase {
-        self.phase
-    }
-
     pub fn set_phase(&mut self, phase: Phase) {
         self.phase = phase;
         if phase == Phase::Connecting
@@ -318,10 +314,6 @@ impl InFlight {
             (Some(u), Phase::Uploading) if u.is_done() => Phase::AwaitingHeaders,
             (_, p) => p,
         }
-    }
-
-    pub fn is_decided(&self) -> bool {
-        self.decision.is_some()
     }
 
     pub fn add_bytes_out(&mut self, n: u64) {

@@ -106,18 +106,45 @@ async fn forward(
     let up_req = prepare(req, route, cx, &upload);
 
     let mut timer = deadline_timer(deadline);
-    let sent = tokio::select! {
-        r = route.upstream.send(up_req, &mut guard, deadline, route.config.deadline_header.as_ref()) => Ok(r),
-        at = fired(&mut timer) => Err((CancelledBy::Timeout, at)),
-        _ = cx.forced.cancelled() => Err((CancelledBy::Shutdown, Instant::now())),
-    };
-    // Whatever lost the race above has been dropped: the upstream call is closed already.
-    let (resp, conn) = match sent {
-        Ok(Ok(exchange)) => exchange,
-        Ok(Err(e)) => return upstream_failed(&mut guard, &upload, e),
-        Err((by, at)) => return cancelled(&mut guard, by, at),
-    };
-    respond(resp, conn, timer, route, guard)
+    let header = route.config.deadline_header.as_ref();
+    let call = route.upstream.send(up_req, &mut guard, deadline, header);
+    match until_headers(call, &mut timer, &cx.forced).await {
+        Ok((resp, conn)) => respond(resp, conn, timer, route, guard),
+        Err(stop) => stopped(&mut guard, &upload, stop),
+    }
+}
+
+/// Why an upstream call ended before its response headers.
+pub(crate) enum Stopped {
+    Failed(UpstreamError),
+    Cancelled(CancelledBy, Instant),
+}
+
+/// Races an upstream call, up to its response headers, against the request's deadline
+/// and a forced shutdown. Whatever loses the race is dropped before this returns: a
+/// cancelled upstream call is already closed.
+pub(crate) async fn until_headers<T>(
+    call: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    timer: &mut DeadlineTimer,
+    forced: &tokio_util::sync::CancellationToken,
+) -> Result<T, Stopped> {
+    tokio::select! {
+        r = call => r.map_err(Stopped::Failed),
+        at = fired(timer) => Err(Stopped::Cancelled(CancelledBy::Timeout, at)),
+        _ = forced.cancelled() => Err(Stopped::Cancelled(CancelledBy::Shutdown, Instant::now())),
+    }
+}
+
+/// Decides the outcome of a call stopped before headers and makes the client's answer.
+pub(crate) fn stopped(
+    guard: &mut InFlight,
+    upload: &RequestState,
+    stop: Stopped,
+) -> Response<ProxyBody> {
+    match stop {
+        Stopped::Failed(e) => upstream_failed(guard, upload, e),
+        Stopped::Cancelled(by, at) => cancelled(guard, by, at),
+    }
 }
 
 /// Rewrites the request for the upstream; the upload's progress goes to `state`.

@@ -58,10 +58,6 @@ impl Lifecycle {
     pub fn force_token(&self) -> &CancellationToken {
         &self.force
     }
-
-    pub fn drain_token(&self) -> &CancellationToken {
-        &self.drain
-    }
 }
 
 /// The process's signal streams, registered before the listeners are bound: a signal that

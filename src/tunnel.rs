@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::body::{ProxyBody, deadline_timer, fired};
+use crate::body::{ProxyBody, deadline_timer};
 use crate::outcome::{CancelledBy, InFlight, Outcome, Phase};
 use crate::proxy::{self, ConnContext};
 use crate::routes::Route;
@@ -53,15 +53,10 @@ pub async fn forward(
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let mut timer = deadline_timer(deadline);
-    let sent = tokio::select! {
-        r = route.upstream.upgrade(up_req, &mut guard) => Ok(r),
-        at = fired(&mut timer) => Err((CancelledBy::Timeout, at)),
-        _ = cx.forced.cancelled() => Err((CancelledBy::Shutdown, Instant::now())),
-    };
-    let (mut resp, conn) = match sent {
-        Ok(Ok(exchange)) => exchange,
-        Ok(Err(e)) => return proxy::upstream_failed(&mut guard, &upload, e),
-        Err((by, at)) => return proxy::cancelled(&mut guard, by, at),
+    let call = route.upstream.upgrade(up_req, &mut guard);
+    let (mut resp, conn) = match proxy::until_headers(call, &mut timer, &cx.forced).await {
+        Ok(exchange) => exchange,
+        Err(stop) => return proxy::stopped(&mut guard, &upload, stop),
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The upstream declined: an ordinary response.

@@ -201,13 +201,6 @@ impl Endpoint {
         self.inflight.load(Ordering::Relaxed)
     }
 
-    pub fn idle_connections(&self) -> usize {
-        self.idle
-            .iter()
-            .map(|s| s.lock().map(|v| v.len()).unwrap_or(0))
-            .sum()
-    }
-
     /// This worker's idle list.
     fn idle_here(&self) -> &Mutex<Vec<(Idle, Instant)>> {
         &self.idle[WORKER.with(Cell::get) % POOL_SHARDS]

@@ -117,14 +117,7 @@ impl UpstreamError {
 }
 
 fn caused_by_client_body(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.is::<crate::body::ClientBodyError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
+    crate::body::causes(e).any(|s| s.is::<crate::body::ClientBodyError>())
 }
 
 /// One configured upstream: its endpoints and how to talk to them.
