@@ -38,28 +38,61 @@ impl ClientInfo {
 
 /// Removes the hop-by-hop headers of one connection.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the names first: most messages carry none of these, or only
+    // `Connection`, and every lookup or removal by name costs a hash.
+    let (mut connection, mut te, mut others) = (false, false, false);
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::TE {
+            te = true;
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::PROXY_AUTHENTICATE
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+        {
+            others = true;
+        }
+    }
+    if connection {
+        let named = |v: &HeaderValue| -> Vec<HeaderName> {
+            v.to_str()
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                // The usual options name headers removed below anyway, or none at all.
+                .filter(|n| {
+                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
+                })
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect()
+        };
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .flat_map(named)
             .collect();
         for name in named {
-            if name != header::TE || !keep_te_trailers {
-                headers.remove(&name);
+            if name == header::TE {
+                te = true;
+                if keep_te_trailers {
+                    continue;
+                }
             }
+            headers.remove(&name);
         }
         headers.remove(header::CONNECTION);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::UPGRADE);
-    headers.remove(header::PROXY_AUTHENTICATE);
-    if let Some(te) = headers.get(header::TE) {
-        let trailers_only = te.to_str().is_ok_and(|v| {
+    if others {
+        headers.remove(&KEEP_ALIVE);
+        headers.remove(&PROXY_CONNECTION);
+        headers.remove(header::TRANSFER_ENCODING);
+        headers.remove(header::UPGRADE);
+        headers.remove(header::PROXY_AUTHENTICATE);
+    }
+    if te && let Some(v) = headers.get(header::TE) {
+        let trailers_only = v.to_str().is_ok_and(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });

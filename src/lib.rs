@@ -8,7 +8,8 @@
 //! |---|---|
 //! | `config` | `proxy.toml`: types, defaults, validation, errors with line and key |
 //! | `routes` | the route table and longest-prefix matching |
-//! | `server` | accept loop, connection tasks, the hang-up watch |
+//! | `server` | accept loop, connection tasks |
+//! | `hangup` | noticing a client's FIN or RST without reading its socket |
 //! | `proxy` | the story of one request, top to bottom |
 //! | `protected` | `continue` routes: calls that outlive their client |
 //! | `headers` | hop-by-hop removal, `X-Forwarded-*`, `Host`, paths |
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod hangup;
 pub mod headers;
 pub mod logging;
 pub mod metrics;

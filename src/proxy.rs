@@ -86,11 +86,15 @@ pub async fn handle(
     );
     guard.watch(state.clone());
     let deadline = deadline(&route, &req, guard.started());
+    // Tunnels and protected calls are boxed: the future of every request is as large as
+    // its largest branch, and these two would triple the plain forward's.
     if crate::tunnel::is_upgrade(&req) {
-        return Ok(crate::tunnel::forward(req, &route, guard, deadline, &cx, state).await);
+        let tunnel = crate::tunnel::forward(req, &route, guard, deadline, &cx, state);
+        return Ok(Box::pin(tunnel).await);
     }
     if route.info.protected {
-        return Ok(crate::protected::forward(req, route, guard, deadline, &cx, state).await);
+        let call = crate::protected::forward(req, route, guard, deadline, &cx, state);
+        return Ok(Box::pin(call).await);
     }
     Ok(forward(req, &route, guard, deadline, &cx, state).await)
 }
@@ -103,12 +107,16 @@ async fn forward(
     cx: &ConnContext,
     upload: Arc<RequestState>,
 ) -> Response<ProxyBody> {
-    let up_req = prepare(req, route, cx, &upload);
-
     let mut timer = deadline_timer(deadline);
     let header = route.config.deadline_header.as_ref();
-    let call = route.upstream.send(up_req, &mut guard, deadline, header);
-    match until_headers(call, &mut timer, &cx.forced).await {
+    // Built in place and pinned where it stands: a future moved through locals and
+    // arguments leaves a copy of itself in every frame it passed.
+    let up_req = prepare(req, route, cx, &upload);
+    let result = {
+        let call = std::pin::pin!(route.upstream.send(up_req, &mut guard, deadline, header));
+        until_headers(call, &mut timer, &cx.forced).await
+    };
+    match result {
         Ok((resp, conn)) => respond(resp, conn, timer, route, guard),
         Err(stop) => stopped(&mut guard, &upload, stop),
     }
@@ -124,11 +132,14 @@ pub(crate) enum Stopped {
 /// and a forced shutdown. Whatever loses the race is dropped before this returns: a
 /// cancelled upstream call is already closed.
 pub(crate) async fn until_headers<T>(
-    call: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    call: std::pin::Pin<&mut impl std::future::Future<Output = Result<T, UpstreamError>>>,
     timer: &mut DeadlineTimer,
     forced: &tokio_util::sync::CancellationToken,
 ) -> Result<T, Stopped> {
     tokio::select! {
+        // The call first: once its response is there, a timer that fired in the same
+        // instant must not throw it away. (Biased also spares a random draw per poll.)
+        biased;
         r = call => r.map_err(Stopped::Failed),
         at = fired(timer) => Err(Stopped::Cancelled(CancelledBy::Timeout, at)),
         _ = forced.cancelled() => Err(Stopped::Cancelled(CancelledBy::Shutdown, Instant::now())),

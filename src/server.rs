@@ -1,32 +1,29 @@
-//! The accept loop, one task per client connection, and the hang-up watch.
+//! The accept loop and one task per client connection.
 //!
 //! hyper tells a handler that its client left only by dropping the handler's future, and
 //! it notices a departure only when it happens to be reading the socket. It is not reading
 //! when pipelined bytes sit in its buffer, nor while a large request body waits unread
-//! behind a slow upstream. So every connection also has a [`HangupWatch`]: a second epoll
-//! registration of the same socket (a `dup` of its descriptor, so that hyper's own
-//! readiness state is never touched), woken by the kernel's `EPOLLRDHUP`/`EPOLLHUP`, which
-//! arrive with the client's FIN or RST whatever data is still queued in front of them.
-//! When it fires, the connection task drops hyper's connection, which drops every request
-//! future and response body of that connection, which closes their upstream calls.
+//! behind a slow upstream. So every connection also has a [`HangupWatch`] (`hangup.rs`),
+//! woken by the kernel's `EPOLLRDHUP`/`EPOLLHUP`, which arrive with the client's FIN or
+//! RST whatever data is still queued in front of them. When it fires, the connection task
+//! drops hyper's connection, which drops every request future and response body of that
+//! connection, which closes their upstream calls.
 //!
 //! Consequence, documented in the README: a client that half-closes its side (sends FIN)
 //! while waiting for a response counts as gone, as with hyper's default and nginx.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::body::RequestState;
+use crate::hangup::HangupWatch;
 use crate::headers::ClientInfo;
 use crate::outcome::{ClientConn, Stamped};
 use crate::proxy::{self, ConnContext, Shared};
@@ -108,21 +105,31 @@ async fn connection(
     });
     match acceptor {
         None => serve_io(TokioIo::new(stream), cx, &watch, settings).await,
-        Some(acceptor) => {
-            // The handshake is bounded like a request head: a client that connects and
-            // says nothing must not hold a slot.
-            let handshake =
-                tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream));
-            let tls = tokio::select! {
-                r = handshake => r,
-                _ = shared.lifecycle.draining() => return,
-            };
-            match tls {
-                Ok(Ok(tls)) => serve_io(TokioIo::new(tls), cx, &watch, settings).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        }
+        // Boxed: a TLS session is kilobytes, which every plain connection's task would
+        // otherwise reserve too (a future is as large as its largest branch).
+        Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, cx, &watch, settings)).await,
+    }
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: Arc<tokio_rustls::TlsAcceptor>,
+    cx: Arc<ConnContext>,
+    watch: &Option<HangupWatch>,
+    settings: &ServerSettings,
+) {
+    // The handshake is bounded like a request head: a client that connects and says
+    // nothing must not hold a slot.
+    let handshake = tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream));
+    let tls = tokio::select! {
+        r = handshake => r,
+        _ = cx.shared.lifecycle.draining() => return,
+    };
+    match tls {
+        Ok(Ok(tls)) => serve_io(TokioIo::new(tls), cx, watch, settings).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 
@@ -163,15 +170,19 @@ async fn serve_io<I>(
     // builder first reads the preface with no timer): a client that connects and says
     // nothing is cut off here.
     let first_request = tokio::time::sleep(settings.header_read_timeout);
-    let mut first_request = std::pin::pin!(first_request);
+    let first_request = std::pin::pin!(first_request);
     let mut spoke = false;
     // Created once, not per wake-up: each of these registers with a shared waiter list,
     // and re-registering on every poll of a busy connection costs a lock each time.
-    let mut drain_started = std::pin::pin!(lifecycle.draining());
-    let mut force_started = std::pin::pin!(lifecycle.forced());
-    let mut hangup = std::pin::pin!(hung_up(watch));
-    let idle_check = tokio::time::sleep(settings.keepalive_timeout);
-    let mut idle_check = std::pin::pin!(idle_check);
+    let drain_started = std::pin::pin!(lifecycle.draining());
+    let force_started = std::pin::pin!(lifecycle.forced());
+    let hangup = std::pin::pin!(hung_up(watch));
+    let idle_check = std::pin::pin!(tokio::time::sleep(settings.keepalive_timeout));
+    let mut drain_started = Gated::new(drain_started);
+    let mut force_started = Gated::new(force_started);
+    let mut hangup = Gated::new(hangup);
+    let mut first_request = Gated::new(first_request);
+    let mut idle_check = Gated::new(idle_check);
     loop {
         tokio::select! {
             // The drain comes first: a request read after it began must see the
@@ -208,7 +219,7 @@ async fn serve_io<I>(
                     }
                     idle => {
                         let wait = settings.keepalive_timeout - idle.unwrap_or_default();
-                        idle_check.as_mut().reset(tokio::time::Instant::now() + wait);
+                        idle_check.rearm().as_mut().reset(tokio::time::Instant::now() + wait);
                     }
                 }
             }
@@ -229,41 +240,73 @@ async fn hung_up(watch: &Option<HangupWatch>) {
     }
 }
 
-/// Notices a client's FIN or RST without reading its socket. See the module comment.
-pub struct HangupWatch {
-    fd: AsyncFd<OwnedFd>,
+/// A future polled only after its own waker fired.
+///
+/// A connection task is polled on every socket event, several times per request, and
+/// `select!` then polls each of its branches. All but hyper's connection wait for rare
+/// events (a drain, a hang-up, a timer), yet polling them is not free: a cancellation
+/// token's future takes a lock, a timer re-checks its entry. Gated, such a branch costs an
+/// atomic swap per poll, and its future runs only when it asked to be woken.
+struct Gated<F> {
+    inner: F,
+    gate: Arc<Gate>,
+    waker: std::task::Waker,
 }
 
-impl HangupWatch {
-    /// `None` if the descriptor cannot be duplicated or registered (hyper's own detection
-    /// then remains); that is logged, never fatal.
-    pub fn new(stream: &TcpStream) -> Option<HangupWatch> {
-        let fd = stream.as_fd().try_clone_to_owned().and_then(|fd| {
-            // SAFETY: the `OwnedFd` is a valid descriptor owned by the `AsyncFd` for its
-            // whole life; nothing else closes or replaces it.
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        });
-        match fd {
-            Ok(fd) => Some(HangupWatch { fd }),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch a client connection for hang-ups");
-                None
-            }
-        }
+struct Gate {
+    woken: std::sync::atomic::AtomicBool,
+    task: atomic_waker::AtomicWaker,
+}
+
+impl std::task::Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
     }
 
-    /// Resolves once the peer has closed its side or reset the connection. Readiness
-    /// without a hang-up (request bytes arriving) is cleared on this registration only.
-    pub async fn hung_up(&self) {
-        loop {
-            let Ok(mut guard) = self.fd.readable().await else {
-                return std::future::pending().await;
-            };
-            if guard.ready().is_read_closed() {
-                return;
-            }
-            guard.clear_ready();
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future + Unpin> Gated<F> {
+    fn new(inner: F) -> Gated<F> {
+        let gate = Arc::new(Gate {
+            // Polled once at first, so that the future can register what it waits for.
+            woken: std::sync::atomic::AtomicBool::new(true),
+            task: atomic_waker::AtomicWaker::new(),
+        });
+        let waker = std::task::Waker::from(gate.clone());
+        Gated { inner, gate, waker }
+    }
+
+    /// The inner future, to be changed; it is polled again at the next poll (a timer that
+    /// was reset must register its new deadline).
+    fn rearm(&mut self) -> &mut F {
+        self.gate
+            .woken
+            .store(true, std::sync::atomic::Ordering::Release);
+        &mut self.inner
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = &mut *self;
+        this.gate.task.register(cx.waker());
+        if !this
+            .gate
+            .woken
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return std::task::Poll::Pending;
         }
+        let mut own = std::task::Context::from_waker(&this.waker);
+        std::pin::Pin::new(&mut this.inner).poll(&mut own)
     }
 }

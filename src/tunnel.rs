@@ -53,8 +53,11 @@ pub async fn forward(
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let mut timer = deadline_timer(deadline);
-    let call = route.upstream.upgrade(up_req, &mut guard);
-    let (mut resp, conn) = match proxy::until_headers(call, &mut timer, &cx.forced).await {
+    let result = {
+        let call = std::pin::pin!(route.upstream.upgrade(up_req, &mut guard));
+        proxy::until_headers(call, &mut timer, &cx.forced).await
+    };
+    let (mut resp, conn) = match result {
         Ok(exchange) => exchange,
         Err(stop) => return proxy::stopped(&mut guard, &upload, stop),
     };

@@ -236,8 +236,8 @@ async fn slow_endpoint_gets_less_work() {
 async fn refusing_endpoint_is_ejected_and_comes_back() {
     let good_a = FixedUpstream::start(Duration::ZERO).await;
     let good_b = FixedUpstream::start(Duration::ZERO).await;
-    let dead = refused_addr();
-    let dead_url = http_url(dead);
+    let dead = RefusedPort::reserve();
+    let dead_url = http_url(dead.addr);
     let urls = [
         http_url(good_a.addr),
         http_url(good_b.addr),
@@ -307,7 +307,7 @@ async fn refusing_endpoint_is_ejected_and_comes_back() {
 
     // It recovers: something listens on its port again. Within the back-off (at most a few
     // seconds after so few failures) it gets real traffic again.
-    let revived = FixedUpstream::bind(dead, Duration::ZERO).await;
+    let revived = FixedUpstream::bind(dead.release(), Duration::ZERO).await;
     let recovered = Instant::now();
     within(
         Duration::from_secs(10),

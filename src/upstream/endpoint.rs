@@ -274,7 +274,9 @@ impl Endpoint {
                 return Ok(conn);
             }
         }
-        self.connect().await.map(Idle::Io)
+        // Boxed: a connect (with its TLS handshake) is kilobytes of future that the common
+        // case, an idle connection, must not carry in every request.
+        Box::pin(self.connect()).await.map(Idle::Io)
     }
 
     /// Closes idle connections that the upstream closed or that outlived

@@ -203,8 +203,11 @@ impl Upstream {
         let mut retried = false;
         let (link, slot) = loop {
             let slot = endpoint.enter();
+            // The HTTP/2 branches are boxed, like every connect below: their futures are
+            // large, and a request's future is as large as its largest branch, copied and
+            // kept for every request, including the common pooled HTTP/1.1 one.
             let link = match endpoint.uses_h2() || endpoint.protocol_unknown() {
-                true => match endpoint.h2.sender(&endpoint).await {
+                true => match Box::pin(endpoint.h2.sender(&endpoint)).await {
                     Err(UpstreamError::H2 {
                         status: h2::NOT_H2, ..
                     }) => endpoint.checkout().await.map(Link::H1),
@@ -212,9 +215,9 @@ impl Upstream {
                 },
                 false => match endpoint.checkout().await {
                     // `auto` found HTTP/2 on a new connection after all.
-                    Ok(Idle::Io(io)) if io.alpn_h2() => {
-                        endpoint.h2.adopt(&endpoint, io).await.map(Link::H2)
-                    }
+                    Ok(Idle::Io(io)) if io.alpn_h2() => Box::pin(endpoint.h2.adopt(&endpoint, io))
+                        .await
+                        .map(Link::H2),
                     other => other.map(Link::H1),
                 },
             };
@@ -259,7 +262,7 @@ impl Upstream {
         };
         let result = match link {
             Link::H1(io) => self.exchange_h1(&endpoint, io, req, guard, phase).await,
-            Link::H2(sender) => exchange_h2(&endpoint, sender, req, guard, phase).await,
+            Link::H2(sender) => Box::pin(exchange_h2(&endpoint, sender, req, guard, phase)).await,
         };
         match result {
             Ok((resp, mut conn)) => {
@@ -294,7 +297,7 @@ impl Upstream {
         let (mut sender, conn, mut req) = match idle {
             Idle::Ready(sender, conn) => (sender, conn, req),
             Idle::Io(io) => {
-                let (sender, conn) = self.handshake(io).await.map_err(http_err)?;
+                let (sender, conn) = Box::pin(self.handshake(io)).await.map_err(http_err)?;
                 (sender, conn, req)
             }
         };
@@ -323,8 +326,8 @@ impl Upstream {
                     Some(back) => {
                         attempt += 1;
                         req = back;
-                        let io = endpoint.connect().await?;
-                        let (s, c) = self.handshake(io).await.map_err(http_err)?;
+                        let io = Box::pin(endpoint.connect()).await?;
+                        let (s, c) = Box::pin(self.handshake(io)).await.map_err(http_err)?;
                         sender = s;
                         conn = Conn::new(endpoint, Some(c));
                     }

@@ -1829,11 +1829,43 @@ pub async fn request(
 // Upstreams that fail
 // ------------------------------------------------------------------------------------------
 
-/// A loopback address where nothing listens (bound, then released), so connects are
-/// refused.
+/// A loopback address where nothing listens, so connects are refused. The port stays
+/// bound (never listening) for the life of the test process: a port merely released could
+/// be taken by another test's listener running in parallel.
 pub fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("address")
+    let port = RefusedPort::reserve();
+    let addr = port.addr;
+    std::mem::forget(port.socket);
+    addr
+}
+
+/// A port bound but not listening (connects are refused) until [`RefusedPort::release`],
+/// for a test that later brings something up on it.
+pub struct RefusedPort {
+    pub addr: SocketAddr,
+    socket: socket2::Socket,
+}
+
+impl RefusedPort {
+    pub fn reserve() -> RefusedPort {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let addr = socket
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("an IP address");
+        RefusedPort { addr, socket }
+    }
+
+    /// Frees the port, to be bound at once by the caller.
+    pub fn release(self) -> SocketAddr {
+        drop(self.socket);
+        self.addr
+    }
 }
 
 /// A loopback listener whose connects hang: `listen(0)`, never accepted, its accept queue
