@@ -1,206 +1,252 @@
-//! Noticing that a client hung up, without reading its socket.
+//! Noticing that a client hung up, without reading its socket, and acting at once.
 //!
 //! hyper learns that a client left only when it reads: a client that closes while its
 //! request waits for the upstream is noticed late or never if unread bytes (a pipelined
 //! request, the rest of an upload) sit in front of the FIN. The kernel knows at once: a
 //! socket whose peer sent FIN or RST reports `EPOLLRDHUP`/`EPOLLHUP` whatever data is
-//! queued. So each worker thread keeps one epoll set of its own in which every client
-//! socket of that worker is registered for hang-ups only (`EPOLLRDHUP`, one-shot). Request
-//! bytes arriving on a socket do not match that interest: they wake nothing here, so the
-//! watch costs nothing per request, only an `epoll_ctl` when a connection opens and one
-//! when it closes. hyper's own registration (in tokio's epoll set) is a different one,
-//! untouched. The epoll set itself is registered with tokio, readable whenever one of
-//! its sockets hung up; a small task per worker drains it and wakes those connections.
+//! queued. So every client socket is registered, for hang-ups only (`EPOLLRDHUP`,
+//! one-shot), in one epoll set of the process, separate from tokio's. Request bytes do not
+//! match that interest: they wake nothing, so the watch costs nothing per request, only an
+//! `epoll_ctl` when a connection opens and one when it closes, and no extra descriptor.
 //!
-//! Why not a `dup` of each socket registered with tokio for readability (what cutoff did
-//! first): it costs a third descriptor per held request, and every request's bytes woke
-//! the connection twice.
+//! One thread of its own waits on that set. When a client hangs up it runs the
+//! connection's [`OnHangup`] right there, which drops the connection and with it every
+//! request and upstream call. It does not wait for the connection's task to be polled: on
+//! a worker busy with other connections (say, forwarding uploads) that task may sit behind
+//! hundreds of others in the run queue, and every millisecond there is upstream work
+//! nobody will use.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// One worker thread's epoll set of client sockets, and who waits on which.
-struct Watcher {
-    epoll: AsyncFd<OwnedFd>,
-    /// Keyed by a number never reused, so that a late event for a closed connection
-    /// finds nothing. Locked briefly, never across an await, and only when a connection
-    /// opens, closes or hangs up.
-    slots: Mutex<Slots>,
+/// What a connection does when its client hangs up. Runs on the hang-up thread, so it
+/// must be quick and must not wait on the connection's own task.
+pub trait OnHangup: Send + Sync {
+    fn hung_up(&self);
 }
 
-#[derive(Default)]
-struct Slots {
-    next: u64,
-    waiting: HashMap<u64, Slot>,
+/// The process's hang-up set and who is registered in it.
+struct Registry {
+    epoll: OwnedFd,
+    /// Keyed by a number never reused, so that a late event for a closed connection finds
+    /// nothing. Locked briefly, never across a call into a connection.
+    hooks: Mutex<HashMap<u64, Arc<Hook>>>,
+    next: AtomicU64,
 }
 
-#[derive(Default)]
-struct Slot {
-    gone: bool,
-    waker: Option<Waker>,
-}
-
-thread_local! {
-    /// Connection tasks run on their worker's current-thread runtime, so each worker has
-    /// exactly one watcher, created with the first connection.
-    static WATCHER: std::cell::RefCell<Option<Arc<Watcher>>> = const { std::cell::RefCell::new(None) };
-}
-
-fn watcher() -> io::Result<Arc<Watcher>> {
-    WATCHER.with(|w| {
-        if let Some(w) = &*w.borrow() {
-            return Ok(w.clone());
+fn registry() -> Option<&'static Registry> {
+    static REGISTRY: OnceLock<Option<Registry>> = OnceLock::new();
+    static THREAD: std::sync::Once = std::sync::Once::new();
+    let registry = REGISTRY
+        .get_or_init(|| match Registry::new() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch client connections for hang-ups");
+                None
+            }
+        })
+        .as_ref()?;
+    THREAD.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("cutoff-hangup".into())
+            .spawn(move || registry.run());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the hang-up thread");
         }
+    });
+    Some(registry)
+}
+
+impl Registry {
+    fn new() -> io::Result<Registry> {
         // SAFETY: epoll_create1 has no memory-safety preconditions; the result is checked.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let watcher = Arc::new(Watcher {
-            // SAFETY: the epoll descriptor is owned by this `AsyncFd` for its whole life.
-            epoll: unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE)? },
-            slots: Mutex::default(),
-        });
-        tokio::spawn(drive(watcher.clone()));
-        *w.borrow_mut() = Some(watcher.clone());
-        Ok(watcher)
-    })
-}
+        Ok(Registry {
+            // SAFETY: `fd` was just created and is owned by nothing else.
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            hooks: Mutex::default(),
+            next: AtomicU64::new(0),
+        })
+    }
 
-/// Drains the epoll set whenever it is readable and wakes the connections that hung up.
-/// Lives as long as its worker's runtime.
-async fn drive(watcher: Arc<Watcher>) {
-    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
-    loop {
-        let Ok(mut guard) = watcher.epoll.readable().await else {
-            return;
-        };
-        // SAFETY: `events` is a valid buffer of `events.len()` entries; timeout 0 never
-        // blocks.
-        let n = unsafe {
-            libc::epoll_wait(
-                watcher.epoll.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as i32,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                tracing::warn!(error = %e, "hang-up watch stopped");
+    /// The hang-up thread: for the life of the process.
+    fn run(&self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        loop {
+            // SAFETY: `events` is a valid buffer of `events.len()` entries.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    -1,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "hang-up watch stopped");
                 return;
             }
-            continue;
-        }
-        let n = n as usize;
-        {
-            let mut slots = watcher.slots.lock().unwrap_or_else(|e| e.into_inner());
-            for ev in &events[..n] {
+            for ev in &events[..n as usize] {
                 let key = ev.u64;
-                if let Some(slot) = slots.waiting.get_mut(&key) {
-                    slot.gone = true;
-                    if let Some(w) = slot.waker.take() {
-                        w.wake();
-                    }
+                let hook = self.lock().get(&key).cloned();
+                if let Some(hook) = hook {
+                    hook.fire();
                 }
             }
         }
-        if n < events.len() {
-            guard.clear_ready();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Hook>>> {
+        self.hooks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where a hang-up goes. The socket is registered as soon as it is accepted, before the
+/// connection that will serve it exists (TLS first shakes hands): a hang-up in between is
+/// remembered and delivered when the connection is attached.
+pub struct Hook {
+    gone: AtomicBool,
+    target: OnceLock<Weak<dyn OnHangup>>,
+}
+
+impl Hook {
+    fn fire(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        if let Some(t) = self.target.get().and_then(Weak::upgrade) {
+            t.hung_up();
+        }
+    }
+
+    /// Attaches the connection; if the client already left, tells it now (on the caller's
+    /// thread). `hung_up` may then run twice, and must not mind.
+    pub fn attach(&self, target: Weak<dyn OnHangup>) {
+        let _ = self.target.set(target);
+        if self.gone.load(Ordering::SeqCst)
+            && let Some(t) = self.target.get().and_then(Weak::upgrade)
+        {
+            t.hung_up();
         }
     }
 }
 
-/// One client socket's registration in its worker's watcher.
-pub struct HangupWatch {
-    watcher: Arc<Watcher>,
-    key: u64,
-    fd: RawFd,
+/// A client socket registered in the hang-up set for as long as it lives.
+///
+/// The registration is removed in `Drop`, before the socket itself closes: with several
+/// threads accepting, a number closed first could already belong to another client, whose
+/// registration a late `EPOLL_CTL_DEL` would remove.
+pub struct Watched<T: AsRawFd> {
+    io: T,
+    key: Option<u64>,
 }
 
-impl HangupWatch {
-    /// `None` if the socket cannot be registered (hyper's own detection then remains);
-    /// that is logged, never fatal.
-    ///
-    /// Dropping the watch after its socket closed is fine: the kernel removes a closed
-    /// socket from the set by itself, and the `EPOLL_CTL_DEL` in `Drop` then finds
-    /// nothing. It cannot remove another connection's registration either: only this
-    /// thread adds to this set, and it does not accept between the close and the drop.
-    pub fn new(socket: &impl AsRawFd) -> Option<HangupWatch> {
-        match Self::register(socket.as_raw_fd()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch a client connection for hang-ups");
-                None
-            }
-        }
-    }
-
-    fn register(fd: RawFd) -> io::Result<HangupWatch> {
-        let watcher = watcher()?;
-        let key = {
-            let mut slots = watcher.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let key = slots.next;
-            slots.next += 1;
-            slots.waiting.insert(key, Slot::default());
-            key
+impl<T: AsRawFd> Watched<T> {
+    /// Registers `io`. Without a registration (logged, never fatal) hyper's own detection
+    /// remains, and no hook is returned.
+    pub fn new(io: T) -> (Watched<T>, Option<Arc<Hook>>) {
+        let Some(registry) = registry() else {
+            return (Watched { io, key: None }, None);
         };
+        let key = registry.next.fetch_add(1, Ordering::Relaxed);
+        let hook = Arc::new(Hook {
+            gone: AtomicBool::new(false),
+            target: OnceLock::new(),
+        });
+        registry.lock().insert(key, hook.clone());
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
             u64: key,
         };
-        // SAFETY: `fd` is an open socket borrowed from the caller; `ev` is valid.
-        let rc =
-            unsafe { libc::epoll_ctl(watcher.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-        let watch = HangupWatch { watcher, key, fd };
+        // SAFETY: `io` is an open socket owned by the returned value; `ev` is valid.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                registry.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                io.as_raw_fd(),
+                &mut ev,
+            )
+        };
         if rc < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            registry.lock().remove(&key);
+            tracing::warn!(error = %e, "cannot watch a client connection for hang-ups");
+            return (Watched { io, key: None }, None);
         }
-        Ok(watch)
+        (Watched { io, key: Some(key) }, Some(hook))
     }
 
-    /// Resolves once the peer has closed its side or reset the connection.
-    pub async fn hung_up(&self) {
-        std::future::poll_fn(|cx| self.poll_hung_up(cx)).await
-    }
-
-    fn poll_hung_up(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut slots = self.watcher.slots.lock().unwrap_or_else(|e| e.into_inner());
-        match slots.waiting.get_mut(&self.key) {
-            Some(slot) if slot.gone => Poll::Ready(()),
-            Some(slot) => {
-                if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    slot.waker = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            None => Poll::Pending,
-        }
+    fn fd(&self) -> RawFd {
+        self.io.as_raw_fd()
     }
 }
 
-impl Drop for HangupWatch {
+impl<T: AsRawFd> Drop for Watched<T> {
     fn drop(&mut self) {
-        // SAFETY: removing a registration has no memory-safety preconditions; ENOENT (the
-        // socket already closed) is expected and ignored.
+        let (Some(key), Some(registry)) = (self.key, registry()) else {
+            return;
+        };
+        // SAFETY: the socket is still open (it closes after this, with `self.io`).
         unsafe {
             libc::epoll_ctl(
-                self.watcher.epoll.as_raw_fd(),
+                registry.epoll.as_raw_fd(),
                 libc::EPOLL_CTL_DEL,
-                self.fd,
+                self.fd(),
                 std::ptr::null_mut(),
             );
         }
-        let mut slots = self.watcher.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.waiting.remove(&self.key);
+        registry.lock().remove(&key);
+    }
+}
+
+impl<T: AsRawFd + AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsRawFd + AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

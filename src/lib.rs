@@ -164,12 +164,12 @@ pub async fn run(
     }
     tokio::spawn(upkeep(shared.clone(), exporter));
     let grace = config.server.shutdown_grace;
-    let settings = ServerSettings {
-        header_read_timeout: config.server.header_read_timeout,
-        keepalive_timeout: config.server.keepalive_timeout,
-        max_header_bytes: config.server.max_header_bytes,
-        slots: Arc::new(tokio::sync::Semaphore::new(config.server.max_connections)),
-    };
+    let settings = ServerSettings::new(
+        config.server.header_read_timeout,
+        config.server.keepalive_timeout,
+        config.server.max_header_bytes,
+        config.server.max_connections,
+    );
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

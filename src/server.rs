@@ -13,7 +13,9 @@
 //! while waiting for a response counts as gone, as with hyper's default and nginx.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -23,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::body::RequestState;
-use crate::hangup::HangupWatch;
+use crate::hangup::{Hook, OnHangup, Watched};
 use crate::headers::ClientInfo;
 use crate::outcome::{ClientConn, Stamped};
 use crate::proxy::{self, ConnContext, Shared};
@@ -33,10 +35,41 @@ use crate::proxy::{self, ConnContext, Shared};
 pub struct ServerSettings {
     pub header_read_timeout: Duration,
     pub keepalive_timeout: Duration,
-    pub max_header_bytes: usize,
     /// One pool of connection slots for the whole process (every worker takes from it):
     /// `max_connections` bounds the process, not each worker.
     pub slots: Arc<Semaphore>,
+    /// hyper's connection builder, made once. It lives as long as the process (leaked once
+    /// per [`crate::run`]): a connection borrows its builder, and a connection must be
+    /// droppable from the hang-up thread, which needs it to borrow nothing shorter.
+    builder: &'static auto::Builder<TokioExecutor>,
+}
+
+impl ServerSettings {
+    pub fn new(
+        header_read_timeout: Duration,
+        keepalive_timeout: Duration,
+        max_header_bytes: usize,
+        max_connections: usize,
+    ) -> ServerSettings {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(max_header_bytes.min(u32::MAX as usize) as u32)
+            .max_concurrent_streams(256);
+        ServerSettings {
+            header_read_timeout,
+            keepalive_timeout,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            builder: Box::leak(Box::new(builder)),
+        }
+    }
 }
 
 /// How long connections may go on writing the 503s of a forced shutdown before they are
@@ -94,7 +127,7 @@ async fn connection(
     settings: &ServerSettings,
 ) {
     let _ = stream.set_nodelay(true);
-    let watch = HangupWatch::new(&stream);
+    let (stream, hook) = Watched::new(stream);
     let acceptor = shared.tls.load_full();
     let client = Arc::new(ClientConn::default());
     let cx = Arc::new(ConnContext {
@@ -104,19 +137,19 @@ async fn connection(
         forced: shared.lifecycle.force_token().child_token(),
     });
     match acceptor {
-        None => serve_io(TokioIo::new(stream), cx, &watch, settings).await,
+        None => serve_io(TokioIo::new(stream), cx, hook, settings).await,
         // Boxed: a TLS session is kilobytes, which every plain connection's task would
         // otherwise reserve too (a future is as large as its largest branch).
-        Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, cx, &watch, settings)).await,
+        Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, cx, hook, settings)).await,
     }
 }
 
 async fn serve_tls(
-    stream: TcpStream,
+    stream: Watched<TcpStream>,
     peer: SocketAddr,
     acceptor: Arc<tokio_rustls::TlsAcceptor>,
     cx: Arc<ConnContext>,
-    watch: &Option<HangupWatch>,
+    hook: Option<Arc<Hook>>,
     settings: &ServerSettings,
 ) {
     // The handshake is bounded like a request head: a client that connects and says
@@ -127,7 +160,7 @@ async fn serve_tls(
         _ = cx.shared.lifecycle.draining() => return,
     };
     match tls {
-        Ok(Ok(tls)) => serve_io(TokioIo::new(tls), cx, watch, settings).await,
+        Ok(Ok(tls)) => serve_io(TokioIo::new(tls), cx, hook, settings).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -138,7 +171,7 @@ async fn serve_tls(
 async fn serve_io<I>(
     io: I,
     cx: Arc<ConnContext>,
-    watch: &Option<HangupWatch>,
+    hook: Option<Arc<Hook>>,
     settings: &ServerSettings,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -150,20 +183,17 @@ async fn serve_io<I>(
         let state = Arc::new(RequestState::default());
         Stamped::new(proxy::handle(req, cx.clone(), state.clone()), state)
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_bytes.min(u32::MAX as usize) as u32)
-        .max_concurrent_streams(256);
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    let mut conn = std::pin::pin!(conn);
+    let conn = settings.builder.serve_connection_with_upgrades(io, service);
+    let conn = Arc::new(Connection {
+        conn: Mutex::new(Some(Box::pin(conn))),
+        gone: AtomicBool::new(false),
+        task: atomic_waker::AtomicWaker::new(),
+        client: client.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    if let Some(hook) = hook {
+        hook.attach(Arc::downgrade(&conn) as Weak<dyn OnHangup>);
+    }
     let mut draining = false;
     let mut forced_window = None;
     // hyper's header timer starts only once the protocol is known (hyper-util's auto
@@ -176,11 +206,9 @@ async fn serve_io<I>(
     // and re-registering on every poll of a busy connection costs a lock each time.
     let drain_started = std::pin::pin!(lifecycle.draining());
     let force_started = std::pin::pin!(lifecycle.forced());
-    let hangup = std::pin::pin!(hung_up(watch));
     let idle_check = std::pin::pin!(tokio::time::sleep(settings.keepalive_timeout));
     let mut drain_started = Gated::new(drain_started);
     let mut force_started = Gated::new(force_started);
-    let mut hangup = Gated::new(hangup);
     let mut first_request = Gated::new(first_request);
     let mut idle_check = Gated::new(idle_check);
     loop {
@@ -190,17 +218,14 @@ async fn serve_io<I>(
             biased;
             _ = &mut drain_started, if !draining => {
                 // Idle keep-alive connections close now; busy ones after their response.
-                conn.as_mut().graceful_shutdown();
+                conn.graceful_shutdown();
                 draining = true;
             }
-            r = conn.as_mut() => {
-                if let Err(e) = r {
+            r = std::future::poll_fn(|cx| conn.poll(cx)) => {
+                if let Some(Err(e)) = r {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
-                break;
-            }
-            _ = &mut hangup => {
-                client.mark_gone();
+                // `None`: the client hung up, and the hang-up thread dropped the rest.
                 break;
             }
             _ = &mut first_request, if !spoke => {
@@ -214,7 +239,7 @@ async fn serve_io<I>(
                 match client.idle_for() {
                     Some(idle) if idle >= settings.keepalive_timeout => {
                         // hyper closes an idle keep-alive connection at once.
-                        conn.as_mut().graceful_shutdown();
+                        conn.graceful_shutdown();
                         draining = true;
                     }
                     idle => {
@@ -233,10 +258,82 @@ async fn serve_io<I>(
     }
 }
 
-async fn hung_up(watch: &Option<HangupWatch>) {
-    match watch {
-        Some(w) => w.hung_up().await,
-        None => std::future::pending().await,
+/// One client connection, shared with the hang-up thread, which may drop it.
+///
+/// hyper's connection holds every request of the client and, through them, every upstream
+/// call: dropping it cancels them all. The lock is taken by this connection's task for
+/// each poll and by the hang-up thread once; it is never held across an await.
+struct Connection<C> {
+    conn: Mutex<Option<Pin<Box<C>>>>,
+    gone: AtomicBool,
+    /// The connection's task, woken after the hang-up thread dropped its connection.
+    task: atomic_waker::AtomicWaker,
+    client: Arc<ClientConn>,
+    /// The worker runtime whose sockets and timers the connection uses: they are dropped
+    /// inside its context.
+    runtime: tokio::runtime::Handle,
+}
+
+type ServedConn<C> = <C as std::future::Future>::Output;
+
+impl<C, E> Connection<C>
+where
+    C: std::future::Future<Output = Result<(), E>> + GracefulShutdown,
+{
+    /// `None` once the client hung up.
+    fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<ServedConn<C>>> {
+        self.task.register(cx.waker());
+        if self.gone.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(None);
+        }
+        match self.lock().as_mut() {
+            Some(conn) => conn.as_mut().poll(cx).map(Some),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn graceful_shutdown(&self) {
+        if let Some(conn) = self.lock().as_mut() {
+            conn.as_mut().shutdown_gracefully();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<C>>>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<C: Send> OnHangup for Connection<C> {
+    fn hung_up(&self) {
+        // The cause first, so that every request's guard records the client leaving.
+        self.client.mark_gone();
+        self.gone.store(true, Ordering::Release);
+        {
+            let _runtime = self.runtime.enter();
+            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+            drop(conn);
+        }
+        self.task.wake();
+    }
+}
+
+/// hyper-util's `graceful_shutdown`, named so that [`Connection`] can be generic.
+trait GracefulShutdown {
+    fn shutdown_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulShutdown for auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shutdown_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
