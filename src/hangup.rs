@@ -16,9 +16,11 @@
 //! hundreds of others in the run queue, and every millisecond there is upstream work
 //! nobody will use.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -148,17 +150,40 @@ impl Hook {
 /// The registration is removed in `Drop`, before the socket itself closes: with several
 /// threads accepting, a number closed first could already belong to another client, whose
 /// registration a late `EPOLL_CTL_DEL` would remove.
-pub struct Watched<T: AsRawFd> {
-    io: T,
+pub struct Watched<T: AsRawFd + Send + 'static> {
+    /// Taken in `Drop`, after the registration is gone; see [`upstreams_first`].
+    io: ManuallyDrop<T>,
     key: Option<u64>,
 }
 
-impl<T: AsRawFd> Watched<T> {
+/// Closing one client socket, put off by [`upstreams_first`].
+type Close = Box<dyn FnOnce()>;
+
+thread_local! {
+    /// Client sockets whose closing waits until [`upstreams_first`] is done.
+    static DEFERRED: RefCell<Option<Vec<Close>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (which drops client connections), closing their client sockets only after it
+/// returns. hyper's connection drops its socket before its requests, so closing the
+/// client's side (deregistration, the FIN through loopback) would otherwise come before
+/// the upstream calls are reset, and delay exactly what the hang-up is for.
+pub fn upstreams_first<R>(f: impl FnOnce() -> R) -> R {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    let r = f();
+    let deferred = DEFERRED.with(|d| d.borrow_mut().take());
+    for close in deferred.into_iter().flatten() {
+        close();
+    }
+    r
+}
+
+impl<T: AsRawFd + Send + 'static> Watched<T> {
     /// Registers `io`. Without a registration (logged, never fatal) hyper's own detection
     /// remains, and no hook is returned.
     pub fn new(io: T) -> (Watched<T>, Option<Arc<Hook>>) {
         let Some(registry) = registry() else {
-            return (Watched { io, key: None }, None);
+            return (Watched::unregistered(io), None);
         };
         let key = registry.next.fetch_add(1, Ordering::Relaxed);
         let hook = Arc::new(Hook {
@@ -183,51 +208,67 @@ impl<T: AsRawFd> Watched<T> {
             let e = io::Error::last_os_error();
             registry.lock().remove(&key);
             tracing::warn!(error = %e, "cannot watch a client connection for hang-ups");
-            return (Watched { io, key: None }, None);
+            return (Watched::unregistered(io), None);
         }
-        (Watched { io, key: Some(key) }, Some(hook))
-    }
-
-    fn fd(&self) -> RawFd {
-        self.io.as_raw_fd()
-    }
-}
-
-impl<T: AsRawFd> Drop for Watched<T> {
-    fn drop(&mut self) {
-        let (Some(key), Some(registry)) = (self.key, registry()) else {
-            return;
+        let watched = Watched {
+            io: ManuallyDrop::new(io),
+            key: Some(key),
         };
-        // SAFETY: the socket is still open (it closes after this, with `self.io`).
-        unsafe {
-            libc::epoll_ctl(
-                registry.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                self.fd(),
-                std::ptr::null_mut(),
-            );
+        (watched, Some(hook))
+    }
+
+    fn unregistered(io: T) -> Watched<T> {
+        Watched {
+            io: ManuallyDrop::new(io),
+            key: None,
         }
-        registry.lock().remove(&key);
     }
 }
 
-impl<T: AsRawFd + AsyncRead + Unpin> AsyncRead for Watched<T> {
+impl<T: AsRawFd + Send + 'static> Drop for Watched<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here, and never used again.
+        let io = unsafe { ManuallyDrop::take(&mut self.io) };
+        let key = self.key;
+        let close = move || {
+            if let (Some(key), Some(registry)) = (key, registry()) {
+                // SAFETY: the socket is still open: it closes just below, with `io`.
+                unsafe {
+                    libc::epoll_ctl(
+                        registry.epoll.as_raw_fd(),
+                        libc::EPOLL_CTL_DEL,
+                        io.as_raw_fd(),
+                        std::ptr::null_mut(),
+                    );
+                }
+                registry.lock().remove(&key);
+            }
+            drop(io);
+        };
+        DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            Some(later) => later.push(Box::new(close)),
+            None => close(),
+        });
+    }
+}
+
+impl<T: AsRawFd + Send + 'static + AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        Pin::new(&mut *self.io).poll_read(cx, buf)
     }
 }
 
-impl<T: AsRawFd + AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+impl<T: AsRawFd + Send + 'static + AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        Pin::new(&mut *self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -235,7 +276,7 @@ impl<T: AsRawFd + AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -243,10 +284,10 @@ impl<T: AsRawFd + AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut *self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }

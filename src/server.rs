@@ -311,7 +311,7 @@ impl<C: Send> OnHangup for Connection<C> {
         {
             let _runtime = self.runtime.enter();
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
-            drop(conn);
+            crate::hangup::upstreams_first(|| drop(conn));
         }
         self.task.wake();
     }
