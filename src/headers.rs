@@ -18,6 +18,8 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Named once: a lookup by `&str` parses the name again on every request.
+pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// What the proxy knows of the client's connection.
 pub struct ClientInfo {
@@ -56,23 +58,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         }
     }
     if connection {
-        let named = |v: &HeaderValue| -> Vec<HeaderName> {
-            v.to_str()
-                .unwrap_or_default()
-                .split(',')
+        let usual =
+            |t: &[u8]| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close");
+        // `Connection: keep-alive` or `close`, nearly always: neither names a header that
+        // is not removed below anyway.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let named: Vec<HeaderName> = match (values.next(), values.next()) {
+            (Some(v), None) if usual(v.as_bytes()) => Vec::new(),
+            _ => headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
                 .map(str::trim)
-                // The usual options name headers removed below anyway, or none at all.
-                .filter(|n| {
-                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
-                })
+                .filter(|t| !t.is_empty() && !usual(t.as_bytes()))
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                .collect()
+                .collect(),
         };
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(named)
-            .collect();
         for name in named {
             if name == header::TE {
                 te = true;

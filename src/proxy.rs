@@ -276,7 +276,7 @@ fn deadline(route: &Route, req: &Request<Incoming>, started: Instant) -> Option<
         .map(Duration::from_millis)
         .or_else(|| {
             req.headers()
-                .get("grpc-timeout")
+                .get(&headers::GRPC_TIMEOUT)
                 .and_then(|v| parse_grpc_timeout(v.as_bytes()))
         });
     if let Some(asked) = asked {

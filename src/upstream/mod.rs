@@ -468,10 +468,11 @@ fn set_remaining(req: &mut Request<RequestBody>, header: Option<&HeaderName>, de
     let ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
-    if req.headers().contains_key("grpc-timeout")
+    let grpc = &crate::headers::GRPC_TIMEOUT;
+    if req.headers().contains_key(grpc)
         && let Ok(v) = HeaderValue::from_str(&format!("{ms}m"))
     {
-        req.headers_mut().insert("grpc-timeout", v);
+        req.headers_mut().insert(grpc.clone(), v);
     }
     if let Some(name) = header {
         req.headers_mut()
