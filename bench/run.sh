@@ -5,6 +5,8 @@
 # measures cutoff against nginx and HAProxy on 127.0.0.1 only: cancellation propagation,
 # timeout precision, throughput, memory per held request and a soak. Writes
 # bench/results/latest.md (and prints it); --save also copies it to bench/RESULTS.md.
+# Throughput and memory also measure `loadgen floor` ("hyper-floor"), a bare hyper
+# forwarding loop: a baseline for what hyper alone costs, never an incumbent.
 # See bench/README.md for what each number means.
 #
 # Knobs (environment): PROXIES="cutoff nginx haproxy"  SOAK_PROXIES="$PROXIES"
@@ -75,8 +77,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r UP_PORT ORIGIN_PORT PORT[cutoff] PORT[nginx] PORT[haproxy] ADMIN_PORT < <("$LG" ports 6)
+read -r UP_PORT ORIGIN_PORT PORT[cutoff] PORT[nginx] PORT[haproxy] ADMIN_PORT PORT[hyper-floor] \
+  < <("$LG" ports 7)
 UP="127.0.0.1:$UP_PORT"
+# Where the hyper-floor baseline forwards everything (set before each start: the nginx
+# origin for throughput, the loadgen upstream for memory).
+FLOOR_UP=""
 
 # a ~100-byte static body
 printf 'cutoff bench: a small static body served by the nginx origin, about one hundred bytes long.\n' \
@@ -242,6 +248,8 @@ start() {
     nginx) taskset -c 1 nginx -p "$WORK/nginx/" -e "$WORK/nginx/error.log" -c "$WORK/nginx.conf" \
       2>>"$WORK/nginx/stderr.log" & ;;
     haproxy) taskset -c 1 haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 & ;;
+    hyper-floor) taskset -c 1 "$LG" floor --listen "127.0.0.1:${PORT[hyper-floor]}" \
+      --upstream "$FLOOR_UP" 2>>"$WORK/hyper-floor.log" & ;;
     origin) taskset -c 0 nginx -p "$WORK/origin/" -e "$WORK/origin/error.log" -c "$WORK/origin.conf" \
       2>>"$WORK/origin/stderr.log" & ;;
   esac
@@ -306,12 +314,12 @@ check_alive() {
   fi
 }
 
-# Sets ORDERED to the proxy list rotated one further each call, so that no proxy always
-# runs first (no subshell: ROT must survive).
+# Sets ORDERED to the proxy list (or the list given) rotated one further each call, so
+# that no proxy always runs first (no subshell: ROT must survive).
 ROT=0
 ORDERED=()
 rotate() {
-  local arr=($PROXIES) n i
+  local arr=(${1:-$PROXIES}) n i
   n=${#arr[@]}
   ORDERED=()
   for ((i = 0; i < n; i++)); do ORDERED+=("${arr[$(((i + ROT) % n))]}"); done
@@ -370,8 +378,17 @@ if [[ -n "${PID[cutoff]:-}" ]]; then
 fi
 
 say "throughput: wrk -t1 -c64 -d${WRK_SECONDS}s, 2 interleaved passes (1 s warm-up each)"
-rotate; first=("${ORDERED[@]}")
-rotate; second=("${ORDERED[@]}")
+# The hyper-floor baseline runs in the passes like a proxy, forwarding /w/hello.txt
+# unchanged to the origin (which serves it at that path, as for direct).
+WRK_TARGETS=$PROXIES
+FLOOR_UP="127.0.0.1:$ORIGIN_PORT"
+if start hyper-floor; then
+  WRK_TARGETS="$PROXIES hyper-floor"
+else
+  event hyper-floor "did not start for wrk"
+fi
+rotate "$WRK_TARGETS"; first=("${ORDERED[@]}")
+rotate "$WRK_TARGETS"; second=("${ORDERED[@]}")
 for target in direct "${first[@]}" "${second[@]}" direct; do
   if [[ $target == direct ]]; then port=$ORIGIN_PORT; else port=${PORT[$target]}; fi
   url="http://127.0.0.1:$port/w/hello.txt"
@@ -385,11 +402,13 @@ for target in direct "${first[@]}" "${second[@]}" direct; do
   if [[ $target != direct ]]; then check_alive "$target" "wrk"; fi
 done
 
-for p in $PROXIES; do stop "$p"; done
+for p in $PROXIES hyper-floor; do stop "$p"; done
 
 # --- B: memory per held request (a fresh process each) --------------------------------------
 say "memory per held request ($RSS_HELD held)"
-rotate
+# hyper-floor (the baseline) forwards the /c/ requests unchanged to the loadgen upstream.
+FLOOR_UP=$UP
+rotate "$PROXIES hyper-floor"
 for p in "${ORDERED[@]}"; do
   start "$p" || { event "$p" "did not start for rss"; continue; }
   record "$p" rss --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \

@@ -9,6 +9,7 @@
 //! Everything is loopback-only and bounded: every loop has a count and a time budget.
 
 mod cancel;
+mod floor;
 mod http;
 mod report;
 mod rss;
@@ -36,6 +37,9 @@ loadgen SUBCOMMAND [--flag value ...]
   rss     --proxy ADDR --upstream ADDR --pid PID --held N [--label NAME]
   soak    --proxy ADDR --upstream ADDR --pid PID --n 100000 --concurrency 64
           [--delay-ms 10] [--budget-s 60] [--label NAME]
+  floor   --listen ADDR --upstream ADDR
+                                  the thinnest hyper HTTP/1.1 forwarding loop (a baseline
+                                  for the throughput and memory runs; runs until killed)
   wrk-parse --label NAME < wrk-output  turn `wrk --latency` output into a RESULT line
   report FILE.jsonl               render collected RESULT lines as markdown
 
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
             "timeout" => timeout::run(&args).await,
             "rss" => rss::run(&args).await,
             "soak" => soak::run(&args).await,
+            "floor" => floor::run(&args).await,
             "wrk-parse" => report::wrk_parse(&args),
             "report" => report::render(&args),
             other => Err(format!("unknown subcommand {other:?}\n\n{USAGE}")),

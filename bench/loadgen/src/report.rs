@@ -9,9 +9,11 @@ use serde_json::{Value, json};
 use crate::{Args, emit};
 
 /// The proxies under test, in the order tables list them; `cutoff` is the candidate and
-/// the others are the incumbents it is compared with.
-const ORDER: &[&str] = &["direct", "cutoff", "nginx", "haproxy"];
+/// the others are the incumbents it is compared with, except the two baselines: `direct`
+/// (no proxy) and `hyper-floor` (`loadgen floor`, the bare hyper forwarding loop).
+const ORDER: &[&str] = &["direct", FLOOR, "cutoff", "nginx", "haproxy"];
 const CANDIDATE: &str = "cutoff";
+const FLOOR: &str = "hyper-floor";
 
 pub fn wrk_parse(args: &Args) -> Result<(), String> {
     let label = args.str("label", "proxy");
@@ -156,8 +158,26 @@ fn sorted(mut v: Vec<&Value>) -> Vec<&Value> {
 fn incumbents<'a>(rows: &[&'a Value]) -> Vec<&'a Value> {
     rows.iter()
         .copied()
-        .filter(|r| r["proxy"] != CANDIDATE && r["proxy"] != "direct")
+        .filter(|r| r["proxy"] != CANDIDATE && r["proxy"] != "direct" && r["proxy"] != FLOOR)
         .collect()
+}
+
+/// A line under a table: cutoff's `key` ÷ hyper-floor's, when both rows are present.
+fn floor_note(out: &mut String, rows: &[&Value], key: &str, unit: &str) {
+    let of = |who: &str| {
+        rows.iter()
+            .find(|r| r["proxy"] == who)
+            .and_then(|r| f(&r[key]))
+    };
+    if let (Some(c), Some(fl)) = (of(CANDIDATE), of(FLOOR))
+        && fl > 0.0
+    {
+        let _ = writeln!(
+            out,
+            "\n{CANDIDATE} ÷ {FLOOR}: {} {unit}",
+            ratio(Some(c), Some(fl))
+        );
+    }
 }
 
 fn cancel_table(out: &mut String, rows: &[&Value]) {
@@ -338,7 +358,8 @@ fn wrk_table(out: &mut String, rows: &[&Value]) {
         "\"vs direct\" divides by wrk straight to the origin (req/s: higher is better; \
          latency: lower is better). \"req/s vs best\" is cutoff ÷ the faster incumbent. \
          Each target ran in interleaved passes; the table shows each one's best pass, and \
-         the other passes' req/s in the last column.\n\n",
+         the other passes' req/s in the last column. hyper-floor is a baseline (a bare hyper \
+         forwarding loop), never an incumbent.\n\n",
     );
     out.push_str("| target | req/s | req/s vs direct | p50 ms | p50 vs direct | p99 ms | p99 vs direct | req/s vs best | non-2xx | socket errors | other passes req/s |\n");
     out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -376,6 +397,7 @@ fn wrk_table(out: &mut String, rows: &[&Value]) {
                 .unwrap_or_default(),
         );
     }
+    floor_note(out, &rows, "rps", "req/s");
     out.push('\n');
 }
 
@@ -392,7 +414,8 @@ fn rss_table(out: &mut String, rows: &[&Value]) {
     out.push_str(
         "VmRSS of the proxy process (nginx: its one worker) before and while holding the \
          requests; KiB per held request = (held − before) ÷ requests that reached the \
-         upstream. Ratio: cutoff ÷ the leaner incumbent.\n\n",
+         upstream. Ratio: cutoff ÷ the leaner incumbent; hyper-floor (a bare hyper forwarding \
+         loop) is a baseline, never an incumbent.\n\n",
     );
     out.push_str("| proxy | held | time to hold all s | RSS before MiB | RSS held MiB | KiB / held request | vs best | fds before → held → after | RSS after release MiB |\n");
     out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|\n");
@@ -400,7 +423,7 @@ fn rss_table(out: &mut String, rows: &[&Value]) {
         .into_iter()
         .filter_map(|r| f(&r["kib_per_request"]))
         .min_by(|a, b| a.total_cmp(b));
-    for r in rows {
+    for r in &rows {
         let vs = if r["proxy"] == CANDIDATE {
             ratio(f(&r["kib_per_request"]), best)
         } else {
@@ -422,6 +445,7 @@ fn rss_table(out: &mut String, rows: &[&Value]) {
             mib(&r["rss_after_kib"]),
         );
     }
+    floor_note(out, &rows, "kib_per_request", "KiB per held request");
     out.push('\n');
 }
 
