@@ -14,7 +14,11 @@ HELD=${1:-500}
 ROUNDS=${2:-2}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+# CUTOFF_BIN=path measures that binary instead of building this tree's.
+if [[ -z "${CUTOFF_BIN:-}" ]]; then
+  cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+fi
+CUTOFF=${CUTOFF_BIN:-$ROOT/target/release/cutoff}
 CARGO_TARGET_DIR="$ROOT/target/bench-loadgen" cargo build --release --quiet \
   --manifest-path "$HERE/loadgen/Cargo.toml"
 LG="$ROOT/target/bench-loadgen/release/loadgen"
@@ -35,7 +39,7 @@ path_prefix = "/c/"
 upstream = "up"
 timeout = "30s"
 EOF
-taskset -c 1 "$ROOT/target/release/cutoff" --config "$WORK/cutoff.toml" 2>"$WORK/cutoff.log" &
+taskset -c 1 "$CUTOFF" --config "$WORK/cutoff.toml" 2>"$WORK/cutoff.log" &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 "$LG" wait-port "127.0.0.1:$PROXY_PORT" --timeout-ms 10000 >/dev/null

@@ -147,6 +147,7 @@ async fn serve(config: Config, demo: bool) -> ExitCode {
         let addr: SocketAddr = DEMO_API_ADDR.parse().expect("valid constant");
         match bind("news_api", addr).await {
             Ok(l) => {
+                log_listening("news_api", &l);
                 tokio::spawn(crate::news_api::serve(l, std::future::pending()));
             }
             Err(code) => return code,
@@ -188,12 +189,12 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Binds without announcing it: the proxy and admin listeners say "listening" only once
+/// everything they serve with (routes, TLS material) has loaded, so that whoever waits for
+/// that line can rely on it.
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
     match listen(addr) {
-        Ok(l) => {
-            log_listening(what, &l);
-            Ok(l)
-        }
+        Ok(l) => Ok(l),
         Err(e) => {
             tracing::error!(listener = what, %addr, error = %e, "cannot listen");
             eprintln!("cutoff: cannot listen on {addr} ({what}): {e}");
@@ -202,7 +203,7 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, ExitCode> {
     }
 }
 
-fn log_listening(what: &str, l: &TcpListener) {
+pub(crate) fn log_listening(what: &str, l: &TcpListener) {
     if let Ok(addr) = l.local_addr() {
         tracing::info!(target: "cutoff::server", listener = what, addr = %addr, "listening");
     }

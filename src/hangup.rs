@@ -22,14 +22,15 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What a connection does when its client hangs up. Runs on the hang-up thread, so it
-/// must be quick and must not wait on the connection's own task.
+/// must be quick: it may wait for a poll of the connection that is under way, never for
+/// the connection's task to be scheduled.
 pub trait OnHangup: Send + Sync {
     fn hung_up(&self);
 }
@@ -128,6 +129,9 @@ pub struct Hook {
 impl Hook {
     fn fire(&self) {
         self.gone.store(true, Ordering::SeqCst);
+        // With the fence in `attach`: at least one of the two sees the other's store, so a
+        // hang-up racing the attachment is delivered at least once.
+        fence(Ordering::SeqCst);
         if let Some(t) = self.target.get().and_then(Weak::upgrade) {
             t.hung_up();
         }
@@ -137,6 +141,7 @@ impl Hook {
     /// thread). `hung_up` may then run twice, and must not mind.
     pub fn attach(&self, target: Weak<dyn OnHangup>) {
         let _ = self.target.set(target);
+        fence(Ordering::SeqCst);
         if self.gone.load(Ordering::SeqCst)
             && let Some(t) = self.target.get().and_then(Weak::upgrade)
         {

@@ -9,7 +9,7 @@
 //! | `config` | `proxy.toml`: types, defaults, validation, errors with line and key |
 //! | `routes` | the route table and longest-prefix matching |
 //! | `server` | accept loop, connection tasks |
-//! | `hangup` | noticing a client's FIN or RST without reading its socket |
+//! | `hangup` | a client's FIN or RST, noticed without reading and acted on at once |
 //! | `proxy` | the story of one request, top to bottom |
 //! | `protected` | `continue` routes: calls that outlive their client |
 //! | `headers` | hop-by-hop removal, `X-Forwarded-*`, `Host`, paths |
@@ -146,6 +146,9 @@ pub async fn run(
     reload_signal: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), String> {
     let table = RouteTable::build(&config, None)?;
+    // Read before the TLS material is loaded: a renewal saved from here on is seen as a
+    // change by the reload watch, never mistaken for what is already serving.
+    let applied_certs = reload::cert_bytes(&config);
     let tls = config
         .server
         .tls
@@ -159,7 +162,11 @@ pub async fn run(
         body_read_timeout: config.server.body_read_timeout,
         tasks: tokio_util::task::TaskTracker::new(),
     });
+    // Ready: the routes and the TLS material loaded. Tests and operators wait for these
+    // lines, so they come only now (the sockets were bound earlier, by the caller).
+    cli::log_listening("proxy", &listeners.proxy);
     if let Some(admin) = listeners.admin {
+        cli::log_listening("admin", &admin);
         tokio::spawn(admin::serve(admin, exporter.clone(), lifecycle.clone()));
     }
     tokio::spawn(upkeep(shared.clone(), exporter));
@@ -174,7 +181,12 @@ pub async fn run(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let reload = tokio::spawn(reload::watch(shared.clone(), config, reload_signal));
+    let reload = tokio::spawn(reload::watch(
+        shared.clone(),
+        config,
+        applied_certs,
+        reload_signal,
+    ));
     for i in 1..workers {
         spawn_worker(i, &listeners.proxy, shared.clone(), settings.clone())?;
     }

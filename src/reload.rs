@@ -24,27 +24,34 @@ use crate::routes::RouteTable;
 
 const SETTLE: Duration = Duration::from_millis(150);
 
+/// `applied_certs` are the certificate files' bytes as read just before the listener's
+/// TLS material was loaded ([`cert_bytes`]).
 pub async fn watch(
     shared: Arc<Shared>,
     mut current: Config,
+    applied_certs: Option<Vec<u8>>,
     hup: Option<tokio::signal::unix::Signal>,
 ) {
     let path = current.source.clone();
     // `true` for SIGHUP: an explicit request reloads even an unchanged file.
     let (tx, mut rx) = mpsc::channel::<bool>(4);
     let _watcher = file_watcher(&path, &watched_files(&current), tx.clone());
-    // The file may have changed between its first load and this watch: then the first
-    // round reloads whatever is there.
-    // One read serves both the comparison and the fingerprint: reading twice would let an
-    // edit land in between and be mistaken for the state already applied.
+    // The files may have changed between their first load and this watch (an edit or a
+    // renewed certificate saved right after startup): then the first round reloads
+    // whatever is there. One read of each serves both the comparison and the fingerprint:
+    // reading twice would let an edit land in between and be mistaken for the state
+    // already applied.
     let initial = std::fs::read(&path).ok();
+    let certs = cert_bytes(&current);
     let unchanged = initial
         .as_deref()
         .and_then(|b| std::str::from_utf8(b).ok())
         .and_then(|t| config::parse(&path, t).ok())
-        .is_some_and(|now| now == current);
-    let mut last_text = match (unchanged, initial) {
-        (true, Some(text)) => fingerprint_with(&current, text),
+        .is_some_and(|now| now == current)
+        && certs.is_some()
+        && certs == applied_certs;
+    let mut last_text = match (unchanged, initial, certs) {
+        (true, Some(text), Some(certs)) => Some(fingerprint_of(text, certs)),
         _ => {
             let _ = tx.try_send(false);
             None
@@ -92,12 +99,22 @@ fn watched_files(config: &Config) -> Vec<PathBuf> {
 
 /// The bytes of every watched file; a reload runs only when they changed (or on SIGHUP).
 fn fingerprint(config: &Config) -> Option<Vec<u8>> {
-    fingerprint_with(config, std::fs::read(&config.source).ok()?)
+    Some(fingerprint_of(
+        std::fs::read(&config.source).ok()?,
+        cert_bytes(config)?,
+    ))
 }
 
-/// As [`fingerprint`], with the config file's bytes already read.
-fn fingerprint_with(config: &Config, mut all: Vec<u8>) -> Option<Vec<u8>> {
-    all.push(0);
+fn fingerprint_of(mut config_text: Vec<u8>, certs: Vec<u8>) -> Vec<u8> {
+    config_text.push(0);
+    config_text.extend(certs);
+    config_text
+}
+
+/// The listener's certificate and key files, as they are now (empty without TLS); `None`
+/// if one cannot be read.
+pub fn cert_bytes(config: &Config) -> Option<Vec<u8>> {
+    let mut all = Vec::new();
     for f in watched_files(config).iter().skip(1) {
         all.extend(std::fs::read(f).ok()?);
         all.push(0);
