@@ -174,13 +174,24 @@ thread_local! {
 /// client's side (deregistration, the FIN through loopback) would otherwise come before
 /// the upstream calls are reset, and delay exactly what the hang-up is for.
 pub fn upstreams_first<R>(f: impl FnOnce() -> R) -> R {
-    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
-    let r = f();
-    let deferred = DEFERRED.with(|d| d.borrow_mut().take());
-    for close in deferred.into_iter().flatten() {
-        close();
+    if DEFERRED.with(|d| d.borrow().is_some()) {
+        // Nested: the outer call closes them.
+        return f();
     }
-    r
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    // Closes what was put off even if `f` panics, so that later drops on this thread are
+    // not put off forever.
+    struct Flush;
+    impl Drop for Flush {
+        fn drop(&mut self) {
+            let deferred = DEFERRED.with(|d| d.borrow_mut().take());
+            for close in deferred.into_iter().flatten() {
+                close();
+            }
+        }
+    }
+    let _flush = Flush;
+    f()
 }
 
 impl<T: AsRawFd + Send + 'static> Watched<T> {
@@ -294,5 +305,92 @@ impl<T: AsRawFd + Send + 'static + AsyncWrite + Unpin> AsyncWrite for Watched<T>
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{ErrorKind, Read};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl OnHangup for Count {
+        fn hung_up(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn hook() -> Hook {
+        Hook {
+            gone: AtomicBool::new(false),
+            target: OnceLock::new(),
+        }
+    }
+
+    #[test]
+    fn a_hang_up_before_the_connection_is_attached_is_delivered_on_attach() {
+        let count = Arc::new(Count::default());
+        let h = hook();
+        h.fire();
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        h.attach(Arc::downgrade(&count) as Weak<dyn OnHangup>);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_hang_up_after_attach_is_delivered_once() {
+        let count = Arc::new(Count::default());
+        let h = hook();
+        h.attach(Arc::downgrade(&count) as Weak<dyn OnHangup>);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        h.fire();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// Inside `upstreams_first`, a dropped client socket stays open (its peer reads no
+    /// EOF yet); it closes when the closure has returned.
+    #[test]
+    fn client_sockets_close_after_the_rest() {
+        let (ours, mut peer) = UnixStream::pair().expect("socket pair");
+        peer.set_nonblocking(true).expect("non-blocking");
+        let (watched, _hook) = Watched::new(ours);
+        let mut buf = [0u8; 1];
+        upstreams_first(|| {
+            drop(watched);
+            let r = peer.read(&mut buf);
+            assert!(
+                matches!(&r, Err(e) if e.kind() == ErrorKind::WouldBlock),
+                "closed too early: {r:?}"
+            );
+        });
+        assert_eq!(peer.read(&mut buf).expect("EOF"), 0, "closed after");
+    }
+
+    /// The real thing: a registered socket whose peer leaves reaches its target through
+    /// the hang-up thread.
+    #[test]
+    fn a_peer_that_leaves_is_reported_by_the_hang_up_thread() {
+        struct Tell(Mutex<std::sync::mpsc::Sender<()>>);
+        impl OnHangup for Tell {
+            fn hung_up(&self) {
+                let _ = self.0.lock().expect("sender").send(());
+            }
+        }
+        let (ours, peer) = UnixStream::pair().expect("socket pair");
+        let (watched, hook) = Watched::new(ours);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let target = Arc::new(Tell(Mutex::new(tx)));
+        hook.expect("registered")
+            .attach(Arc::downgrade(&target) as Weak<dyn OnHangup>);
+        drop(peer);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the hang-up within 5 s");
+        drop(watched);
+        assert!(rx.try_recv().is_err(), "one-shot: reported once");
     }
 }

@@ -3,11 +3,11 @@
 //! hyper tells a handler that its client left only by dropping the handler's future, and
 //! it notices a departure only when it happens to be reading the socket. It is not reading
 //! when pipelined bytes sit in its buffer, nor while a large request body waits unread
-//! behind a slow upstream. So every connection also has a [`HangupWatch`] (`hangup.rs`),
-//! woken by the kernel's `EPOLLRDHUP`/`EPOLLHUP`, which arrive with the client's FIN or
-//! RST whatever data is still queued in front of them. When it fires, the connection task
-//! drops hyper's connection, which drops every request future and response body of that
-//! connection, which closes their upstream calls.
+//! behind a slow upstream. So every client socket is also [`Watched`] (`hangup.rs`): the
+//! kernel's `EPOLLRDHUP`/`EPOLLHUP` arrive with the client's FIN or RST whatever data is
+//! still queued in front of them, and the hang-up thread then drops hyper's connection
+//! (kept in a [`Connection`] for that reason), which drops every request future and
+//! response body of that connection, which closes their upstream calls.
 //!
 //! Consequence, documented in the README: a client that half-closes its side (sends FIN)
 //! while waiting for a response counts as gone, as with hyper's default and nginx.
@@ -256,6 +256,9 @@ async fn serve_io<I>(
             }
         }
     }
+    // However the connection ended (hyper saw the client leave, a timer, a shutdown), its
+    // upstream calls are reset before the client's socket is torn down.
+    crate::hangup::upstreams_first(move || drop(conn));
 }
 
 /// One client connection, shared with the hang-up thread, which may drop it.
