@@ -144,7 +144,7 @@ impl Call {
             let mut head_closed = std::pin::pin!(head_closed);
             let mut client_left_at = None;
             let send = route.upstream.send(
-                up_req,
+                Box::new(up_req),
                 &mut self.guard,
                 deadline,
                 route.config.deadline_header.as_ref(),

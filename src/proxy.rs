@@ -111,7 +111,8 @@ async fn forward(
     let header = route.config.deadline_header.as_ref();
     // Built in place and pinned where it stands: a future moved through locals and
     // arguments leaves a copy of itself in every frame it passed.
-    let up_req = prepare(req, route, cx, &upload);
+    // Boxed: it passes through several futures, each of which would keep room for it.
+    let up_req = Box::new(prepare(req, route, cx, &upload));
     let result = {
         let call = std::pin::pin!(route.upstream.send(up_req, &mut guard, deadline, header));
         until_headers(call, &mut timer, &cx.forced).await

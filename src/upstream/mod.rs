@@ -192,7 +192,7 @@ impl Upstream {
     /// running, and nothing is counted against the endpoint.
     pub async fn send(
         &self,
-        mut req: Request<RequestBody>,
+        mut req: Box<Request<RequestBody>>,
         guard: &mut InFlight,
         deadline: Option<Instant>,
         deadline_header: Option<&HeaderName>,
@@ -262,7 +262,7 @@ impl Upstream {
         };
         let result = match link {
             Link::H1(io) => self.exchange_h1(&endpoint, io, req, guard, phase).await,
-            Link::H2(sender) => Box::pin(exchange_h2(&endpoint, sender, req, guard, phase)).await,
+            Link::H2(sender) => Box::pin(exchange_h2(&endpoint, sender, *req, guard, phase)).await,
         };
         match result {
             Ok((resp, mut conn)) => {
@@ -286,7 +286,7 @@ impl Upstream {
         &self,
         endpoint: &Arc<Endpoint>,
         idle: Idle,
-        req: Request<RequestBody>,
+        req: Box<Request<RequestBody>>,
         guard: &mut InFlight,
         phase: Phase,
     ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
@@ -307,14 +307,16 @@ impl Upstream {
         guard.dispatched(phase);
         let mut attempt = 0;
         let resp = loop {
-            let mut response = std::pin::pin!(sender.try_send_request(req));
+            let mut response = std::pin::pin!(sender.try_send_request(*req));
             let r = poll_fn(|cx| {
                 if !conn.done {
                     // An error here reaches the response future too, with more context.
                     let _ = conn.poll_drive(cx);
                 }
                 match response.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    // Boxed: the error carries the whole request back, and the future of
+                    // every request would otherwise keep room for it.
+                    Poll::Ready(r) => Poll::Ready(Some(r.map_err(Box::new))),
                     Poll::Pending if conn.done => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 }
@@ -325,7 +327,7 @@ impl Upstream {
                 Some(Err(mut e)) if attempt == 0 => match e.take_message() {
                     Some(back) => {
                         attempt += 1;
-                        req = back;
+                        *req = back;
                         let io = Box::pin(endpoint.connect()).await?;
                         let (s, c) = Box::pin(self.handshake(io)).await.map_err(http_err)?;
                         sender = s;
