@@ -344,7 +344,7 @@ where
 ///
 /// A connection task is polled on every socket event, several times per request, and
 /// `select!` then polls each of its branches. All but hyper's connection wait for rare
-/// events (a drain, a hang-up, a timer), yet polling them is not free: a cancellation
+/// events (a drain, a forced shutdown, a timer), yet polling them is not free: a cancellation
 /// token's future takes a lock, a timer re-checks its entry. Gated, such a branch costs an
 /// atomic swap per poll, and its future runs only when it asked to be woken.
 struct Gated<F> {
@@ -354,7 +354,7 @@ struct Gated<F> {
 }
 
 struct Gate {
-    woken: std::sync::atomic::AtomicBool,
+    woken: AtomicBool,
     task: atomic_waker::AtomicWaker,
 }
 
@@ -364,7 +364,7 @@ impl std::task::Wake for Gate {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.woken.store(true, Ordering::Release);
         self.task.wake();
     }
 }
@@ -373,7 +373,7 @@ impl<F: std::future::Future + Unpin> Gated<F> {
     fn new(inner: F) -> Gated<F> {
         let gate = Arc::new(Gate {
             // Polled once at first, so that the future can register what it waits for.
-            woken: std::sync::atomic::AtomicBool::new(true),
+            woken: AtomicBool::new(true),
             task: atomic_waker::AtomicWaker::new(),
         });
         let waker = std::task::Waker::from(gate.clone());
@@ -383,9 +383,7 @@ impl<F: std::future::Future + Unpin> Gated<F> {
     /// The inner future, to be changed; it is polled again at the next poll (a timer that
     /// was reset must register its new deadline).
     fn rearm(&mut self) -> &mut F {
-        self.gate
-            .woken
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.gate.woken.store(true, Ordering::Release);
         &mut self.inner
     }
 }
@@ -399,11 +397,7 @@ impl<F: std::future::Future + Unpin> std::future::Future for Gated<F> {
     ) -> std::task::Poll<F::Output> {
         let this = &mut *self;
         this.gate.task.register(cx.waker());
-        if !this
-            .gate
-            .woken
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
+        if !this.gate.woken.swap(false, Ordering::AcqRel) {
             return std::task::Poll::Pending;
         }
         let mut own = std::task::Context::from_waker(&this.waker);
