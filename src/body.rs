@@ -249,7 +249,7 @@ pub struct UpstreamBody {
     body: Option<Incoming>,
     deadline: DeadlineTimer,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    guard: InFlight,
+    guard: Box<InFlight>,
     status: u16,
     finished: bool,
 }
@@ -260,7 +260,7 @@ impl UpstreamBody {
         body: Incoming,
         deadline: DeadlineTimer,
         idle_timeout: Option<Duration>,
-        guard: InFlight,
+        guard: Box<InFlight>,
         status: u16,
     ) -> UpstreamBody {
         let idle = idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d))));

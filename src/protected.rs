@@ -93,7 +93,7 @@ impl Body for ProtectedBody {
 pub async fn forward(
     req: Request<Incoming>,
     route: Arc<Route>,
-    guard: InFlight,
+    guard: Box<InFlight>,
     deadline: Option<Instant>,
     cx: &ConnContext,
     upload: Arc<crate::body::RequestState>,
@@ -117,7 +117,7 @@ pub async fn forward(
 
 struct Call {
     route: Arc<Route>,
-    guard: InFlight,
+    guard: Box<InFlight>,
     head_tx: Option<oneshot::Sender<Response<crate::body::ProxyBody>>>,
 }
 

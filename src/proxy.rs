@@ -77,13 +77,14 @@ pub async fn handle(
             "no route matches this request\n",
         ));
     };
-    let mut guard = InFlight::new(
+    // Boxed: it is moved through several futures, then into the response body.
+    let mut guard = Box::new(InFlight::new(
         Some(route.info.clone()),
         req.method().clone(),
         req.uri().clone(),
         cx.client.clone(),
         lifecycle,
-    );
+    ));
     guard.watch(state.clone());
     let deadline = deadline(&route, &req, guard.started());
     // Tunnels and protected calls are boxed: the future of every request is as large as
@@ -102,7 +103,7 @@ pub async fn handle(
 async fn forward(
     req: Request<Incoming>,
     route: &Route,
-    mut guard: InFlight,
+    mut guard: Box<InFlight>,
     deadline: Option<Instant>,
     cx: &ConnContext,
     upload: Arc<RequestState>,
@@ -185,7 +186,7 @@ pub(crate) fn respond(
     conn: Conn,
     timer: DeadlineTimer,
     route: &Route,
-    mut guard: InFlight,
+    mut guard: Box<InFlight>,
 ) -> Response<ProxyBody> {
     guard.set_phase(Phase::StreamingBody);
     let (mut parts, body) = resp.into_parts();

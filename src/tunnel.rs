@@ -38,7 +38,7 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
 pub async fn forward(
     mut req: Request<Incoming>,
     route: &Arc<Route>,
-    mut guard: InFlight,
+    mut guard: Box<InFlight>,
     deadline: Option<Instant>,
     cx: &ConnContext,
     upload: Arc<crate::body::RequestState>,
