@@ -107,7 +107,14 @@ impl Registry {
                 let key = ev.u64;
                 let hook = self.lock().get(&key).cloned();
                 if let Some(hook) = hook {
-                    hook.fire();
+                    // A panic while dropping one connection is a bug, but it must not end
+                    // the watch for every other connection of the process.
+                    let fired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        hook.fire();
+                    }));
+                    if fired.is_err() {
+                        tracing::error!("panic while cancelling a departed client's work");
+                    }
                 }
             }
         }
