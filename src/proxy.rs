@@ -110,11 +110,11 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let mut timer = deadline_timer(deadline);
     let header = route.config.deadline_header.as_ref();
-    // Built in place and pinned where it stands: a future moved through locals and
-    // arguments leaves a copy of itself in every frame it passed.
     // Boxed: it passes through several futures, each of which would keep room for it.
     let up_req = Box::new(prepare(req, route, cx, &upload));
     let result = {
+        // Built in place and pinned where it stands: a future moved through locals and
+        // arguments leaves a copy of itself in every frame it passed.
         let call = std::pin::pin!(route.upstream.send(up_req, &mut guard, deadline, header));
         until_headers(call, &mut timer, &cx.forced).await
     };

@@ -277,14 +277,15 @@ struct Connection<C> {
     runtime: tokio::runtime::Handle,
 }
 
-type ServedConn<C> = <C as std::future::Future>::Output;
+impl<C> Connection<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<C>>>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
-impl<C, E> Connection<C>
-where
-    C: std::future::Future<Output = Result<(), E>> + GracefulShutdown,
-{
+impl<C: std::future::Future + GracefulShutdown> Connection<C> {
     /// `None` once the client hung up.
-    fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<ServedConn<C>>> {
+    fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<C::Output>> {
         self.task.register(cx.waker());
         if self.gone.load(Ordering::Acquire) {
             return std::task::Poll::Ready(None);
@@ -300,10 +301,6 @@ where
             conn.as_mut().shutdown_gracefully();
         }
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<C>>>> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 impl<C: Send> OnHangup for Connection<C> {
@@ -313,7 +310,7 @@ impl<C: Send> OnHangup for Connection<C> {
         self.gone.store(true, Ordering::Release);
         {
             let _runtime = self.runtime.enter();
-            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let conn = self.lock().take();
             crate::hangup::upstreams_first(|| drop(conn));
         }
         self.task.wake();
