@@ -284,6 +284,10 @@ measured_pid() {
   echo "$pid"
 }
 
+# A process's CPU time so far, user + system, in clock ticks (fields 14 and 15 of
+# /proc/PID/stat; the command name before them is in parentheses and may hold spaces).
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}'; }
+
 json_str() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'; }
 meta() { printf '{"bench":"meta","key":"%s","value":"%s"}\n' "$(json_str "$1")" "$(json_str "$2")" >>"$RES"; }
 event() {
@@ -393,9 +397,15 @@ for target in direct "${first[@]}" "${second[@]}" direct; do
   if [[ $target == direct ]]; then port=$ORIGIN_PORT; else port=${PORT[$target]}; fi
   url="http://127.0.0.1:$port/w/hello.txt"
   taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
+  cpu=()
+  if [[ $target != direct ]]; then cpu_pid=$(measured_pid "$target"); t0=$(cpu_ticks "$cpu_pid"); fi
   out=$(taskset -c 0 wrk -t1 -c64 -d"${WRK_SECONDS}s" --latency "$url" 2>&1) || true
+  if [[ $target != direct ]]; then
+    t1=$(cpu_ticks "$cpu_pid")
+    [[ -n "$t0" && -n "$t1" ]] && cpu=(--cpu-ticks "$((t1 - t0))" --hz "$(getconf CLK_TCK)")
+  fi
   printf '%s\n' "$out" >>"$WORK/wrk-$target.txt"
-  res=$(printf '%s\n' "$out" | "$LG" wrk-parse --label "$target" 2>&1) ||
+  res=$(printf '%s\n' "$out" | "$LG" wrk-parse --label "$target" "${cpu[@]}" 2>&1) ||
     event "$target" "wrk failed: $(printf '%s' "$out" | tail -n1)"
   printf '%s\n' "$res" | grep -v '^RESULT ' | sed 's/^/  /' || true
   printf '%s\n' "$res" | sed -n 's/^RESULT //p' >>"$RES"

@@ -166,6 +166,8 @@ pub struct Watched<T: AsRawFd + Send + 'static> {
     /// Taken in `Drop`, after the registration is gone; see [`upstreams_first`].
     io: ManuallyDrop<T>,
     key: Option<u64>,
+    /// Once it says the client left, reads fail at once: see `poll_read`.
+    hook: Option<Arc<Hook>>,
 }
 
 /// Closing one client socket, put off by [`upstreams_first`].
@@ -236,6 +238,7 @@ impl<T: AsRawFd + Send + 'static> Watched<T> {
         let watched = Watched {
             io: ManuallyDrop::new(io),
             key: Some(key),
+            hook: Some(hook.clone()),
         };
         (watched, Some(hook))
     }
@@ -244,6 +247,7 @@ impl<T: AsRawFd + Send + 'static> Watched<T> {
         Watched {
             io: ManuallyDrop::new(io),
             key: None,
+            hook: None,
         }
     }
 }
@@ -281,6 +285,16 @@ impl<T: AsRawFd + Send + 'static + AsyncRead + Unpin> AsyncRead for Watched<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // The client left: whatever it sent before its FIN (the rest of an upload, say)
+        // would only be forwarded to an upstream call about to be reset. A worker busy
+        // reading it holds the connection, which the hang-up thread then cannot drop.
+        if self
+            .hook
+            .as_ref()
+            .is_some_and(|h| h.gone.load(Ordering::Relaxed))
+        {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        }
         Pin::new(&mut *self.io).poll_read(cx, buf)
     }
 }

@@ -297,13 +297,22 @@ impl<C: std::future::Future + GracefulShutdown> Connection<C> {
         if self.gate.gone.load(Ordering::Acquire) {
             return std::task::Poll::Ready(None);
         }
-        match self.lock().as_mut() {
-            Some(conn) => {
-                let mut cx = std::task::Context::from_waker(gate);
-                conn.as_mut().poll(&mut cx).map(Some)
-            }
-            None => std::task::Poll::Ready(None),
+        let mut slot = self.lock();
+        let Some(conn) = slot.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let polled = conn
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(gate));
+        if self.gate.gone.load(Ordering::Acquire) {
+            // The client left during this poll, and the hang-up thread, finding the
+            // connection busy, left the drop to this task rather than wait for it.
+            let conn = slot.take();
+            drop(slot);
+            crate::hangup::upstreams_first(|| drop(conn));
+            return std::task::Poll::Ready(None);
         }
+        polled.map(Some)
     }
 
     fn graceful_shutdown(&self) {
@@ -319,9 +328,16 @@ impl<C: Send> OnHangup for Connection<C> {
         self.client.mark_gone();
         // Closed before the drop: whatever it wakes waits until the upstream calls are reset.
         self.gate.gone.store(true, Ordering::Release);
-        {
+        // A connection its task is polling right now is left to that task, which checks
+        // `gone` when its poll ends (and at the next poll, which the wake below brings):
+        // waiting here would hold up every other departure behind one busy connection.
+        let conn = match self.conn.try_lock() {
+            Ok(mut slot) => slot.take(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().take(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if conn.is_some() {
             let _runtime = self.runtime.enter();
-            let conn = self.lock().take();
             crate::hangup::upstreams_first(|| drop(conn));
         }
         self.gate.task.wake();
@@ -491,5 +507,85 @@ mod tests {
             2,
             "the hang-up thread's own wake"
         );
+    }
+
+    /// A hyper connection stand-in whose poll blocks until released, as a worker busy
+    /// forwarding an upload does while holding the connection.
+    struct Busy {
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl std::future::Future for Busy {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+            std::task::Poll::Pending
+        }
+    }
+
+    impl GracefulShutdown for Busy {
+        fn shutdown_gracefully(self: Pin<&mut Self>) {}
+    }
+
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_hang_up_thread_leaves_a_busy_connection_to_its_task() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release, release_rx) = std::sync::mpsc::sync_channel(1);
+        let dropped = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(TaskGate {
+            gone: AtomicBool::new(false),
+            task: atomic_waker::AtomicWaker::new(),
+        });
+        let conn = Arc::new(Connection {
+            conn: Mutex::new(Some(Box::pin(Busy {
+                entered: entered_tx,
+                release: release_rx,
+                dropped: dropped.clone(),
+            }))),
+            gate: gate.clone(),
+            client: Arc::new(ClientConn::default()),
+            runtime: rt.handle().clone(),
+        });
+
+        // The connection's task, inside a poll that will not end until released.
+        let task = std::thread::spawn({
+            let conn = conn.clone();
+            let waker = std::task::Waker::from(gate);
+            move || {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                conn.poll(&mut cx, &waker).is_ready()
+            }
+        });
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+
+        // The departure: it must return at once, without the connection.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let conn = conn.clone();
+            move || {
+                conn.hung_up();
+                let _ = done_tx.send(());
+            }
+        });
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("the hang-up thread waited for a busy connection");
+        assert!(!dropped.load(Ordering::SeqCst));
+
+        // The task's poll ends, sees the departure and drops the connection itself.
+        release.send(()).unwrap();
+        assert!(task.join().unwrap(), "the poll reports the connection over");
+        assert!(dropped.load(Ordering::SeqCst));
     }
 }

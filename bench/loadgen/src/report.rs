@@ -51,12 +51,24 @@ pub fn wrk_parse(args: &Args) -> Result<(), String> {
     if v.get("rps").is_none() {
         return Err("no Requests/sec line in wrk's output".into());
     }
+    // The proxy's own CPU time over the run (user + system, in clock ticks, from
+    // /proc/PID/stat), per request served: what "per core" means, and much steadier than
+    // req/s on a machine whose neighbours come and go.
+    if let (Some(ticks), Some(hz)) = (args.flags.get("cpu-ticks"), args.flags.get("hz")) {
+        let ticks: f64 = ticks.parse().map_err(|_| "--cpu-ticks: bad number")?;
+        let hz: f64 = hz.parse().map_err(|_| "--hz: bad number")?;
+        let requests = v["requests"].as_u64().unwrap_or(0);
+        if requests > 0 && hz > 0.0 {
+            v["cpu_us_per_req"] = json!(ticks / hz * 1e6 / requests as f64);
+        }
+    }
     println!(
-        "wrk {label}: {} req/s, p50 {} µs, p99 {} µs, non-2xx {}, socket errors {socket_errors}",
+        "wrk {label}: {} req/s, p50 {} µs, p99 {} µs, non-2xx {}, socket errors {socket_errors}{}",
         v["rps"],
         v["p50_us"],
         v["p99_us"],
-        v.get("non2xx").unwrap_or(&json!(0))
+        v.get("non2xx").unwrap_or(&json!(0)),
+        f(&v["cpu_us_per_req"]).map_or(String::new(), |c| format!(", CPU {c:.1} µs/request"))
     );
     emit(v);
     Ok(())
@@ -359,25 +371,35 @@ fn wrk_table(out: &mut String, rows: &[&Value]) {
          latency: lower is better). \"req/s vs best\" is cutoff ÷ the faster incumbent. \
          Each target ran in interleaved passes; the table shows each one's best pass, and \
          the other passes' req/s in the last column. hyper-floor is a baseline (a bare hyper \
-         forwarding loop), never an incumbent.\n\n",
+         forwarding loop), never an incumbent. \"CPU µs/req\" is the proxy process's own \
+         CPU time (user + system) during that pass divided by the requests it served; \
+         \"CPU vs best\" is cutoff's ÷ the leaner incumbent's (below 1× is better).\n\n",
     );
-    out.push_str("| target | req/s | req/s vs direct | p50 ms | p50 vs direct | p99 ms | p99 vs direct | req/s vs best | non-2xx | socket errors | other passes req/s |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| target | req/s | req/s vs direct | p50 ms | p50 vs direct | p99 ms | p99 vs direct | req/s vs best | CPU µs/req | CPU vs best | non-2xx | socket errors | other passes req/s |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let direct = rows.iter().find(|r| r["proxy"] == "direct").copied();
     let d = |k: &str| direct.and_then(|r| f(&r[k]));
     let best = incumbents(&rows)
         .into_iter()
         .filter_map(|r| f(&r["rps"]))
         .max_by(|a, b| a.total_cmp(b));
+    let leanest = incumbents(&rows)
+        .into_iter()
+        .filter_map(|r| f(&r["cpu_us_per_req"]))
+        .min_by(|a, b| a.total_cmp(b));
     for r in &rows {
-        let vs_best = if r["proxy"] == CANDIDATE {
-            ratio(f(&r["rps"]), best)
+        let (vs_best, cpu_vs_best) = if r["proxy"] == CANDIDATE {
+            (
+                ratio(f(&r["rps"]), best),
+                ratio(f(&r["cpu_us_per_req"]), leanest),
+            )
         } else {
-            "—".into()
+            ("—".into(), "—".into())
         };
+        let cpu = f(&r["cpu_us_per_req"]).map_or("—".into(), |c| format!("{c:.1}"));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {vs_best} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {vs_best} | {cpu} | {cpu_vs_best} | {} | {} | {} |",
             s(&r["proxy"]),
             num0(&r["rps"]),
             ratio(f(&r["rps"]), d("rps")),
@@ -398,6 +420,7 @@ fn wrk_table(out: &mut String, rows: &[&Value]) {
         );
     }
     floor_note(out, &rows, "rps", "req/s");
+    floor_note(out, &rows, "cpu_us_per_req", "CPU per request");
     out.push('\n');
 }
 
