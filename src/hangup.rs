@@ -14,7 +14,9 @@
 //! request and upstream call. It does not wait for the connection's task to be polled: on
 //! a worker busy with other connections (say, forwarding uploads) that task may sit behind
 //! hundreds of others in the run queue, and every millisecond there is upstream work
-//! nobody will use.
+//! nobody will use. Nor does it wait for a poll of that connection under way: the task
+//! then drops the connection itself when its poll ends, and the poll ends sooner because
+//! [`Hook::stop_reads`] makes the client socket read as closed.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -29,8 +31,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What a connection does when its client hangs up. Runs on the hang-up thread, so it
-/// must be quick: it may wait for a poll of the connection that is under way, never for
-/// the connection's task to be scheduled.
+/// must be quick: it never waits for the connection's task, to be scheduled or to finish
+/// a poll.
 pub trait OnHangup: Send + Sync {
     fn hung_up(&self);
 }
@@ -131,9 +133,21 @@ impl Registry {
 pub struct Hook {
     gone: AtomicBool,
     target: OnceLock<Weak<dyn OnHangup>>,
+    /// Set by the connection, not by the hang-up itself: once the HTTP connection is over
+    /// (an upgrade handed the socket to a tunnel), a FIN is the tunnel's to read, along
+    /// with whatever came before it (a WebSocket close frame).
+    reads_stopped: AtomicBool,
 }
 
 impl Hook {
+    fn new() -> Hook {
+        Hook {
+            gone: AtomicBool::new(false),
+            target: OnceLock::new(),
+            reads_stopped: AtomicBool::new(false),
+        }
+    }
+
     fn fire(&self) {
         self.gone.store(true, Ordering::SeqCst);
         // With the fence in `attach`: at least one of the two sees the other's store, so a
@@ -142,6 +156,12 @@ impl Hook {
         if let Some(t) = self.target.get().and_then(Weak::upgrade) {
             t.hung_up();
         }
+    }
+
+    /// From now on the client's socket reads as closed: the connection calls this when
+    /// its client hung up, after recording the departure.
+    pub fn stop_reads(&self) {
+        self.reads_stopped.store(true, Ordering::Release);
     }
 
     /// Attaches the connection; if the client already left, tells it now (on the caller's
@@ -166,7 +186,7 @@ pub struct Watched<T: AsRawFd + Send + 'static> {
     /// Taken in `Drop`, after the registration is gone; see [`upstreams_first`].
     io: ManuallyDrop<T>,
     key: Option<u64>,
-    /// Once it says the client left, reads fail at once: see `poll_read`.
+    /// Once the connection stops its reads, the socket reads as closed: see `poll_read`.
     hook: Option<Arc<Hook>>,
 }
 
@@ -211,10 +231,7 @@ impl<T: AsRawFd + Send + 'static> Watched<T> {
             return (Watched::unregistered(io), None);
         };
         let key = registry.next.fetch_add(1, Ordering::Relaxed);
-        let hook = Arc::new(Hook {
-            gone: AtomicBool::new(false),
-            target: OnceLock::new(),
-        });
+        let hook = Arc::new(Hook::new());
         registry.lock().insert(key, hook.clone());
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
@@ -286,14 +303,15 @@ impl<T: AsRawFd + Send + 'static + AsyncRead + Unpin> AsyncRead for Watched<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         // The client left: whatever it sent before its FIN (the rest of an upload, say)
-        // would only be forwarded to an upstream call about to be reset. A worker busy
-        // reading it holds the connection, which the hang-up thread then cannot drop.
+        // would only be forwarded to an upstream call about to be reset, by a worker that
+        // holds the connection meanwhile. hyper sees the end of the stream instead: a
+        // quiet close between requests, an incomplete body or head within one.
         if self
             .hook
             .as_ref()
-            .is_some_and(|h| h.gone.load(Ordering::Relaxed))
+            .is_some_and(|h| h.reads_stopped.load(Ordering::Acquire))
         {
-            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+            return Poll::Ready(Ok(()));
         }
         Pin::new(&mut *self.io).poll_read(cx, buf)
     }
@@ -347,10 +365,7 @@ mod tests {
     }
 
     fn hook() -> Hook {
-        Hook {
-            gone: AtomicBool::new(false),
-            target: OnceLock::new(),
-        }
+        Hook::new()
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! behind a slow upstream. So every client socket is also [`Watched`] (`hangup.rs`): the
 //! kernel's `EPOLLRDHUP`/`EPOLLHUP` arrive with the client's FIN or RST whatever data is
 //! still queued in front of them, and the hang-up thread then drops hyper's connection
-//! (kept in a [`Connection`] for that reason), which drops every request future and
-//! response body of that connection, which closes their upstream calls.
+//! (kept in a [`Connection`] for that reason; if the connection's task is polling it at
+//! that moment, the task drops it as its poll ends), which drops every request future
+//! and response body of that connection, which closes their upstream calls.
 //!
 //! Consequence, documented in the README: a client that half-closes its side (sends FIN)
 //! while waiting for a response counts as gone, as with hyper's default and nginx.
@@ -188,10 +189,11 @@ async fn serve_io<I>(
         gone: AtomicBool::new(false),
         task: atomic_waker::AtomicWaker::new(),
     });
-    let waker = std::task::Waker::from(gate.clone());
     let conn = Arc::new(Connection {
         conn: Mutex::new(Some(Box::pin(conn))),
+        waker: std::task::Waker::from(gate.clone()),
         gate,
+        hook: hook.clone(),
         client: client.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
@@ -225,7 +227,7 @@ async fn serve_io<I>(
                 conn.graceful_shutdown();
                 draining = true;
             }
-            r = std::future::poll_fn(|cx| conn.poll(cx, &waker)) => {
+            r = std::future::poll_fn(|cx| conn.poll(cx)) => {
                 if let Some(Err(e)) = r {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
@@ -261,18 +263,27 @@ async fn serve_io<I>(
         }
     }
     // However the connection ended (hyper saw the client leave, a timer, a shutdown), its
-    // upstream calls are reset before the client's socket is torn down.
-    crate::hangup::upstreams_first(move || drop(conn));
+    // upstream calls are reset before the client's socket is torn down. Taken out here,
+    // on this worker: the hang-up thread may hold the last reference to `conn` a moment
+    // longer, and must not be the one to drop a connection it left to this task.
+    crate::hangup::upstreams_first(move || {
+        drop(conn.lock().take());
+        drop(conn);
+    });
 }
 
 /// One client connection, shared with the hang-up thread, which may drop it.
 ///
 /// hyper's connection holds every request of the client and, through them, every upstream
 /// call: dropping it cancels them all. The lock is taken by this connection's task for
-/// each poll and by the hang-up thread once; it is never held across an await.
+/// each poll and tried by the hang-up thread once; it is never held across an await.
 struct Connection<C> {
     conn: Mutex<Option<Pin<Box<C>>>>,
     gate: Arc<TaskGate>,
+    /// `gate` as a waker: what hyper's connection is polled with, every time.
+    waker: std::task::Waker,
+    /// The client socket's registration, whose reads stop when the client hangs up.
+    hook: Option<Arc<Hook>>,
     client: Arc<ClientConn>,
     /// The worker runtime whose sockets and timers the connection uses: they are dropped
     /// inside its context.
@@ -288,11 +299,7 @@ impl<C> Connection<C> {
 impl<C: std::future::Future + GracefulShutdown> Connection<C> {
     /// `None` once the client hung up. hyper's connection is polled with `gate`'s waker
     /// (the same one every time), never with the task's own.
-    fn poll(
-        &self,
-        cx: &mut std::task::Context<'_>,
-        gate: &std::task::Waker,
-    ) -> std::task::Poll<Option<C::Output>> {
+    fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<C::Output>> {
         self.gate.task.register(cx.waker());
         if self.gate.gone.load(Ordering::Acquire) {
             return std::task::Poll::Ready(None);
@@ -303,7 +310,7 @@ impl<C: std::future::Future + GracefulShutdown> Connection<C> {
         };
         let polled = conn
             .as_mut()
-            .poll(&mut std::task::Context::from_waker(gate));
+            .poll(&mut std::task::Context::from_waker(&self.waker));
         if self.gate.gone.load(Ordering::Acquire) {
             // The client left during this poll, and the hang-up thread, finding the
             // connection busy, left the drop to this task rather than wait for it.
@@ -328,6 +335,9 @@ impl<C: Send> OnHangup for Connection<C> {
         self.client.mark_gone();
         // Closed before the drop: whatever it wakes waits until the upstream calls are reset.
         self.gate.gone.store(true, Ordering::Release);
+        if let Some(hook) = &self.hook {
+            hook.stop_reads();
+        }
         // A connection its task is polling right now is left to that task, which checks
         // `gone` when its poll ends (and at the next poll, which the wake below brings):
         // waiting here would hold up every other departure behind one busy connection.
@@ -554,7 +564,9 @@ mod tests {
                 release: release_rx,
                 dropped: dropped.clone(),
             }))),
-            gate: gate.clone(),
+            waker: std::task::Waker::from(gate.clone()),
+            gate,
+            hook: None,
             client: Arc::new(ClientConn::default()),
             runtime: rt.handle().clone(),
         });
@@ -562,10 +574,9 @@ mod tests {
         // The connection's task, inside a poll that will not end until released.
         let task = std::thread::spawn({
             let conn = conn.clone();
-            let waker = std::task::Waker::from(gate);
             move || {
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                conn.poll(&mut cx, &waker).is_ready()
+                conn.poll(&mut cx).is_ready()
             }
         });
         entered.recv_timeout(Duration::from_secs(10)).unwrap();

@@ -1,5 +1,7 @@
 //! Upgraded connections (WebSocket, `Connection: upgrade`): the 101 is passed on, then bytes
-//! flow both ways until either side closes, and then the other side is closed too.
+//! flow both ways. A side that closes (FIN) has its close passed on after its last bytes,
+//! and the tunnel ends once both sides closed; a reset or error on either side ends it at
+//! once.
 //!
 //! A tunnel is long-lived by design, so the route's `timeout` covers only the handshake
 //! (until the 101); after it, only `idle_timeout` applies (no bytes either way for that
@@ -94,7 +96,18 @@ pub async fn forward(
     Response::from_parts(parts, ProxyBody::Local(None))
 }
 
-/// Copies both ways with one reused buffer per direction, until either side closes.
+/// How long the other side has to finish once one side closed its half of a tunnel.
+///
+/// A FIN is the end of what that side sends, not a reset: it goes on to the other side
+/// after everything sent before it (a WebSocket close frame, say), and the answer still
+/// flows back, as a WebSocket close handshake needs. A side that neither closes its own
+/// half after that nor sends anything is not waited for longer than this.
+pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Copies both ways with one reused buffer per direction. A side's FIN is passed on as a
+/// FIN once everything before it was delivered; the tunnel ends when both sides have
+/// closed, at an error or reset of either, when idle, or [`HALF_CLOSE_GRACE`] after the
+/// first close with nothing sent meanwhile.
 async fn pump<C, U>(
     mut client: C,
     mut upstream: U,
@@ -107,21 +120,34 @@ async fn pump<C, U>(
 {
     let mut up_buf = vec![0u8; 16 * 1024];
     let mut down_buf = vec![0u8; 16 * 1024];
-    let idle_limit = idle.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    let mut idle_limit = idle.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let sleep = tokio::time::sleep(idle_limit);
     tokio::pin!(sleep);
-    loop {
+    let (mut client_open, mut upstream_open) = (true, true);
+    while client_open || upstream_open {
         tokio::select! {
-            r = client.read(&mut up_buf) => match r {
-                Ok(0) | Err(_) => break,
+            r = client.read(&mut up_buf), if client_open => match r {
+                Ok(0) => {
+                    client_open = false;
+                    if upstream.shutdown().await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
                 Ok(n) => {
                     if upstream.write_all(&up_buf[..n]).await.is_err() {
                         break;
                     }
                 }
             },
-            r = upstream.read(&mut down_buf) => match r {
-                Ok(0) | Err(_) => break,
+            r = upstream.read(&mut down_buf), if upstream_open => match r {
+                Ok(0) => {
+                    upstream_open = false;
+                    if client.shutdown().await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
                 Ok(n) => {
                     if client.write_all(&down_buf[..n]).await.is_err() {
                         break;
@@ -130,14 +156,21 @@ async fn pump<C, U>(
                 }
             },
             _ = &mut sleep => {
-                guard.decide(Outcome::Timeout, 504, Some(CancelledBy::Timeout));
-                guard.reason("tunnel idle_timeout");
+                if client_open && upstream_open {
+                    guard.decide(Outcome::Timeout, 504, Some(CancelledBy::Timeout));
+                    guard.reason("tunnel idle_timeout");
+                } else {
+                    guard.reason("one side closed; the other went quiet without closing");
+                }
                 break;
             }
             _ = lifecycle.forced() => {
                 guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown));
                 break;
             }
+        }
+        if !(client_open && upstream_open) {
+            idle_limit = idle_limit.min(HALF_CLOSE_GRACE);
         }
         sleep
             .as_mut()

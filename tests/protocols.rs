@@ -1192,6 +1192,25 @@ async fn websocket_echo_then_client_leaves_closes_upstream() {
     assert_access(&line, 101, "ok", None);
 }
 
+/// A client that sends its last frames and then half-closes (FIN) has them delivered: once
+/// the HTTP connection became a tunnel, the FIN is the tunnel's to read, after everything
+/// sent before it (a WebSocket close frame, say), not a hang-up that drops what is unread.
+#[tokio::test]
+async fn websocket_last_frames_before_the_client_fin_reach_the_upstream() {
+    let (up, proxy) = ws_pair("").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/echo").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "the tunnel is up").await;
+    for i in 0..20 {
+        ws.send_text(&format!("last words {i}")).await;
+    }
+    tokio::io::AsyncWriteExt::shutdown(&mut ws.tcp)
+        .await
+        .expect("half-close");
+    up.wait_for("all 21 frames", WAIT, |cs| cs[0].received >= 21)
+        .await;
+}
+
 #[tokio::test]
 async fn websocket_upstream_close_closes_client() {
     let (_up, proxy) = ws_pair("").await;
@@ -1210,7 +1229,39 @@ async fn websocket_upstream_close_closes_client() {
         Err(WsEnd::Closed),
         "the proxy closes the client side"
     );
+    // The client closes its half in turn, as clients do on the server's FIN.
+    tokio::io::AsyncWriteExt::shutdown(&mut ws.tcp)
+        .await
+        .expect("half-close");
     assert_access(&access_line(&proxy, "/ws/close").await, 101, "ok", None);
+}
+
+/// A client that never closes its half after the upstream closed is not waited for beyond
+/// the grace: the tunnel ends, and its client connection with it.
+#[tokio::test]
+async fn websocket_half_closed_tunnel_ends_after_the_grace() {
+    let (_up, proxy) = ws_pair("").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/close").await;
+    assert_eq!(status, 101);
+    let frame = ws_encode(OP_CLOSE, &[0x03, 0xe8], Some(*b"abcd"));
+    tokio::io::AsyncWriteExt::write_all(&mut ws.tcp, &frame)
+        .await
+        .expect("write close");
+    let (op, _) = ws.recv(WAIT).await.expect("the close answer");
+    assert_eq!(op, OP_CLOSE);
+    assert_eq!(ws.recv(WAIT).await, Err(WsEnd::Closed));
+    // The client says nothing more and keeps its half open.
+    let line = proxy
+        .wait_for_access_log(
+            |v| common::log_path_is(v, "/ws/close"),
+            cutoff::tunnel::HALF_CLOSE_GRACE + WAIT,
+        )
+        .await;
+    assert_access(&line, 101, "ok", None);
+    assert_eq!(
+        line["reason"], "one side closed; the other went quiet without closing",
+        "{line}"
+    );
 }
 
 #[tokio::test]

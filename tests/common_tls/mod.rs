@@ -1040,6 +1040,8 @@ pub struct WsConn {
     pub head: String,
     /// When it answered 101.
     pub upgraded: Option<Instant>,
+    /// Frames received (before any echo).
+    pub received: usize,
     /// Frames echoed.
     pub echoed: usize,
     /// When it saw the connection end (EOF, reset, or a close frame), first sign only.
@@ -1164,6 +1166,7 @@ async fn ws_accept_loop(
                             accepted: Instant::now(),
                             head: String::new(),
                             upgraded: None,
+                            received: 0,
                             echoed: 0,
                             closed: None,
                             alpn: None,
@@ -1267,6 +1270,7 @@ where
     shared.update(i, |c| c.upgraded = Some(Instant::now()));
     loop {
         while let Some((opcode, payload)) = ws_decode(&mut buf) {
+            shared.update(i, |c| c.received += 1);
             if opcode == OP_CLOSE {
                 let _ = tcp.write_all(&ws_encode(OP_CLOSE, &payload, None)).await;
                 let _ = tcp.shutdown().await;
