@@ -1211,13 +1211,9 @@ async fn websocket_last_frames_before_the_client_fin_reach_the_upstream() {
         .await;
 }
 
-#[tokio::test]
-async fn websocket_upstream_close_closes_client() {
-    let (_up, proxy) = ws_pair("").await;
-    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/close").await;
-    assert_eq!(status, 101);
-    echo(&mut ws, "before the close").await;
-    // A close frame: the upstream answers it and closes its side.
+/// Sends a close frame, which the `/ws/close` upstream answers before closing its side;
+/// the proxy passes on the answer, then the close.
+async fn close_handshake(ws: &mut WsClient) {
     let frame = ws_encode(OP_CLOSE, &[0x03, 0xe8], Some(*b"abcd"));
     tokio::io::AsyncWriteExt::write_all(&mut ws.tcp, &frame)
         .await
@@ -1229,6 +1225,15 @@ async fn websocket_upstream_close_closes_client() {
         Err(WsEnd::Closed),
         "the proxy closes the client side"
     );
+}
+
+#[tokio::test]
+async fn websocket_upstream_close_closes_client() {
+    let (_up, proxy) = ws_pair("").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/close").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "before the close").await;
+    close_handshake(&mut ws).await;
     // The client closes its half in turn, as clients do on the server's FIN.
     tokio::io::AsyncWriteExt::shutdown(&mut ws.tcp)
         .await
@@ -1243,13 +1248,7 @@ async fn websocket_half_closed_tunnel_ends_after_the_grace() {
     let (_up, proxy) = ws_pair("").await;
     let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/close").await;
     assert_eq!(status, 101);
-    let frame = ws_encode(OP_CLOSE, &[0x03, 0xe8], Some(*b"abcd"));
-    tokio::io::AsyncWriteExt::write_all(&mut ws.tcp, &frame)
-        .await
-        .expect("write close");
-    let (op, _) = ws.recv(WAIT).await.expect("the close answer");
-    assert_eq!(op, OP_CLOSE);
-    assert_eq!(ws.recv(WAIT).await, Err(WsEnd::Closed));
+    close_handshake(&mut ws).await;
     // The client says nothing more and keeps its half open.
     let line = proxy
         .wait_for_access_log(
