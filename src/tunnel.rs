@@ -106,8 +106,9 @@ pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Copies both ways with one reused buffer per direction. A side's FIN is passed on as a
 /// FIN once everything before it was delivered; the tunnel ends when both sides have
-/// closed, at an error or reset of either, when idle, or [`HALF_CLOSE_GRACE`] after the
-/// first close with nothing sent meanwhile.
+/// closed, at an error or reset of either, when no byte moved for `idle_timeout` (a peer
+/// that stops reading counts: a write to it makes no progress either), at a forced
+/// shutdown, or [`HALF_CLOSE_GRACE`] after the first close with nothing sent meanwhile.
 async fn pump<C, U>(
     mut client: C,
     mut upstream: U,
@@ -124,50 +125,42 @@ async fn pump<C, U>(
     let sleep = tokio::time::sleep(idle_limit);
     tokio::pin!(sleep);
     let (mut client_open, mut upstream_open) = (true, true);
-    while client_open || upstream_open {
-        tokio::select! {
+    // Each write or FIN is raced against the same timer and the forced shutdown as the
+    // reads: a peer that stops reading must not hold the tunnel past either.
+    let cut = loop {
+        if !(client_open || upstream_open) {
+            break None;
+        }
+        let moved = tokio::select! {
             r = client.read(&mut up_buf), if client_open => match r {
                 Ok(0) => {
                     client_open = false;
-                    if upstream.shutdown().await.is_err() {
-                        break;
-                    }
+                    bounded(upstream.shutdown(), sleep.as_mut(), lifecycle).await
                 }
-                Err(_) => break,
-                Ok(n) => {
-                    if upstream.write_all(&up_buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
+                Err(_) => Ok(false),
+                Ok(n) => bounded(upstream.write_all(&up_buf[..n]), sleep.as_mut(), lifecycle).await,
             },
             r = upstream.read(&mut down_buf), if upstream_open => match r {
                 Ok(0) => {
                     upstream_open = false;
-                    if client.shutdown().await.is_err() {
-                        break;
-                    }
+                    bounded(client.shutdown(), sleep.as_mut(), lifecycle).await
                 }
-                Err(_) => break,
+                Err(_) => Ok(false),
                 Ok(n) => {
-                    if client.write_all(&down_buf[..n]).await.is_err() {
-                        break;
+                    let r = bounded(client.write_all(&down_buf[..n]), sleep.as_mut(), lifecycle).await;
+                    if matches!(r, Ok(true)) {
+                        guard.add_bytes_out(n as u64);
                     }
-                    guard.add_bytes_out(n as u64);
+                    r
                 }
             },
-            _ = &mut sleep => {
-                if client_open && upstream_open {
-                    guard.decide(Outcome::Timeout, 504, Some(CancelledBy::Timeout));
-                    guard.reason("tunnel idle_timeout");
-                } else {
-                    guard.reason("one side closed; the other went quiet without closing");
-                }
-                break;
-            }
-            _ = lifecycle.forced() => {
-                guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown));
-                break;
-            }
+            _ = &mut sleep => Err(Cut::Idle),
+            _ = lifecycle.forced() => Err(Cut::Forced),
+        };
+        match moved {
+            Ok(true) => {}
+            Ok(false) => break None,
+            Err(cut) => break Some(cut),
         }
         if !(client_open && upstream_open) {
             idle_limit = idle_limit.min(HALF_CLOSE_GRACE);
@@ -175,9 +168,42 @@ async fn pump<C, U>(
         sleep
             .as_mut()
             .reset(tokio::time::Instant::now() + idle_limit);
+    };
+    match cut {
+        Some(Cut::Idle) if client_open && upstream_open => {
+            guard.decide(Outcome::Timeout, 504, Some(CancelledBy::Timeout));
+            guard.reason("tunnel idle_timeout");
+        }
+        Some(Cut::Idle) => guard.reason("one side closed; the other went quiet without closing"),
+        Some(Cut::Forced) => guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown)),
+        None => {}
     }
-    let _ = client.shutdown().await;
-    let _ = upstream.shutdown().await;
+    // Bounded too: over TLS a shutdown writes, and the peer may be the one not reading.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
+    })
+    .await;
     guard.upstream_completed();
     guard.decide(Outcome::Ok, 101, None);
+}
+
+/// Why a tunnel stopped before its peers were done.
+enum Cut {
+    Idle,
+    Forced,
+}
+
+/// One write (or FIN) of a tunnel, unless the tunnel's timer fires or a forced shutdown
+/// comes first. `Ok(false)`: the peer failed it.
+async fn bounded(
+    io: impl std::future::Future<Output = std::io::Result<()>>,
+    sleep: std::pin::Pin<&mut tokio::time::Sleep>,
+    lifecycle: &Lifecycle,
+) -> Result<bool, Cut> {
+    tokio::select! {
+        r = io => Ok(r.is_ok()),
+        _ = sleep => Err(Cut::Idle),
+        _ = lifecycle.forced() => Err(Cut::Forced),
+    }
 }

@@ -1211,6 +1211,34 @@ async fn websocket_last_frames_before_the_client_fin_reach_the_upstream() {
         .await;
 }
 
+/// A client that stops reading while the tunnel has bytes for it makes no progress, and
+/// `idle_timeout` ends the tunnel, although what hangs is the proxy's write to that client.
+#[tokio::test]
+async fn websocket_client_that_stops_reading_is_cut_by_idle_timeout() {
+    let (up, proxy) = ws_pair("idle_timeout = \"500ms\"").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/echo").await;
+    assert_eq!(status, 101);
+    // Echoes pile up unread until every buffer on the way back is full and the proxy's
+    // write to the client blocks; then the client's own writes stall too.
+    let frame = ws_encode(OP_TEXT, &[b'x'; 64 * 1024], Some(*b"\x12\x34\x56\x78"));
+    let started = Instant::now();
+    loop {
+        let write = tokio::io::AsyncWriteExt::write_all(&mut ws.tcp, &frame);
+        match tokio::time::timeout(Duration::from_secs(2), write).await {
+            Ok(Ok(())) => {}
+            // Stalled, or the proxy already cut the tunnel.
+            Ok(Err(_)) | Err(_) => break,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the tunnel never stalled"
+        );
+    }
+    let line = access_line(&proxy, "/ws/echo").await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+    up.wait_closed(0, WAIT).await;
+}
+
 /// Sends a close frame, which the `/ws/close` upstream answers before closing its side;
 /// the proxy passes on the answer, then the close.
 async fn close_handshake(ws: &mut WsClient) {
