@@ -164,6 +164,12 @@ impl Hook {
         self.reads_stopped.store(true, Ordering::Release);
     }
 
+    /// Undoes [`Hook::stop_reads`]: the HTTP connection ended (an upgrade handed the socket
+    /// to a tunnel) while its client's hang-up was being handled.
+    pub fn resume_reads(&self) {
+        self.reads_stopped.store(false, Ordering::Release);
+    }
+
     /// Attaches the connection; if the client already left, tells it now (on the caller's
     /// thread). `hung_up` may then run twice, and must not mind.
     pub fn attach(&self, target: Weak<dyn OnHangup>) {

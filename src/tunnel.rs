@@ -1,7 +1,7 @@
 //! Upgraded connections (WebSocket, `Connection: upgrade`): the 101 is passed on, then bytes
-//! flow both ways. A side that closes (FIN) has its close passed on after its last bytes,
-//! and the tunnel ends once both sides closed; a reset or error on either side ends it at
-//! once.
+//! flow both ways, each direction copied on its own. A side that closes (FIN) has its
+//! close passed on after its last bytes, and the tunnel ends once both sides closed; a
+//! reset or error on either side ends it at once.
 //!
 //! A tunnel is long-lived by design, so the route's `timeout` covers only the handshake
 //! (until the 101); after it, only `idle_timeout` applies (no bytes either way for that
@@ -10,6 +10,7 @@
 //! `timeout`, and a shutdown is `shutdown`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, HeaderValue, UPGRADE};
@@ -104,14 +105,15 @@ pub async fn forward(
 /// half after that nor sends anything is not waited for longer than this.
 pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Copies both ways with one reused buffer per direction. A side's FIN is passed on as a
-/// FIN once everything before it was delivered; the tunnel ends when both sides have
-/// closed, at an error or reset of either, when no byte moved for `idle_timeout` (a peer
-/// that stops reading counts: a write to it makes no progress either), at a forced
-/// shutdown, or [`HALF_CLOSE_GRACE`] after the first close with nothing sent meanwhile.
+/// Copies both ways, each direction on its own so that a peer that writes only once it
+/// can read (an echo) never waits on the other direction's write. A side's FIN is passed
+/// on as a FIN once everything before it was delivered; the tunnel ends when both sides
+/// have closed, at an error or reset of either, at a forced shutdown, when no byte moved
+/// for `idle_timeout` (a write to a peer that stopped reading moves none), or
+/// [`HALF_CLOSE_GRACE`] after the first close with no byte moved meanwhile.
 async fn pump<C, U>(
-    mut client: C,
-    mut upstream: U,
+    client: C,
+    upstream: U,
     idle: Option<Duration>,
     lifecycle: &Lifecycle,
     guard: &mut InFlight,
@@ -119,58 +121,28 @@ async fn pump<C, U>(
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut up_buf = vec![0u8; 16 * 1024];
-    let mut down_buf = vec![0u8; 16 * 1024];
-    let mut idle_limit = idle.unwrap_or(Duration::from_secs(u64::MAX / 4));
-    let sleep = tokio::time::sleep(idle_limit);
-    tokio::pin!(sleep);
-    let (mut client_open, mut upstream_open) = (true, true);
-    // Each write or FIN is raced against the same timer and the forced shutdown as the
-    // reads: a peer that stops reading must not hold the tunnel past either.
-    let cut = loop {
-        if !(client_open || upstream_open) {
-            break None;
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
+    let activity = Activity::new();
+    let bytes_out = AtomicU64::new(0);
+    let cut = {
+        let up = copy_half(&mut client_rx, &mut upstream_tx, &activity, None);
+        let down = copy_half(
+            &mut upstream_rx,
+            &mut client_tx,
+            &activity,
+            Some(&bytes_out),
+        );
+        tokio::select! {
+            // Both halves closed, or one failed (a reset): the tunnel is over either way.
+            _ = async { tokio::try_join!(up, down) } => None,
+            cut = activity.expired(idle) => Some(cut),
+            _ = lifecycle.forced() => Some(Cut::Forced),
         }
-        let moved = tokio::select! {
-            r = client.read(&mut up_buf), if client_open => match r {
-                Ok(0) => {
-                    client_open = false;
-                    bounded(upstream.shutdown(), sleep.as_mut(), lifecycle).await
-                }
-                Err(_) => Ok(false),
-                Ok(n) => bounded(upstream.write_all(&up_buf[..n]), sleep.as_mut(), lifecycle).await,
-            },
-            r = upstream.read(&mut down_buf), if upstream_open => match r {
-                Ok(0) => {
-                    upstream_open = false;
-                    bounded(client.shutdown(), sleep.as_mut(), lifecycle).await
-                }
-                Err(_) => Ok(false),
-                Ok(n) => {
-                    let r = bounded(client.write_all(&down_buf[..n]), sleep.as_mut(), lifecycle).await;
-                    if matches!(r, Ok(true)) {
-                        guard.add_bytes_out(n as u64);
-                    }
-                    r
-                }
-            },
-            _ = &mut sleep => Err(Cut::Idle),
-            _ = lifecycle.forced() => Err(Cut::Forced),
-        };
-        match moved {
-            Ok(true) => {}
-            Ok(false) => break None,
-            Err(cut) => break Some(cut),
-        }
-        if !(client_open && upstream_open) {
-            idle_limit = idle_limit.min(HALF_CLOSE_GRACE);
-        }
-        sleep
-            .as_mut()
-            .reset(tokio::time::Instant::now() + idle_limit);
     };
+    guard.add_bytes_out(bytes_out.load(Ordering::Relaxed));
     match cut {
-        Some(Cut::Idle) if client_open && upstream_open => {
+        Some(Cut::Idle) if activity.closed.load(Ordering::Acquire) == 0 => {
             guard.decide(Outcome::Timeout, 504, Some(CancelledBy::Timeout));
             guard.reason("tunnel idle_timeout");
         }
@@ -178,32 +150,113 @@ async fn pump<C, U>(
         Some(Cut::Forced) => guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown)),
         None => {}
     }
-    // Bounded too: over TLS a shutdown writes, and the peer may be the one not reading.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = client.shutdown().await;
-        let _ = upstream.shutdown().await;
-    })
-    .await;
+    if !matches!(cut, Some(Cut::Forced)) {
+        // Bounded: over TLS a shutdown writes, and the peer may be the one not reading.
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, async {
+            tokio::join!(client_tx.shutdown(), upstream_tx.shutdown())
+        })
+        .await;
+    }
     guard.upstream_completed();
     guard.decide(Outcome::Ok, 101, None);
+}
+
+/// How long the last shutdowns of a tunnel may take (a TLS close_notify to each side).
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
+
+/// One direction of a tunnel, until its reader's end (then a FIN to its writer) or an
+/// error. A TLS peer that closes without close_notify ends its direction like a FIN.
+async fn copy_half<R, W>(
+    from: &mut R,
+    to: &mut W,
+    activity: &Activity,
+    counted: Option<&AtomicU64>,
+) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        };
+        activity.moved();
+        let mut done = 0;
+        while done < n {
+            let k = to.write(&buf[done..n]).await?;
+            if k == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            done += k;
+            activity.moved();
+            if let Some(c) = counted {
+                c.fetch_add(k as u64, Ordering::Relaxed);
+            }
+        }
+        to.flush().await?;
+    }
+    activity.closed.fetch_add(1, Ordering::AcqRel);
+    activity.changed.notify_one();
+    to.shutdown().await
+}
+
+/// When a tunnel last moved a byte, and how many of its sides have closed.
+struct Activity {
+    since: Instant,
+    /// Nanoseconds after `since`.
+    last: AtomicU64,
+    closed: AtomicU8,
+    /// A side closed: the limit shortens to the grace.
+    changed: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            since: Instant::now(),
+            last: AtomicU64::new(0),
+            closed: AtomicU8::new(0),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn moved(&self) {
+        let at = self.since.elapsed().as_nanos() as u64;
+        self.last.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte moved for the limit: `idle` while both sides are open (never,
+    /// without one), [`HALF_CLOSE_GRACE`] at most once a side closed.
+    async fn expired(&self, idle: Option<Duration>) -> Cut {
+        loop {
+            let limit = match (idle, self.closed.load(Ordering::Acquire)) {
+                (idle, 0) => idle,
+                (Some(idle), _) => Some(idle.min(HALF_CLOSE_GRACE)),
+                (None, _) => Some(HALF_CLOSE_GRACE),
+            };
+            let Some(limit) = limit else {
+                self.changed.notified().await;
+                continue;
+            };
+            let last = self.since + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return Cut::Idle;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = self.changed.notified() => {}
+            }
+        }
+    }
 }
 
 /// Why a tunnel stopped before its peers were done.
 enum Cut {
     Idle,
     Forced,
-}
-
-/// One write (or FIN) of a tunnel, unless the tunnel's timer fires or a forced shutdown
-/// comes first. `Ok(false)`: the peer failed it.
-async fn bounded(
-    io: impl std::future::Future<Output = std::io::Result<()>>,
-    sleep: std::pin::Pin<&mut tokio::time::Sleep>,
-    lifecycle: &Lifecycle,
-) -> Result<bool, Cut> {
-    tokio::select! {
-        r = io => Ok(r.is_ok()),
-        _ = sleep => Err(Cut::Idle),
-        _ = lifecycle.forced() => Err(Cut::Forced),
-    }
 }

@@ -59,7 +59,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn bounded<F: Future>(dur: Duration, what: impl Display, fut: F) -> F::Output {
+/// `fut`, or a panic naming `what` once `dur` has passed.
+pub async fn bounded<F: Future>(dur: Duration, what: impl Display, fut: F) -> F::Output {
     match tokio::time::timeout(dur, fut).await {
         Ok(v) => v,
         Err(_) => panic!("timed out after {dur:?}: {what}"),
