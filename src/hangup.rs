@@ -24,7 +24,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 
@@ -133,18 +133,28 @@ impl Registry {
 pub struct Hook {
     gone: AtomicBool,
     target: OnceLock<Weak<dyn OnHangup>>,
-    /// Set by the connection, not by the hang-up itself: once the HTTP connection is over
-    /// (an upgrade handed the socket to a tunnel), a FIN is the tunnel's to read, along
-    /// with whatever came before it (a WebSocket close frame).
-    reads_stopped: AtomicBool,
+    /// Who reads the socket, and whether a hang-up stopped that. Changed by the connection,
+    /// not by the hang-up itself: once the HTTP connection is over (an upgrade handed the
+    /// socket to a tunnel), a FIN is the tunnel's to read, along with whatever came before
+    /// it (a WebSocket close frame). One atomic, so that a hang-up racing the hand-over
+    /// cannot stop the tunnel's reads after the hand-over.
+    reads: AtomicU8,
 }
+
+/// [`Hook::reads`]: hyper's connection owns the socket and reads it.
+const READS_OPEN: u8 = 0;
+/// The client hung up: the socket reads as closed.
+const READS_STOPPED: u8 = 1;
+/// hyper's connection is over (an upgrade gave the socket to a tunnel): reads are the
+/// tunnel's, and a hang-up no longer stops them.
+const READS_HANDED_OVER: u8 = 2;
 
 impl Hook {
     fn new() -> Hook {
         Hook {
             gone: AtomicBool::new(false),
             target: OnceLock::new(),
-            reads_stopped: AtomicBool::new(false),
+            reads: AtomicU8::new(READS_OPEN),
         }
     }
 
@@ -160,14 +170,20 @@ impl Hook {
 
     /// From now on the client's socket reads as closed: the connection calls this when
     /// its client hung up, after recording the departure.
+    /// Does nothing once the socket was handed over.
     pub fn stop_reads(&self) {
-        self.reads_stopped.store(true, Ordering::Release);
+        let _ = self.reads.compare_exchange(
+            READS_OPEN,
+            READS_STOPPED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
-    /// Undoes [`Hook::stop_reads`]: the HTTP connection ended (an upgrade handed the socket
-    /// to a tunnel) while its client's hang-up was being handled.
-    pub fn resume_reads(&self) {
-        self.reads_stopped.store(false, Ordering::Release);
+    /// hyper's connection is over: from now on the socket reads normally, whatever a
+    /// hang-up handled at the same moment did, and whatever one does later.
+    pub fn hand_over(&self) {
+        self.reads.store(READS_HANDED_OVER, Ordering::Release);
     }
 
     /// Attaches the connection; if the client already left, tells it now (on the caller's
@@ -315,7 +331,7 @@ impl<T: AsRawFd + Send + 'static + AsyncRead + Unpin> AsyncRead for Watched<T> {
         if self
             .hook
             .as_ref()
-            .is_some_and(|h| h.reads_stopped.load(Ordering::Acquire))
+            .is_some_and(|h| h.reads.load(Ordering::Acquire) == READS_STOPPED)
         {
             return Poll::Ready(Ok(()));
         }

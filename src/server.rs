@@ -194,7 +194,6 @@ async fn serve_io<I>(
         waker: std::task::Waker::from(gate.clone()),
         gate,
         hook: hook.clone(),
-        http_done: AtomicBool::new(false),
         client: client.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
@@ -286,8 +285,6 @@ struct Connection<C> {
     waker: std::task::Waker,
     /// The client socket's registration, whose reads stop when the client hangs up.
     hook: Option<Arc<Hook>>,
-    /// hyper's connection future has finished; written under the lock.
-    http_done: AtomicBool,
     client: Arc<ClientConn>,
     /// The worker runtime whose sockets and timers the connection uses: they are dropped
     /// inside its context.
@@ -295,10 +292,6 @@ struct Connection<C> {
 }
 
 impl<C> Connection<C> {
-    fn http_done(&self) -> bool {
-        self.http_done.load(Ordering::Acquire)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<C>>>> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -319,13 +312,10 @@ impl<C: std::future::Future + GracefulShutdown> Connection<C> {
         let polled = conn
             .as_mut()
             .poll(&mut std::task::Context::from_waker(&self.waker));
-        if polled.is_ready() {
+        if let (true, Some(hook)) = (polled.is_ready(), &self.hook) {
             // hyper is done with the socket; after an upgrade it is a tunnel's, whose
-            // reads a hang-up handled during this very poll must not have ended.
-            self.http_done.store(true, Ordering::Release);
-            if let Some(hook) = &self.hook {
-                hook.resume_reads();
-            }
+            // reads a hang-up handled during this very poll must not end.
+            hook.hand_over();
         }
         if self.gate.gone.load(Ordering::Acquire) {
             // The client left during this poll, and the hang-up thread, finding the
@@ -351,29 +341,17 @@ impl<C: Send> OnHangup for Connection<C> {
         self.client.mark_gone();
         // Closed before the drop: whatever it wakes waits until the upstream calls are reset.
         self.gate.gone.store(true, Ordering::Release);
-        if let Some(hook) = self.hook.as_ref().filter(|_| !self.http_done()) {
+        if let Some(hook) = &self.hook {
             hook.stop_reads();
         }
         // A connection its task is polling right now is left to that task, which checks
         // `gone` when its poll ends (and at the next poll, which the wake below brings):
         // waiting here would hold up every other departure behind one busy connection.
-        let mut slot = match self.conn.try_lock() {
-            Ok(slot) => Some(slot),
-            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        let conn = match self.conn.try_lock() {
+            Ok(mut slot) => slot.take(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().take(),
             Err(std::sync::TryLockError::WouldBlock) => None,
         };
-        let conn = match slot.as_mut() {
-            // Over already (an upgrade, most likely): the socket is not ours to stop.
-            Some(_) if self.http_done() => {
-                if let Some(hook) = &self.hook {
-                    hook.resume_reads();
-                }
-                None
-            }
-            Some(slot) => slot.take(),
-            None => None,
-        };
-        drop(slot);
         if conn.is_some() {
             let _runtime = self.runtime.enter();
             crate::hangup::upstreams_first(|| drop(conn));
@@ -595,7 +573,6 @@ mod tests {
             waker: std::task::Waker::from(gate.clone()),
             gate,
             hook: None,
-            http_done: AtomicBool::new(false),
             client: Arc::new(ClientConn::default()),
             runtime: rt.handle().clone(),
         });

@@ -135,7 +135,12 @@ async fn pump<C, U>(
         );
         tokio::select! {
             // Both halves closed, or one failed (a reset): the tunnel is over either way.
-            _ = async { tokio::try_join!(up, down) } => None,
+            r = async { tokio::try_join!(up, down) } => {
+                if let Err(e) = r {
+                    guard.reason(format!("tunnel ended by an error: {e}"));
+                }
+                None
+            }
             cut = activity.expired(idle) => Some(cut),
             _ = lifecycle.forced() => Some(Cut::Forced),
         }
@@ -150,6 +155,7 @@ async fn pump<C, U>(
         Some(Cut::Forced) => guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown)),
         None => {}
     }
+    // After a forced cut the sides are just closed: no close_notify for a TLS client.
     if !matches!(cut, Some(Cut::Forced)) {
         // Bounded: over TLS a shutdown writes, and the peer may be the one not reading.
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, async {
@@ -199,14 +205,13 @@ where
         }
         to.flush().await?;
     }
-    activity.closed.fetch_add(1, Ordering::AcqRel);
-    activity.changed.notify_one();
+    activity.side_closed();
     to.shutdown().await
 }
 
 /// When a tunnel last moved a byte, and how many of its sides have closed.
 struct Activity {
-    since: Instant,
+    since: tokio::time::Instant,
     /// Nanoseconds after `since`.
     last: AtomicU64,
     closed: AtomicU8,
@@ -217,11 +222,18 @@ struct Activity {
 impl Activity {
     fn new() -> Activity {
         Activity {
-            since: Instant::now(),
+            since: tokio::time::Instant::now(),
             last: AtomicU64::new(0),
             closed: AtomicU8::new(0),
             changed: tokio::sync::Notify::new(),
         }
+    }
+
+    fn side_closed(&self) {
+        // The grace counts from the close, not from the last byte before it.
+        self.moved();
+        self.closed.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
     }
 
     fn moved(&self) {
@@ -244,11 +256,11 @@ impl Activity {
             };
             let last = self.since + Duration::from_nanos(self.last.load(Ordering::Relaxed));
             let deadline = last + limit;
-            if Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Cut::Idle;
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.changed.notified() => {}
             }
         }
@@ -259,4 +271,33 @@ impl Activity {
 enum Cut {
     Idle,
     Forced,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_counts_from_the_first_close() {
+        let activity = Activity::new();
+        // Quiet for longer than the grace, then one side closes.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        activity.side_closed();
+        let closed = tokio::time::Instant::now();
+        let cut = activity.expired(Some(Duration::from_secs(60))).await;
+        assert!(matches!(cut, Cut::Idle));
+        assert_eq!(closed.elapsed(), HALF_CLOSE_GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_is_measured_from_the_last_byte_moved() {
+        let activity = Activity::new();
+        let idle = Duration::from_secs(30);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        activity.moved();
+        let moved = tokio::time::Instant::now();
+        let cut = activity.expired(Some(idle)).await;
+        assert!(matches!(cut, Cut::Idle));
+        assert_eq!(moved.elapsed(), idle);
+    }
 }
