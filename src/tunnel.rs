@@ -111,6 +111,9 @@ pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// have closed, at an error or reset of either, at a forced shutdown, when no byte moved
 /// for `idle_timeout` (a write to a peer that stopped reading moves none), or
 /// [`HALF_CLOSE_GRACE`] after the first close with no byte moved meanwhile.
+///
+/// Not `tokio::io::copy_bidirectional`, which does the same copying and FIN passing but
+/// cannot tell when a byte last moved, the one thing the idle limit and the grace need.
 async fn pump<C, U>(
     client: C,
     upstream: U,
