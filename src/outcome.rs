@@ -228,6 +228,9 @@ pub struct InFlight {
     discarded: u64,
     /// A `continue` route whose client left: the call goes on without it.
     client_left: Option<Instant>,
+    /// The upstream answered 101: from then on this is a tunnel, whose length is the
+    /// session's, not the upstream's work.
+    tunnel: bool,
     reason: Option<String>,
     decision: Option<Decision>,
 }
@@ -257,6 +260,7 @@ impl InFlight {
             bytes_out: 0,
             discarded: 0,
             client_left: None,
+            tunnel: false,
             reason: None,
             decision: None,
         }
@@ -329,6 +333,13 @@ impl InFlight {
         if self.client_left.is_none() {
             self.client_left = Some(at);
         }
+    }
+
+    /// The exchange became a tunnel (the upstream's 101 is passed on): a tunnel cut
+    /// short still counts as a cancelled call and its propagation is measured, but its
+    /// time is neither wasted nor a completion time for the saved-work estimator.
+    pub fn tunnel_opened(&mut self) {
+        self.tunnel = true;
     }
 
     pub fn has_client_left(&self) -> bool {
@@ -412,18 +423,24 @@ impl InFlight {
             let m = &r.metrics;
             let aborted = self.counted_inflight && self.upstream_done.is_none();
             if let (true, Some(by)) = (aborted, d.cancelled_by) {
-                // The call never completed: everything it cost was wasted, and what it
-                // would typically have gone on to cost was saved.
-                let spent = self
-                    .dispatched
-                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
                 m.cancelled(by, self.current_phase());
-                m.wasted.add(spent.as_secs_f64());
-                m.saved
-                    .add(m.estimator.saved(spent, r.timeout).as_secs_f64());
+                if !self.tunnel {
+                    // The call never completed: everything it cost was wasted, and what
+                    // it would typically have gone on to cost was saved. A tunnel has
+                    // no result to waste and no typical length to save.
+                    let spent = self
+                        .dispatched
+                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+                    m.wasted.add(spent.as_secs_f64());
+                    m.saved
+                        .add(m.estimator.saved(spent, r.timeout).as_secs_f64());
+                }
                 let closed = self.upstream_closed_at.unwrap_or(now);
                 m.propagation
                     .record(closed.saturating_duration_since(d.cause_at).as_secs_f64());
+            } else if self.tunnel {
+                // A tunnel's length is its session's: kept out of the upstream durations
+                // so that it cannot inflate the route's typical completion time.
             } else if let (Some(t0), Some(t1)) = (self.dispatched, self.upstream_done) {
                 let took = t1.saturating_duration_since(t0);
                 m.upstream_duration.record(took.as_secs_f64());

@@ -7,7 +7,10 @@
 //! (until the 101); after it, only `idle_timeout` applies (no bytes either way for that
 //! long ends the tunnel), and a forced shutdown. The tunnel runs in a tracked task that
 //! owns the request's guard: a normal close by either side is `ok`, an idle tunnel is
-//! `timeout`, and a shutdown is `shutdown`.
+//! `timeout`, a shutdown is `shutdown`, a client's reset is `client_closed` and an
+//! upstream's is `upstream_error`. A tunnel cut short counts as a cancelled upstream call
+//! (phase `streaming_body`), but never as wasted or saved time: a session has no result
+//! to waste and no typical length to save.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -71,6 +74,7 @@ pub async fn forward(
     let upstream_side = hyper::upgrade::on(&mut resp);
     let (parts, _) = resp.into_parts();
     guard.set_phase(Phase::StreamingBody);
+    guard.tunnel_opened();
     let idle = route.config.idle_timeout;
     let lifecycle = cx.shared.lifecycle.clone();
     cx.shared.tasks.spawn(async move {
@@ -128,77 +132,120 @@ async fn pump<C, U>(
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
     let activity = Activity::new();
     let bytes_out = AtomicU64::new(0);
-    let cut = {
-        let up = copy_half(&mut client_rx, &mut upstream_tx, &activity, None);
+    let end = {
+        let up = copy_half(
+            &mut client_rx,
+            &mut upstream_tx,
+            Side::Client,
+            &activity,
+            None,
+        );
         let down = copy_half(
             &mut upstream_rx,
             &mut client_tx,
+            Side::Upstream,
             &activity,
             Some(&bytes_out),
         );
         tokio::select! {
             // Both halves closed, or one failed (a reset): the tunnel is over either way.
-            r = async { tokio::try_join!(up, down) } => {
-                if let Err(e) = r {
-                    guard.reason(format!("tunnel ended by an error: {e}"));
-                }
-                None
-            }
-            cut = activity.expired(idle) => Some(cut),
-            _ = lifecycle.forced() => Some(Cut::Forced),
+            r = async { tokio::try_join!(up, down) } => match r {
+                Ok(_) => End::Closed,
+                Err(broken) => End::Broken(broken),
+            },
+            cut = activity.expired(idle) => cut,
+            _ = lifecycle.forced() => End::Forced,
         }
     };
     guard.add_bytes_out(bytes_out.load(Ordering::Relaxed));
-    match cut {
-        Some(Cut::Idle) if activity.closed.load(Ordering::Acquire) == 0 => {
+    // Whether the session ran its course (both sides closed, or one closed and the other
+    // went quiet) rather than being cut short.
+    let session_ended = match &end {
+        End::Closed => true,
+        End::Idle if activity.closed.load(Ordering::Acquire) == 0 => {
             guard.decide(Outcome::Timeout, 504, Some(CancelledBy::Timeout));
             guard.reason("tunnel idle_timeout");
+            false
         }
-        Some(Cut::Idle) => guard.reason("one side closed; the other went quiet without closing"),
-        Some(Cut::Forced) => guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown)),
-        None => {}
-    }
+        End::Idle => {
+            guard.reason("one side closed; the other went quiet without closing");
+            true
+        }
+        End::Forced => {
+            guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown));
+            false
+        }
+        // A client that vanishes mid-tunnel (a reset, not a close) is a departure like
+        // any other; an upstream that does is the upstream's failure.
+        End::Broken(Broken {
+            side: Side::Client,
+            error,
+        }) => {
+            guard.decide(Outcome::ClientClosed, 499, Some(CancelledBy::Client));
+            guard.reason(format!("client reset the tunnel: {error}"));
+            false
+        }
+        End::Broken(Broken {
+            side: Side::Upstream,
+            error,
+        }) => {
+            guard.decide(Outcome::UpstreamError, 502, None);
+            guard.reason(format!("upstream reset the tunnel: {error}"));
+            false
+        }
+    };
     // After a forced cut the sides are just closed: no close_notify for a TLS client.
-    if !matches!(cut, Some(Cut::Forced)) {
+    if !matches!(end, End::Forced) {
         // Bounded: over TLS a shutdown writes, and the peer may be the one not reading.
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, async {
             tokio::join!(client_tx.shutdown(), upstream_tx.shutdown())
         })
         .await;
     }
-    guard.upstream_completed();
-    guard.decide(Outcome::Ok, 101, None);
+    if session_ended {
+        guard.upstream_completed();
+        guard.decide(Outcome::Ok, 101, None);
+    } else {
+        // Cut short: the upstream's side was closed just now.
+        guard.upstream_aborted();
+    }
 }
 
 /// How long the last shutdowns of a tunnel may take (a TLS close_notify to each side).
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(250);
 
 /// One direction of a tunnel, until its reader's end (then a FIN to its writer) or an
-/// error. A TLS peer that closes without close_notify ends its direction like a FIN.
+/// error, which names the side it came from. A TLS peer that closes without
+/// close_notify ends its direction like a FIN.
 async fn copy_half<R, W>(
     from: &mut R,
     to: &mut W,
+    from_side: Side,
     activity: &Activity,
     counted: Option<&AtomicU64>,
-) -> std::io::Result<()>
+) -> Result<(), Broken>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
+    let to_side = from_side.other();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
+            Err(e) => return Err(from_side.broken(e)),
         };
         activity.moved();
         let mut done = 0;
         while done < n {
-            let k = to.write(&buf[done..n]).await?;
+            let k = to
+                .write(&buf[done..n])
+                .await
+                .map_err(|e| to_side.broken(e))?;
             if k == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+                return Err(to_side.broken(std::io::ErrorKind::WriteZero.into()));
             }
             done += k;
             activity.moved();
@@ -206,10 +253,37 @@ where
                 c.fetch_add(k as u64, Ordering::Relaxed);
             }
         }
-        to.flush().await?;
+        to.flush().await.map_err(|e| to_side.broken(e))?;
     }
     activity.side_closed();
-    to.shutdown().await
+    to.shutdown().await.map_err(|e| to_side.broken(e))
+}
+
+/// The two peers of a tunnel.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+
+    fn broken(self, error: std::io::Error) -> Broken {
+        Broken { side: self, error }
+    }
+}
+
+/// A tunnel's socket failed (a reset, mostly): whose, and how.
+#[derive(Debug)]
+struct Broken {
+    side: Side,
+    error: std::io::Error,
 }
 
 /// When a tunnel last moved a byte, and how many of its sides have closed.
@@ -246,7 +320,7 @@ impl Activity {
 
     /// Resolves once no byte moved for the limit: `idle` while both sides are open (never,
     /// without one), [`HALF_CLOSE_GRACE`] at most once a side closed.
-    async fn expired(&self, idle: Option<Duration>) -> Cut {
+    async fn expired(&self, idle: Option<Duration>) -> End {
         loop {
             let limit = match (idle, self.closed.load(Ordering::Acquire)) {
                 (idle, 0) => idle,
@@ -260,7 +334,7 @@ impl Activity {
             let last = self.since + Duration::from_nanos(self.last.load(Ordering::Relaxed));
             let deadline = last + limit;
             if tokio::time::Instant::now() >= deadline {
-                return Cut::Idle;
+                return End::Idle;
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {}
@@ -270,10 +344,15 @@ impl Activity {
     }
 }
 
-/// Why a tunnel stopped before its peers were done.
-enum Cut {
+/// How a tunnel's copying ended.
+enum End {
+    /// Both sides closed their halves.
+    Closed,
+    /// No byte moved for the limit (`idle_timeout`, or the grace after a close).
     Idle,
+    /// A forced shutdown.
     Forced,
+    Broken(Broken),
 }
 
 #[cfg(test)]
@@ -288,7 +367,7 @@ mod tests {
         activity.side_closed();
         let closed = tokio::time::Instant::now();
         let cut = activity.expired(Some(Duration::from_secs(60))).await;
-        assert!(matches!(cut, Cut::Idle));
+        assert!(matches!(cut, End::Idle));
         assert_eq!(closed.elapsed(), HALF_CLOSE_GRACE);
     }
 
@@ -300,7 +379,7 @@ mod tests {
         activity.moved();
         let moved = tokio::time::Instant::now();
         let cut = activity.expired(Some(idle)).await;
-        assert!(matches!(cut, Cut::Idle));
+        assert!(matches!(cut, End::Idle));
         assert_eq!(moved.elapsed(), idle);
     }
 }

@@ -1180,6 +1180,18 @@ async fn websocket_echo_then_client_leaves_closes_upstream() {
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("sec-websocket-key:"), "{head}");
 
+    leave_tunnel(ws, &up, &proxy, (101, "ok", None)).await;
+}
+
+/// Drops the client `ws` of the only tunnel through `proxy` to `up`: the upstream must see
+/// its side close within [`PROPAGATION`], and the tunnel end with `(status, outcome,
+/// cancelled_by)`, counted as such.
+async fn leave_tunnel(
+    ws: WsClient,
+    up: &WsUpstream,
+    proxy: &Proxy,
+    (status, outcome, cancelled_by): (u64, &str, Option<&str>),
+) {
     let t0 = Instant::now();
     drop(ws);
     let conn = up.wait_closed(0, PROPAGATION * 2).await;
@@ -1188,8 +1200,9 @@ async fn websocket_echo_then_client_leaves_closes_upstream() {
         lag <= PROPAGATION,
         "the upstream saw the close {lag:?} after the client left"
     );
-    let line = access_line(&proxy, "/ws/echo").await;
-    assert_access(&line, 101, "ok", None);
+    let line = access_line(proxy, "/ws/echo").await;
+    assert_access(&line, status, outcome, cancelled_by);
+    assert_tunnel_accounting(proxy, cancelled_by).await;
 }
 
 /// A client that sends its last frames and then half-closes (FIN) has them delivered: once
@@ -1237,6 +1250,63 @@ async fn websocket_client_that_stops_reading_is_cut_by_idle_timeout() {
     let line = access_line(&proxy, "/ws/echo").await;
     assert_access(&line, 504, "timeout", Some("timeout"));
     up.wait_closed(0, WAIT).await;
+    assert_tunnel_accounting(&proxy, Some("timeout")).await;
+}
+
+/// A cut tunnel is a cancelled upstream call; no tunnel's length is ever wasted or saved
+/// time, nor an upstream duration that would inflate the route's typical completion time.
+async fn assert_tunnel_accounting(proxy: &Proxy, cancelled_by: Option<&str>) {
+    let m = common::Scrape::take(proxy).await;
+    let r = [("route", "r")];
+    for by in ["client", "timeout", "shutdown"] {
+        let labels = [
+            ("route", "r"),
+            ("cancelled_by", by),
+            ("phase", "streaming_body"),
+        ];
+        let want = if cancelled_by == Some(by) { 1.0 } else { 0.0 };
+        m.expect("cutoff_upstream_cancelled_total", &labels, want);
+    }
+    m.expect("cutoff_upstream_wasted_seconds_total", &r, 0.0);
+    m.expect("cutoff_upstream_saved_seconds_total", &r, 0.0);
+    m.expect("cutoff_upstream_duration_seconds_count", &r, 0.0);
+}
+
+/// A tunnel open at SIGTERM gets the drain's grace like any request, then is cut: the
+/// upstream's side closes and the access log says `shutdown`.
+#[tokio::test]
+async fn websocket_tunnel_is_cut_when_the_shutdown_grace_ends() {
+    let up = WsUpstream::start().await;
+    let config = single_route_config(
+        "shutdown_grace = \"300ms\"",
+        &format!("url = \"{}\"", http_url(up.addr())),
+        "",
+    );
+    let mut proxy = Proxy::start(&config).await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/echo").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "before the drain").await;
+    proxy.signal(libc::SIGTERM);
+    let conn = up.wait_closed(0, WAIT).await;
+    assert!(conn.closed.is_some());
+    let line = access_line(&proxy, "/ws/echo").await;
+    assert_access(&line, 503, "shutdown", Some("shutdown"));
+    let exit = proxy.wait_exit(WAIT).await;
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// A client that vanishes mid-tunnel (a reset, as when its network drops) is a departure:
+/// the upstream's side is closed at once and the tunnel ends `client_closed`, not `ok`.
+#[tokio::test]
+async fn websocket_client_reset_is_a_departure() {
+    let (up, proxy) = ws_pair("").await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/echo").await;
+    assert_eq!(status, 101);
+    echo(&mut ws, "still here").await;
+    socket2::SockRef::from(&ws.tcp)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
+    leave_tunnel(ws, &up, &proxy, (499, "client_closed", Some("client"))).await;
 }
 
 /// Both directions move at once: a client that streams into an echo while reading the
