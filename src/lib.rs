@@ -10,6 +10,7 @@
 //! | `routes` | the route table and longest-prefix matching |
 //! | `server` | accept loop, connection tasks |
 //! | `hangup` | a client's FIN or RST, noticed without reading and acted on at once |
+//! | `head_timer` | `header_read_timeout`: a request head timed from its first bytes |
 //! | `proxy` | the story of one request, top to bottom |
 //! | `protected` | `continue` routes: calls that outlive their client |
 //! | `headers` | hop-by-hop removal, `X-Forwarded-*`, `Host`, paths |
@@ -29,6 +30,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod hangup;
+pub mod head_timer;
 pub mod headers;
 pub mod logging;
 pub mod metrics;

@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::body::RequestState;
 use crate::hangup::{Hook, OnHangup, Watched};
+use crate::head_timer::{HeadBytes, HeadTimeout, HeadTimer};
 use crate::headers::ClientInfo;
 use crate::outcome::{ClientConn, Stamped};
 use crate::proxy::{self, ConnContext, Shared};
@@ -56,7 +57,8 @@ impl ServerSettings {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
+            // Kept by the connection instead: see `head_timer.rs`.
+            .header_read_timeout(None)
             .max_buf_size(max_header_bytes.max(8192))
             .keep_alive(true);
         builder
@@ -138,7 +140,7 @@ async fn connection(
         forced: shared.lifecycle.force_token().child_token(),
     });
     match acceptor {
-        None => serve_io(TokioIo::new(stream), cx, hook, settings).await,
+        None => serve_io(stream, cx, hook, settings).await,
         // Boxed: a TLS session is kilobytes, which every plain connection's task would
         // otherwise reserve too (a future is as large as its largest branch).
         Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, cx, hook, settings)).await,
@@ -161,7 +163,7 @@ async fn serve_tls(
         _ = cx.shared.lifecycle.draining() => return,
     };
     match tls {
-        Ok(Ok(tls)) => serve_io(TokioIo::new(tls), cx, hook, settings).await,
+        Ok(Ok(tls)) => serve_io(tls, cx, hook, settings).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -175,12 +177,13 @@ async fn serve_io<I>(
     hook: Option<Arc<Hook>>,
     settings: &ServerSettings,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let client = cx.client.clone();
+    let io = TokioIo::new(HeadBytes::new(io, client.clone()));
     let lifecycle = cx.shared.lifecycle.clone();
     let service = service_fn(move |req| {
-        cx.client.mark_request();
+        cx.client.mark_request(req.version());
         let state = Arc::new(RequestState::default());
         Stamped::new(proxy::handle(req, cx.clone(), state.clone()), state)
     });
@@ -202,12 +205,7 @@ async fn serve_io<I>(
     }
     let mut draining = false;
     let mut forced_window = None;
-    // hyper's header timer starts only once the protocol is known (hyper-util's auto
-    // builder first reads the preface with no timer): a client that connects and says
-    // nothing is cut off here.
-    let first_request = tokio::time::sleep(settings.header_read_timeout);
-    let first_request = std::pin::pin!(first_request);
-    let mut spoke = false;
+    let mut head_timer = HeadTimer::new(settings.header_read_timeout);
     // Created once, not per wake-up: each of these registers with a shared waiter list,
     // and re-registering on every poll of a busy connection costs a lock each time.
     let drain_started = std::pin::pin!(lifecycle.draining());
@@ -215,7 +213,6 @@ async fn serve_io<I>(
     let idle_check = std::pin::pin!(tokio::time::sleep(settings.keepalive_timeout));
     let mut drain_started = Gated::new(drain_started);
     let mut force_started = Gated::new(force_started);
-    let mut first_request = Gated::new(first_request);
     let mut idle_check = Gated::new(idle_check);
     loop {
         tokio::select! {
@@ -234,12 +231,17 @@ async fn serve_io<I>(
                 // `None`: the client hung up, and the hang-up thread dropped the rest.
                 break;
             }
-            _ = &mut first_request, if !spoke => {
-                if !client.has_spoken() {
-                    tracing::debug!("client sent no request within header_read_timeout");
-                    break;
+            // Not gated: what it watches changes during hyper's poll just above.
+            cut = std::future::poll_fn(|cx| head_timer.poll(cx, &client)) => {
+                match cut {
+                    HeadTimeout::Silent => {
+                        tracing::debug!("client sent no request within header_read_timeout");
+                    }
+                    HeadTimeout::Slow => {
+                        tracing::debug!("request head not complete within header_read_timeout");
+                    }
                 }
-                spoke = true;
+                break;
             }
             _ = &mut idle_check, if !draining => {
                 match client.idle_for() {

@@ -467,13 +467,16 @@ async fn exchange_h2(
 /// queued or connecting is not promised to the upstream: in the route's `deadline_header`,
 /// and in `grpc-timeout` whenever the client sent one (gRPC servers honour it).
 fn set_remaining(req: &mut Request<RequestBody>, header: Option<&HeaderName>, deadline: Instant) {
+    let grpc = &crate::headers::GRPC_TIMEOUT;
+    let has_grpc = req.headers().contains_key(grpc);
+    if header.is_none() && !has_grpc {
+        // Nothing to tell: spare the clock read on every plain request.
+        return;
+    }
     let ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis() as u64;
-    let grpc = &crate::headers::GRPC_TIMEOUT;
-    if req.headers().contains_key(grpc)
-        && let Ok(v) = HeaderValue::from_str(&format!("{ms}m"))
-    {
+    if has_grpc && let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
         req.headers_mut().insert(grpc.clone(), v);
     }
     if let Some(name) = header {

@@ -1,0 +1,199 @@
+//! `header_read_timeout`, kept by each client connection rather than by hyper.
+//!
+//! hyper's own header timer is wrong for cutoff in two ways. It starts as soon as hyper
+//! waits for a head, which on a keep-alive connection is right after the previous
+//! response: an idle connection was cut after `header_read_timeout` (10 s by default)
+//! instead of `keepalive_timeout` (75 s). And it allocates and registers a timer for
+//! every request, about 900 instructions each, although nearly every head arrives whole
+//! in one read.
+//!
+//! Here the clock starts with the first bytes of a head: bytes read while no request is
+//! in flight ([`HeadBytes`] reports them to [`ClientConn::bytes_arrived`]). A head that
+//! arrives whole is complete in the same poll that read it, and the timer is never
+//! touched; only a head split over several reads arms it. A connection that sends nothing
+//! at all is bounded from its start. Idle time between requests is `keepalive_timeout`'s
+//! business (`server.rs`), and a TLS handshake has its own bound.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::outcome::ClientConn;
+
+/// What cut a connection off.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadTimeout {
+    /// No request came within `header_read_timeout` of the connection's start.
+    Silent,
+    /// A request head began but was not complete within `header_read_timeout`.
+    Slow,
+}
+
+/// The timer of one connection.
+pub struct HeadTimer {
+    limit: Duration,
+    sleep: Pin<Box<Sleep>>,
+    /// The count of complete heads when the timer was armed: a head completed since
+    /// disarms it. `None` while no head is pending.
+    armed_for: Option<u64>,
+}
+
+impl HeadTimer {
+    /// Armed from the start: the first request must come within `limit`.
+    pub fn new(limit: Duration) -> HeadTimer {
+        HeadTimer {
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            armed_for: Some(0),
+        }
+    }
+
+    /// Ready when the connection must be cut off. Cheap while no head is pending (two
+    /// atomic loads), so it is polled at every wake of the connection's task, right after
+    /// hyper's connection (which is where bytes arrive).
+    pub fn poll(&mut self, cx: &mut Context<'_>, client: &ClientConn) -> Poll<HeadTimeout> {
+        loop {
+            match self.armed_for {
+                Some(seen) if client.requests() != seen => {
+                    // A head completed since: this one is done. Left registered: it fires
+                    // at most once more, and finds nothing to do.
+                    self.armed_for = None;
+                }
+                Some(seen) => {
+                    return match self.sleep.as_mut().poll(cx) {
+                        Poll::Ready(()) if seen == 0 && !client.head_pending() => {
+                            Poll::Ready(HeadTimeout::Silent)
+                        }
+                        Poll::Ready(()) => Poll::Ready(HeadTimeout::Slow),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                None if client.head_pending() => {
+                    self.armed_for = Some(client.requests());
+                    let deadline = Instant::now() + self.limit;
+                    self.sleep.as_mut().reset(deadline);
+                }
+                None => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// A client stream that tells its [`ClientConn`] when bytes arrive.
+pub struct HeadBytes<T> {
+    io: T,
+    client: std::sync::Arc<ClientConn>,
+}
+
+impl<T> HeadBytes<T> {
+    pub fn new(io: T, client: std::sync::Arc<ClientConn>) -> HeadBytes<T> {
+        HeadBytes { io, client }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.client.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeadBytes<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll(timer: &mut HeadTimer, client: &ClientConn) -> Poll<HeadTimeout> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        timer.poll(&mut cx, client)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_cut_at_the_limit() {
+        let client = ClientConn::default();
+        let mut timer = HeadTimer::new(Duration::from_secs(10));
+        assert!(poll(&mut timer, &client).is_pending());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(poll(&mut timer, &client), Poll::Ready(HeadTimeout::Silent));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_keep_alive_connection_is_not_the_timers_business() {
+        let client = ClientConn::default();
+        let mut timer = HeadTimer::new(Duration::from_secs(10));
+        client.bytes_arrived();
+        client.mark_request(http::Version::HTTP_11);
+        assert!(poll(&mut timer, &client).is_pending());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(poll(&mut timer, &client).is_pending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_is_timed_from_its_first_bytes() {
+        let client = ClientConn::default();
+        let mut timer = HeadTimer::new(Duration::from_secs(10));
+        client.bytes_arrived();
+        client.mark_request(http::Version::HTTP_11);
+        assert!(poll(&mut timer, &client).is_pending());
+        // Quiet for a while, then a second head starts and never ends.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        client.bytes_arrived();
+        assert!(poll(&mut timer, &client).is_pending());
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert!(poll(&mut timer, &client).is_pending());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(poll(&mut timer, &client), Poll::Ready(HeadTimeout::Slow));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_frames_between_requests_are_no_head() {
+        let client = ClientConn::default();
+        let mut timer = HeadTimer::new(Duration::from_secs(10));
+        client.bytes_arrived();
+        client.mark_request(http::Version::HTTP_2);
+        client.bytes_arrived();
+        assert!(poll(&mut timer, &client).is_pending());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(poll(&mut timer, &client).is_pending());
+    }
+}
