@@ -245,10 +245,11 @@ impl Upstream {
             }
         };
 
-        if !req.headers().contains_key(header::HOST) {
-            req.headers_mut()
-                .insert(header::HOST, endpoint.host_header.clone());
-        }
+        // One lookup: the header rewrite took the client's Host out unless the route
+        // preserves it.
+        req.headers_mut()
+            .entry(header::HOST)
+            .or_insert_with(|| endpoint.host_header.clone());
         if !endpoint.config.base_path.is_empty() {
             *req.uri_mut() = crate::headers::with_base_path(req.uri(), &endpoint.config.base_path);
         }
