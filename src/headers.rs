@@ -65,21 +65,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     if connection {
         let usual =
             |t: &[u8]| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close");
-        // `Connection: keep-alive` or `close`, nearly always: neither names a header that
-        // is not removed below anyway.
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        let named: Vec<HeaderName> = match (values.next(), values.next()) {
-            (Some(v), None) if usual(v.as_bytes()) => Vec::new(),
-            _ => headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .filter(|t| !t.is_empty() && !usual(t.as_bytes()))
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                .collect(),
-        };
+        // Taken out with all its lines in one lookup. `Connection: keep-alive` or `close`,
+        // nearly always: neither names a header that is not removed below anyway, and an
+        // empty list allocates nothing.
+        let mut named: Vec<HeaderName> = Vec::new();
+        if let header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
+            for line in e.remove_entry_mult().1 {
+                let Ok(line) = line.to_str() else { continue };
+                named.extend(
+                    line.split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty() && !usual(t.as_bytes()))
+                        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+                );
+            }
+        }
         for name in named {
             if name == header::TE {
                 te = true;
@@ -89,7 +89,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
             }
             headers.remove(&name);
         }
-        headers.remove(header::CONNECTION);
     }
     if others {
         headers.remove(&KEEP_ALIVE);
