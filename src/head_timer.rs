@@ -63,13 +63,18 @@ impl HeadTimer {
                     self.armed_for = None;
                 }
                 Some(seen) => {
-                    return match self.sleep.as_mut().poll(cx) {
-                        Poll::Ready(()) if seen == 0 && !client.head_pending() => {
-                            Poll::Ready(HeadTimeout::Silent)
-                        }
-                        Poll::Ready(()) => Poll::Ready(HeadTimeout::Slow),
-                        Poll::Pending => Poll::Pending,
-                    };
+                    if self.sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if seen == 0 && !client.head_pending() && !client.in_flight() {
+                        return Poll::Ready(HeadTimeout::Silent);
+                    }
+                    if client.head_pending() && !client.in_flight() {
+                        return Poll::Ready(HeadTimeout::Slow);
+                    }
+                    // What started the clock was no head after all (body bytes read just
+                    // before their request's handler ran): never cut a request in flight.
+                    self.armed_for = None;
                 }
                 None if client.head_pending() => {
                     self.armed_for = Some(client.requests());
@@ -183,6 +188,36 @@ mod tests {
         assert!(poll(&mut timer, &client).is_pending());
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(poll(&mut timer, &client), Poll::Ready(HeadTimeout::Slow));
+    }
+
+    /// hyper announces a request, may read its first body bytes (over TLS, a record
+    /// per read) with nothing in flight yet, and only then runs the handler.
+    #[tokio::test(start_paused = true)]
+    async fn body_bytes_read_before_the_handler_runs_are_no_head() {
+        let client = ClientConn::default();
+        let mut timer = HeadTimer::new(Duration::from_secs(10));
+        client.bytes_arrived();
+        client.mark_request(http::Version::HTTP_11);
+        client.bytes_arrived();
+        client.request_started();
+        assert!(poll(&mut timer, &client).is_pending());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(poll(&mut timer, &client).is_pending());
+    }
+
+    /// Whatever armed the clock, a request in flight when it runs out is never cut.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_is_never_cut() {
+        let client = ClientConn::default();
+        let mut timer = HeadTimer::new(Duration::from_secs(10));
+        client.bytes_arrived();
+        client.mark_request(http::Version::HTTP_11);
+        client.bytes_arrived();
+        assert!(poll(&mut timer, &client).is_pending());
+        client.request_started();
+        client.bytes_arrived();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(poll(&mut timer, &client).is_pending());
     }
 
     #[tokio::test(start_paused = true)]

@@ -185,10 +185,6 @@ impl ClientConn {
         self.requests.load(Ordering::Relaxed)
     }
 
-    pub fn has_spoken(&self) -> bool {
-        self.requests() != 0
-    }
-
     /// Part of a request head has arrived, and not the rest yet.
     pub fn head_pending(&self) -> bool {
         self.head_pending.load(Ordering::Relaxed)
@@ -211,8 +207,17 @@ impl ClientConn {
         Some(self.opened.elapsed().saturating_sub(ended))
     }
 
-    fn request_started(&self) {
+    /// Also the end of any head: hyper may read the first body bytes (TLS hands them over
+    /// one record per read) after announcing the request and before its handler runs,
+    /// while nothing is in flight yet.
+    pub(crate) fn request_started(&self) {
         self.active.fetch_add(1, Ordering::AcqRel);
+        self.head_pending.store(false, Ordering::Relaxed);
+    }
+
+    /// A request is in flight: hyper's HTTP/1.1 reads no head meanwhile.
+    pub fn in_flight(&self) -> bool {
+        self.active.load(Ordering::Acquire) != 0
     }
 
     /// `now`: the clock was just read by the guard; reading it again costs ~90 instructions.

@@ -467,6 +467,53 @@ async fn tls_listener_still_speaks_http1_by_alpn() {
     );
 }
 
+/// A request with a body, over TLS, slower than `header_read_timeout`, is never cut by it.
+/// Body bytes that hyper reads after announcing the request but before its handler runs
+/// (nothing is in flight yet) could start the head clock; the unit tests in
+/// `head_timer.rs` pin that order down, which this end-to-end case does not reproduce
+/// every time.
+#[tokio::test]
+async fn tls_request_slower_than_header_read_timeout_is_not_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let (cert, key) = pki.install(&pki.leaf(1));
+    let text = config(&http_url(up.addr()), "", "", Some((&cert, &key))).replacen(
+        "[server]\n",
+        "[server]\nheader_read_timeout = \"300ms\"\n",
+        1,
+    );
+    let proxy = Proxy::start(&text).await;
+    let mut tls = within(
+        WAIT,
+        "TLS handshake",
+        tls_connect(proxy.addr(), pki.client_config(&[b"http/1.1"])),
+    )
+    .await
+    .expect("TLS handshake");
+    // Head and body as two records (one per write), in one flush: they arrive together.
+    let head = "POST /delay/slow?ms=900 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n";
+    tls.write_all(head.as_bytes()).await.expect("head");
+    tls.write_all(b"hello").await.expect("body");
+    tls.flush().await.expect("flush");
+    let mut got = Vec::new();
+    within(Duration::from_secs(10), "the response", async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "a request in flight was cut: {got:?}"
+    );
+}
+
 #[tokio::test]
 async fn tls_listener_cuts_a_client_that_never_starts_its_handshake() {
     let up = Upstream::start().await;
