@@ -172,7 +172,9 @@ async fn pump<C, U>(
             true
         }
         End::Forced => {
-            guard.decide(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown));
+            // The cause is the shutdown's forced end, not this task's waking up to it.
+            let at = lifecycle.forced_at().unwrap_or_else(Instant::now);
+            guard.decide_at(Outcome::Shutdown, 503, Some(CancelledBy::Shutdown), at);
             false
         }
         // A client that vanishes mid-tunnel (a reset, not a close) is a departure like
@@ -194,21 +196,26 @@ async fn pump<C, U>(
             false
         }
     };
-    // After a forced cut the sides are just closed: no close_notify for a TLS client.
-    if !matches!(end, End::Forced) {
-        // Bounded: over TLS a shutdown writes, and the peer may be the one not reading.
-        let _ = tokio::time::timeout(SHUTDOWN_WAIT, async {
-            tokio::join!(client_tx.shutdown(), upstream_tx.shutdown())
-        })
-        .await;
-    }
-    if session_ended {
-        guard.upstream_completed();
-        guard.decide(Outcome::Ok, 101, None);
-    } else {
-        // Cut short: the upstream's side was closed just now.
+    if !session_ended {
+        // Cut short: the upstream's side is closed first and at once (dropped, not shut
+        // down: a peer blocked writing to us learns nothing from a FIN), then the client's.
+        drop(upstream_rx);
+        drop(upstream_tx);
         guard.upstream_aborted();
+        // After a forced cut the client is just closed: no close_notify.
+        if !matches!(end, End::Forced) {
+            // Bounded: over TLS a shutdown writes, and the client may be the one not reading.
+            let _ = tokio::time::timeout(SHUTDOWN_WAIT, client_tx.shutdown()).await;
+        }
+        return;
     }
+    // Bounded: over TLS a shutdown writes, and a peer may be the one not reading.
+    let _ = tokio::time::timeout(SHUTDOWN_WAIT, async {
+        tokio::join!(client_tx.shutdown(), upstream_tx.shutdown())
+    })
+    .await;
+    guard.upstream_completed();
+    guard.decide(Outcome::Ok, 101, None);
 }
 
 /// How long the last shutdowns of a tunnel may take (a TLS close_notify to each side).
@@ -256,7 +263,11 @@ where
         to.flush().await.map_err(|e| to_side.broken(e))?;
     }
     activity.side_closed();
-    to.shutdown().await.map_err(|e| to_side.broken(e))
+    // Everything this side sent was delivered: a FIN that cannot be passed on (the peer
+    // already gone, a close_notify to a TLS peer that reset) loses nothing, and is no
+    // failure of either side.
+    let _ = to.shutdown().await;
+    Ok(())
 }
 
 /// The two peers of a tunnel.

@@ -13,7 +13,9 @@ mod common;
 mod common_tls;
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -284,6 +286,20 @@ async fn read_one_frame_then_reset(h2: &H2Sender, scheme: &str, path: &str) -> I
     Instant::now()
 }
 
+/// A TLS connection to `proxy` whose client offers only HTTP/1.1.
+async fn tls_h1_connect(
+    proxy: &Proxy,
+    pki: &Pki,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    within(
+        WAIT,
+        "TLS handshake",
+        tls_connect(proxy.addr(), pki.client_config(&[b"http/1.1"])),
+    )
+    .await
+    .expect("TLS handshake")
+}
+
 async fn tls_proxy_for(url: &str, upstream_extra: &str) -> (Pki, Proxy) {
     let pki = Pki::new(unique_temp_dir("pki"));
     let proxy = tls_proxy_serving(&pki, &pki.leaf(1), url, upstream_extra).await;
@@ -436,13 +452,7 @@ async fn tls_listener_h2_client_to_h2_upstream() {
 async fn tls_listener_still_speaks_http1_by_alpn() {
     let up = Upstream::start().await;
     let (pki, proxy) = tls_proxy_for(&http_url(up.addr()), "").await;
-    let tls = within(
-        WAIT,
-        "TLS handshake",
-        tls_connect(proxy.addr(), pki.client_config(&[b"http/1.1"])),
-    )
-    .await
-    .expect("TLS handshake");
+    let tls = tls_h1_connect(&proxy, &pki).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, ClientBody>(hyper_util::rt::TokioIo::new(tls))
@@ -484,13 +494,7 @@ async fn tls_request_slower_than_header_read_timeout_is_not_cut() {
         1,
     );
     let proxy = Proxy::start(&text).await;
-    let mut tls = within(
-        WAIT,
-        "TLS handshake",
-        tls_connect(proxy.addr(), pki.client_config(&[b"http/1.1"])),
-    )
-    .await
-    .expect("TLS handshake");
+    let mut tls = tls_h1_connect(&proxy, &pki).await;
     // Head and body as two records (one per write), in one flush: they arrive together.
     let head = "POST /delay/slow?ms=900 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n";
     tls.write_all(head.as_bytes()).await.expect("head");
@@ -1317,6 +1321,101 @@ async fn assert_tunnel_accounting(proxy: &Proxy, cancelled_by: Option<&str>) {
     m.expect("cutoff_upstream_wasted_seconds_total", &r, 0.0);
     m.expect("cutoff_upstream_saved_seconds_total", &r, 0.0);
     m.expect("cutoff_upstream_duration_seconds_count", &r, 0.0);
+    let cut = if cancelled_by.is_some() { 1.0 } else { 0.0 };
+    m.expect("cutoff_cancel_propagation_seconds_count", &r, cut);
+}
+
+/// An upstream at a fresh port that answers any request head with a 101, then hands the
+/// socket to `after_101`.
+async fn raw_ws_upstream(
+    after_101: impl FnOnce(tokio::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>>
+    + Send
+    + 'static,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = BytesMut::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            if tcp.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+        }
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Accept: x=\r\n\r\n";
+        if tcp.write_all(head.as_bytes()).await.is_ok() {
+            after_101(tcp).await;
+        }
+    });
+    addr
+}
+
+/// A TLS client that closes normally while the upstream still answers (its close frame)
+/// ends an `ok` tunnel: passing the upstream's FIN on means a close_notify to a client
+/// whose socket is gone, and that failure is nobody's departure.
+#[tokio::test]
+async fn websocket_tls_client_close_is_ok() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = raw_ws_upstream(|mut tcp| {
+        Box::pin(async move {
+            let mut b = [0u8; 1024];
+            while tcp.read(&mut b).await.is_ok_and(|n| n > 0) {}
+            let _ = tcp.write_all(&ws_encode(OP_CLOSE, b"", None)).await;
+        })
+    })
+    .await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let proxy = tls_proxy_serving(&pki, &pki.leaf(1), &http_url(addr), "").await;
+    let mut tls = tls_h1_connect(&proxy, &pki).await;
+    tls.write_all(
+        b"GET /ws/echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .expect("upgrade request");
+    let mut head = BytesMut::new();
+    within(WAIT, "the 101", async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            if tls.read_buf(&mut head).await.unwrap_or(0) == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    drop(tls);
+    let line = access_line(&proxy, "/ws/echo").await;
+    assert_access(&line, 101, "ok", None);
+    assert_tunnel_accounting(&proxy, None).await;
+}
+
+/// An upstream that resets its side of a tunnel is the upstream's failure.
+#[tokio::test]
+async fn websocket_upstream_reset_is_upstream_error() {
+    use tokio::io::AsyncReadExt;
+    let addr = raw_ws_upstream(|mut tcp| {
+        Box::pin(async move {
+            // After the client's first frame, a reset.
+            let mut b = [0u8; 1024];
+            let _ = tcp.read(&mut b).await;
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            drop(tcp);
+        })
+    })
+    .await;
+    let proxy = Proxy::start(&config(&http_url(addr), "", "", None)).await;
+    let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/echo").await;
+    assert_eq!(status, 101);
+    ws.send_text("anyone there?").await;
+    let line = access_line(&proxy, "/ws/echo").await;
+    assert_access(&line, 502, "upstream_error", None);
+    assert_tunnel_accounting(&proxy, None).await;
 }
 
 /// A tunnel open at SIGTERM gets the drain's grace like any request, then is cut: the
