@@ -3,7 +3,8 @@
 #
 # Builds cutoff and bench/loadgen, installs nginx, haproxy and wrk if missing, and
 # measures cutoff against nginx and HAProxy on 127.0.0.1 only: cancellation propagation,
-# timeout precision, throughput, memory per held request and a soak. Writes
+# timeout precision, throughput (keep-alive, and one request per connection), memory per
+# held request and a soak. Writes
 # bench/results/latest.md (and prints it); --save also copies it to bench/RESULTS.md.
 # Throughput and memory also measure `loadgen floor` ("hyper-floor"), a bare hyper
 # forwarding loop: a baseline for what hyper alone costs, never an incumbent.
@@ -381,6 +382,34 @@ if [[ -n "${PID[cutoff]:-}" ]]; then
   curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" >"$WORK/cutoff-metrics-after-cancel.txt" || true
 fi
 
+# Two interleaved wrk passes over the targets ($1: keepalive or close), direct first and
+# last; each target's own CPU time is read around its measured pass.
+wrk_passes() {
+  local mode=$1 targets=$2 target port url out res cpu cpu_pid t0 t1
+  local hdr=()
+  [[ $mode == close ]] && hdr=(-H 'Connection: close')
+  rotate "$targets"; local first=("${ORDERED[@]}")
+  rotate "$targets"; local second=("${ORDERED[@]}")
+  for target in direct "${first[@]}" "${second[@]}" direct; do
+    if [[ $target == direct ]]; then port=$ORIGIN_PORT; else port=${PORT[$target]}; fi
+    url="http://127.0.0.1:$port/w/hello.txt"
+    taskset -c 0 wrk -t1 -c64 -d1s "${hdr[@]}" "$url" >/dev/null 2>&1 || true
+    cpu=()
+    if [[ $target != direct ]]; then cpu_pid=$(measured_pid "$target"); t0=$(cpu_ticks "$cpu_pid"); fi
+    out=$(taskset -c 0 wrk -t1 -c64 -d"${WRK_SECONDS}s" --latency "${hdr[@]}" "$url" 2>&1) || true
+    if [[ $target != direct ]]; then
+      t1=$(cpu_ticks "$cpu_pid")
+      [[ -n "$t0" && -n "$t1" ]] && cpu=(--cpu-ticks "$((t1 - t0))" --hz "$(getconf CLK_TCK)")
+    fi
+    printf '%s\n' "$out" >>"$WORK/wrk-$mode-$target.txt"
+    res=$(printf '%s\n' "$out" | "$LG" wrk-parse --label "$target" --mode "$mode" "${cpu[@]}" 2>&1) ||
+      event "$target" "wrk ($mode) failed: $(printf '%s' "$out" | tail -n1)"
+    printf '%s\n' "$res" | grep -v '^RESULT ' | sed 's/^/  /' || true
+    printf '%s\n' "$res" | sed -n 's/^RESULT //p' >>"$RES"
+    if [[ $target != direct ]]; then check_alive "$target" "wrk $mode"; fi
+  done
+}
+
 say "throughput: wrk -t1 -c64 -d${WRK_SECONDS}s, 2 interleaved passes (1 s warm-up each)"
 # The hyper-floor baseline runs in the passes like a proxy, forwarding /w/hello.txt
 # unchanged to the origin (which serves it at that path, as for direct).
@@ -391,28 +420,17 @@ if start hyper-floor; then
 else
   event hyper-floor "did not start for wrk"
 fi
-rotate "$WRK_TARGETS"; first=("${ORDERED[@]}")
-rotate "$WRK_TARGETS"; second=("${ORDERED[@]}")
-for target in direct "${first[@]}" "${second[@]}" direct; do
-  if [[ $target == direct ]]; then port=$ORIGIN_PORT; else port=${PORT[$target]}; fi
-  url="http://127.0.0.1:$port/w/hello.txt"
-  taskset -c 0 wrk -t1 -c64 -d1s "$url" >/dev/null 2>&1 || true
-  cpu=()
-  if [[ $target != direct ]]; then cpu_pid=$(measured_pid "$target"); t0=$(cpu_ticks "$cpu_pid"); fi
-  out=$(taskset -c 0 wrk -t1 -c64 -d"${WRK_SECONDS}s" --latency "$url" 2>&1) || true
-  if [[ $target != direct ]]; then
-    t1=$(cpu_ticks "$cpu_pid")
-    [[ -n "$t0" && -n "$t1" ]] && cpu=(--cpu-ticks "$((t1 - t0))" --hz "$(getconf CLK_TCK)")
-  fi
-  printf '%s\n' "$out" >>"$WORK/wrk-$target.txt"
-  res=$(printf '%s\n' "$out" | "$LG" wrk-parse --label "$target" "${cpu[@]}" 2>&1) ||
-    event "$target" "wrk failed: $(printf '%s' "$out" | tail -n1)"
-  printf '%s\n' "$res" | grep -v '^RESULT ' | sed 's/^/  /' || true
-  printf '%s\n' "$res" | sed -n 's/^RESULT //p' >>"$RES"
-  if [[ $target != direct ]]; then check_alive "$target" "wrk"; fi
-done
+wrk_passes keepalive "$WRK_TARGETS"
+stop hyper-floor
 
-for p in $PROXIES hyper-floor; do stop "$p"; done
+# The same with a new connection for every request (`Connection: close`), as health checks,
+# scripts and clients without keep-alive make them: what accepting, setting up and tearing
+# down a client connection costs. hyper-floor is left out: it opens an upstream connection
+# per client connection, so it would measure something else.
+say "throughput, one request per connection: wrk -H 'Connection: close', 2 interleaved passes"
+wrk_passes close "$PROXIES"
+
+for p in $PROXIES; do stop "$p"; done
 
 # --- B: memory per held request (a fresh process each) --------------------------------------
 say "memory per held request ($RSS_HELD held)"

@@ -201,9 +201,10 @@ impl Hook {
 
 /// A client socket registered in the hang-up set for as long as it lives.
 ///
-/// The registration is removed in `Drop`, before the socket itself closes: with several
-/// threads accepting, a number closed first could already belong to another client, whose
-/// registration a late `EPOLL_CTL_DEL` would remove.
+/// The kernel takes the registration out when the socket closes (cutoff holds its only
+/// descriptor: nothing dups it, nothing forks), so `Drop` only forgets the key, and a
+/// connection costs one system call less than with an explicit `EPOLL_CTL_DEL`. The key
+/// goes first: an event already on its way for this socket then finds nothing.
 pub struct Watched<T: AsRawFd + Send + 'static> {
     /// Taken in `Drop`, after the registration is gone; see [`upstreams_first`].
     io: ManuallyDrop<T>,
@@ -282,6 +283,22 @@ impl<T: AsRawFd + Send + 'static> Watched<T> {
         (watched, Some(hook))
     }
 
+    /// Takes the socket out of the hang-up set now rather than at its close.
+    fn unwatch(&mut self) {
+        if let (Some(key), Some(registry)) = (self.key.take(), registry()) {
+            // SAFETY: the socket is open: `self` owns it.
+            unsafe {
+                libc::epoll_ctl(
+                    registry.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    self.io.as_raw_fd(),
+                    std::ptr::null_mut(),
+                );
+            }
+            registry.lock().remove(&key);
+        }
+    }
+
     fn unregistered(io: T) -> Watched<T> {
         Watched {
             io: ManuallyDrop::new(io),
@@ -298,15 +315,6 @@ impl<T: AsRawFd + Send + 'static> Drop for Watched<T> {
         let key = self.key;
         let close = move || {
             if let (Some(key), Some(registry)) = (key, registry()) {
-                // SAFETY: the socket is still open: it closes just below, with `io`.
-                unsafe {
-                    libc::epoll_ctl(
-                        registry.epoll.as_raw_fd(),
-                        libc::EPOLL_CTL_DEL,
-                        io.as_raw_fd(),
-                        std::ptr::null_mut(),
-                    );
-                }
                 registry.lock().remove(&key);
             }
             drop(io);
@@ -364,7 +372,14 @@ impl<T: AsRawFd + Send + 'static + AsyncWrite + Unpin> AsyncWrite for Watched<T>
         Pin::new(&mut *self.io).poll_flush(cx)
     }
 
+    /// A connection that closes its side (after a `Connection: close` response, an
+    /// HTTP/2 GOAWAY, a tunnel passing on the upstream's FIN) has nothing left for a
+    /// hang-up to cancel, so the socket leaves the hang-up set first. Otherwise the
+    /// client's answering FIN, often quicker than the worker's own close, woke the hang-up
+    /// thread: measured with one request per connection on one core, a quarter of the
+    /// connections did, each wake-up preempting the worker.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.unwatch();
         Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
@@ -427,6 +442,27 @@ mod tests {
             );
         });
         assert_eq!(peer.read(&mut buf).expect("EOF"), 0, "closed after");
+    }
+
+    /// A connection closing its own side (after a `Connection: close` response) leaves
+    /// the hang-up set at once: the client's answering FIN is no departure.
+    #[test]
+    fn closing_our_side_leaves_the_hang_up_set() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (ours, _peer) = tokio::net::UnixStream::pair().expect("socket pair");
+            let (mut watched, _hook) = Watched::new(ours);
+            let key = watched.key.expect("registered");
+            assert!(registry().expect("registry").lock().contains_key(&key));
+            tokio::io::AsyncWriteExt::shutdown(&mut watched)
+                .await
+                .expect("shutdown");
+            assert!(watched.key.is_none());
+            assert!(!registry().expect("registry").lock().contains_key(&key));
+        });
     }
 
     /// The real thing: a registered socket whose peer leaves reaches its target through

@@ -282,6 +282,11 @@ async fn idle_keep_alive_connections_are_closed_at_the_drain() {
         "the connection should be kept alive: {resp:?}"
     );
 
+    // A connection that has sent nothing yet. It was accepted before the busy one below
+    // (the listener takes connections in order), whose request reaching the upstream
+    // proves that.
+    let mut silent = Client::connect(proxy.addr()).await;
+
     // A busy one keeps the process in its drain for a while.
     let mut busy = Client::connect(proxy.addr()).await;
     busy.get("/delay/busy?ms=2500").await;
@@ -296,6 +301,11 @@ async fn idle_keep_alive_connections_are_closed_at_the_drain() {
         end,
         ReadEnd::TimedOut,
         "the idle keep-alive connection was not closed within 2 s of SIGTERM"
+    );
+    assert_eq!(
+        silent.wait_closed_by_peer(Duration::from_secs(2)).await,
+        ReadEnd::Eof,
+        "a connection that had sent nothing was not closed at the drain"
     );
     // Closed by the drain, not by the process ending: the busy request is still running.
     let busy_now = up.record(busy_rec.id);

@@ -17,11 +17,13 @@ const FLOOR: &str = "hyper-floor";
 
 pub fn wrk_parse(args: &Args) -> Result<(), String> {
     let label = args.str("label", "proxy");
+    // `keepalive` (wrk's default) or `close` (a new connection for every request).
+    let mode = args.str("mode", "keepalive");
     let mut text = String::new();
     std::io::stdin()
         .read_to_string(&mut text)
         .map_err(|e| e.to_string())?;
-    let mut v = json!({"bench": "wrk", "proxy": label});
+    let mut v = json!({"bench": "wrk", "proxy": label, "mode": mode});
     let mut socket_errors = 0u64;
     for line in text.lines() {
         let l = line.trim();
@@ -112,7 +114,11 @@ pub fn render(args: &Args) -> Result<(), String> {
 
     cancel_table(&mut out, &of("cancel"));
     timeout_table(&mut out, &of("timeout"));
-    wrk_table(&mut out, &of("wrk"));
+    let wrk = of("wrk");
+    let (close, keepalive): (Vec<&Value>, Vec<&Value>) =
+        wrk.into_iter().partition(|r| r["mode"] == "close");
+    wrk_table(&mut out, &keepalive, WrkMode::KeepAlive);
+    wrk_table(&mut out, &close, WrkMode::Close);
     rss_table(&mut out, &of("rss"));
     soak_table(&mut out, &of("soak"));
 
@@ -345,7 +351,13 @@ fn timeout_table(out: &mut String, rows: &[&Value]) {
     out.push('\n');
 }
 
-fn wrk_table(out: &mut String, rows: &[&Value]) {
+#[derive(PartialEq)]
+enum WrkMode {
+    KeepAlive,
+    Close,
+}
+
+fn wrk_table(out: &mut String, rows: &[&Value], mode: WrkMode) {
     if rows.is_empty() {
         return;
     }
@@ -365,7 +377,19 @@ fn wrk_table(out: &mut String, rows: &[&Value]) {
         }
     }
     let rows = sorted(best);
-    out.push_str("## Throughput (wrk -t1 -c64 -d5s, small static body from an nginx origin)\n\n");
+    if mode == WrkMode::Close {
+        out.push_str(
+            "## Throughput, one request per connection (wrk -H 'Connection: close')\n\n\
+             The same, with every request on a new client connection: accepting, setting up \
+             and closing a connection, as health checks and clients without keep-alive cost \
+             a proxy. The upstream side stays pooled. hyper-floor is not run here (it opens \
+             an upstream connection per client connection).\n\n",
+        );
+    } else {
+        out.push_str(
+            "## Throughput (wrk -t1 -c64 -d5s, small static body from an nginx origin)\n\n",
+        );
+    }
     out.push_str(
         "\"vs direct\" divides by wrk straight to the origin (req/s: higher is better; \
          latency: lower is better). \"req/s vs best\" is cutoff ÷ the faster incumbent. \
