@@ -278,11 +278,11 @@ async fn serve_io<I>(
                 Some(_) => settings.http1,
                 None => settings.http1_probing,
             };
-            let conn = http1.serve_connection(io, service).with_upgrades();
+            let conn = Box::pin(http1.serve_connection(io, service).with_upgrades());
             drive(conn, client, hook, lifecycle, head_timer, settings).await;
         }
         Speaks::Unsure => {
-            let conn = settings.builder.serve_connection_with_upgrades(io, service);
+            let conn = Box::pin(settings.builder.serve_connection_with_upgrades(io, service));
             drive(conn, client, hook, lifecycle, head_timer, settings).await;
         }
     }
@@ -291,7 +291,9 @@ async fn serve_io<I>(
 /// The life of one client connection around hyper's: the hang-up watch, the drain, the
 /// head and keep-alive timers, the forced end.
 async fn drive<C, E>(
-    conn: C,
+    // Boxed by the caller: a future keeps room for its arguments, and hyper's connection
+    // is about a kilobyte that every connection's task would otherwise carry twice.
+    conn: Pin<Box<C>>,
     client: Arc<ClientConn>,
     hook: Option<Arc<Hook>>,
     lifecycle: Arc<crate::shutdown::Lifecycle>,
@@ -306,7 +308,7 @@ async fn drive<C, E>(
         task: atomic_waker::AtomicWaker::new(),
     });
     let conn = Arc::new(Connection {
-        conn: Mutex::new(Some(Box::pin(conn))),
+        conn: Mutex::new(Some(conn)),
         waker: std::task::Waker::from(gate.clone()),
         gate,
         hook: hook.clone(),
