@@ -6,6 +6,10 @@
 //! 3. Work out the deadline: the route's `timeout`, shortened by the client's deadline
 //!    header when the route accepts one.
 //! 4. Rewrite the head for the upstream and wrap the body ([`RequestBody`]).
+//!
+//! Those four are done in [`begin`], as hyper hands the request over; the rest in
+//! [`forward`], the request's future.
+//!
 //! 5. Send it upstream, racing the deadline and a forced shutdown. A client that leaves
 //!    needs no branch here: hyper (or the connection's hang-up watch) drops this future,
 //!    which closes the upstream connection, and the guard records `client_closed`.
