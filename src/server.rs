@@ -48,8 +48,9 @@ pub struct ServerSettings {
     /// HTTP/1 alone, for a socket known to speak it and watched for hang-ups. hyper's own
     /// end-of-stream probe during a request is off (`half_close`): the hang-up watch does
     /// that job already, whatever hyper is doing, and the probe's read took a second 8 KiB
-    /// buffer for every request held, the head's bytes pinning the first (34.6 → 31.3 KiB
+    /// buffer for every request held, the head's bytes pinning the first (34.6 → 31.4 KiB
     /// per held request). A client's FIN still ends its requests, through the watch.
+    /// (`builder` keeps the probe: it also serves sockets the watch could not take.)
     /// Leaked like `builder`, so that cloning the settings for a connection stays cheap.
     http1: &'static hyper::server::conn::http1::Builder,
     /// HTTP/1 alone with hyper's probe, for a socket the hang-up set could not take.
@@ -169,8 +170,8 @@ async fn connection(
                 Ok(speaks) => speaks,
                 Err(_) => return,
             },
-            _ = std::future::poll_fn(|cx| head_timer.poll(cx, &client)) => {
-                tracing::debug!("client sent no request within header_read_timeout");
+            cut = std::future::poll_fn(|cx| head_timer.poll(cx, &client)) => {
+                log_head_timeout(cut);
                 return;
             }
             _ = shared.lifecycle.draining() => return,
@@ -220,6 +221,17 @@ async fn serve_tls(
     }
 }
 
+fn log_head_timeout(cut: HeadTimeout) {
+    match cut {
+        HeadTimeout::Silent => {
+            tracing::debug!("client sent no request within header_read_timeout");
+        }
+        HeadTimeout::Slow => {
+            tracing::debug!("request head not complete within header_read_timeout");
+        }
+    }
+}
+
 /// What a connection speaks, as far as is known before hyper reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Speaks {
@@ -244,11 +256,11 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn sniff(stream: &TcpStream) -> std::io::Result<Speaks> {
     let mut first = [0u8; H2_PREFACE.len()];
     let n = stream.peek(&mut first).await?;
-    Ok(match n {
-        // The client left without a word: hyper sees the end and closes.
-        0 => Speaks::Http1,
-        n if first[..n] == H2_PREFACE[..n] => Speaks::Unsure,
-        _ => Speaks::Http1,
+    // Nothing at all (the client left without a word) is HTTP/1's: hyper sees the end.
+    Ok(if n > 0 && first[..n] == H2_PREFACE[..n] {
+        Speaks::Unsure
+    } else {
+        Speaks::Http1
     })
 }
 
@@ -347,14 +359,7 @@ async fn drive<C, E>(
             }
             // Not gated: what it watches changes during hyper's poll just above.
             cut = std::future::poll_fn(|cx| head_timer.poll(cx, &client)) => {
-                match cut {
-                    HeadTimeout::Silent => {
-                        tracing::debug!("client sent no request within header_read_timeout");
-                    }
-                    HeadTimeout::Slow => {
-                        tracing::debug!("request head not complete within header_read_timeout");
-                    }
-                }
+                log_head_timeout(cut);
                 break;
             }
             _ = &mut idle_check, if !draining => {
