@@ -153,6 +153,10 @@ pub fn to_upstream(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     strip_hop_by_hop(&mut parts.headers, true);
+    // Room for what is added below, at once. On a new connection hyper sizes the map to
+    // the headers it parsed, and the inserts grew it twice, each growth a new allocation
+    // and a copy of every entry; a map hyper reuses has the room already.
+    parts.headers.reserve(3 + usize::from(preserve_host));
 
     // One lookup for reading and writing; several `X-Forwarded-For` lines join into one.
     match parts.headers.entry(&X_FORWARDED_FOR) {
