@@ -11,7 +11,7 @@
 # See bench/README.md for what each number means.
 #
 # Knobs (environment): PROXIES="cutoff nginx haproxy"  SOAK_PROXIES="$PROXIES"
-#   SOAK_N=100000  RSS_HELD=4000  WRK_SECONDS=5  QUICK=1 (a smoke run: few samples)
+#   SOAK_N=100000  RSS_HELD=9000  WRK_SECONDS=5  QUICK=1 (a smoke run: few samples)
 #   CUTOFF_BIN=path (skip `cargo build --release` and measure that binary)  KEEP=1 (keep
 #   the temp dir with configs and logs)
 set -euo pipefail
@@ -25,7 +25,7 @@ SAVE=0
 PROXIES=${PROXIES:-"cutoff nginx haproxy"}
 SOAK_PROXIES=${SOAK_PROXIES:-$PROXIES}
 SOAK_N=${SOAK_N:-100000}
-RSS_HELD=${RSS_HELD:-4000}
+RSS_HELD=${RSS_HELD:-9000}
 WRK_SECONDS=${WRK_SECONDS:-5}
 QUICK=${QUICK:-0}
 HELDS="1 100 1000"
