@@ -143,6 +143,19 @@ impl RequestBody {
         }
     }
 
+    /// An empty body with this one's bookkeeping: for sending a bodiless request again.
+    pub fn finished(&self) -> RequestBody {
+        RequestBody {
+            inner: None,
+            upload: self.upload.clone(),
+            expected: None,
+            received: 0,
+            read_timeout: self.read_timeout,
+            timer: None,
+            timer_armed: false,
+        }
+    }
+
     fn fail(&mut self, state: u8) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.upload.set(state);
         self.inner = None;

@@ -839,6 +839,10 @@ enum Fault {
     CloseAfterEach,
     /// A healthy keep-alive `200 ok`; closes (FIN) a connection idle for this long.
     IdleClose(Duration),
+    /// A healthy keep-alive `200 ok` for a connection's first request; reads its second
+    /// and closes (FIN) without a byte of answer: an idle timeout that crossed the
+    /// request on the wire.
+    CloseOnSecond,
 }
 
 #[derive(Default)]
@@ -991,6 +995,7 @@ async fn fault_conn(
 ) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let bump = || changed.send_modify(|n| *n += 1);
+    let mut served = 0;
     loop {
         let idle = match fault {
             Fault::IdleClose(d) => Some(d),
@@ -1006,6 +1011,7 @@ async fn fault_conn(
         }
         counts.lock().expect("counts").requests += 1;
         bump();
+        served += 1;
         let hold_open = match fault {
             Fault::ResetBeforeHeaders => return reset(stream),
             Fault::ResetMidBody => {
@@ -1048,6 +1054,13 @@ async fn fault_conn(
                     .await;
                 continue;
             }
+            Fault::CloseOnSecond if served == 1 => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                continue;
+            }
+            Fault::CloseOnSecond => return,
         };
         // Hold the connection until the proxy closes it (bounded: 30 s).
         let mut sink = [0u8; 4096];
@@ -1242,9 +1255,8 @@ async fn upstream_body_shorter_than_its_length_cuts_the_body_short() {
     assert_body_cut_short(Fault::ShortBodyThenFin, "/fault/short-body", 100).await;
 }
 
-/// 50 sequential requests on one client connection through a proxy whose upstream is
-/// `fault`, pausing `gap(i)` before request `i`: every one is a 200 `ok`.
-async fn fifty_sequential_requests(fault: Fault, gap: impl Fn(usize) -> Duration) -> usize {
+/// An upstream with `fault`, and a proxy that routes everything to it.
+async fn faulty(fault: Fault) -> (FaultUpstream, Proxy) {
     let up = FaultUpstream::start(fault).await;
     let proxy = Proxy::start(&config(
         "",
@@ -1256,6 +1268,13 @@ async fn fifty_sequential_requests(fault: Fault, gap: impl Fn(usize) -> Duration
         }],
     ))
     .await;
+    (up, proxy)
+}
+
+/// 50 sequential requests on one client connection through a proxy whose upstream is
+/// `fault`, pausing `gap(i)` before request `i`: every one is a 200 `ok`.
+async fn fifty_sequential_requests(fault: Fault, gap: impl Fn(usize) -> Duration) -> usize {
+    let (up, proxy) = faulty(fault).await;
     let mut client = Client::connect(proxy.addr()).await;
     let mut errors = Vec::new();
     for i in 0..50 {
@@ -1319,5 +1338,61 @@ async fn upstream_closing_idle_connections_never_poisons_the_pool() {
     assert!(
         conns >= 17,
         "every pause outlives the upstream's idle limit, so it needs a new connection: {conns}"
+    );
+}
+
+/// Two requests on one client connection, the second after the kept upstream connection sat
+/// idle for over a second, to an upstream that closes that connection as the second request
+/// arrives: what the client gets for the second, and the upstream's connections and
+/// request heads.
+async fn second_request_crosses_a_close(method: &str, body: &[u8]) -> (u16, usize, usize) {
+    let (up, proxy) = faulty(Fault::CloseOnSecond).await;
+    let mut client = Client::connect(proxy.addr()).await;
+    client.send_head("GET", "/first", &[]).await;
+    let head = client.read_head(Duration::from_secs(10)).await;
+    let (first, _) = client
+        .read_body_until_end(&head, Duration::from_secs(10))
+        .await;
+    assert_eq!((head.status, first.as_slice()), (200, &b"ok"[..]));
+    // The scenario itself, not a wait for an event: only a connection kept this long may
+    // be closing under the request (the proxy's `MAY_BE_CLOSING`).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let len = body.len().to_string();
+    let headers: &[(&str, &str)] = if body.is_empty() {
+        &[]
+    } else {
+        &[("content-length", &len)]
+    };
+    client.send_head(method, "/second", headers).await;
+    if !body.is_empty() {
+        client.send(body).await;
+    }
+    let head = client.read_head(Duration::from_secs(10)).await;
+    assert_alive(&proxy);
+    (head.status, up.accepted(), up.requests())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_request_crossing_an_idle_close_is_sent_again() {
+    let (status, conns, requests) = second_request_crosses_a_close("GET", b"").await;
+    assert_eq!(status, 200, "the GET went out again on a new connection");
+    assert_eq!(
+        (conns, requests),
+        (2, 3),
+        "connections and request heads upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_crossing_an_idle_close_is_never_sent_twice() {
+    let (status, conns, requests) = second_request_crosses_a_close("POST", b"data").await;
+    assert_eq!(
+        status, 502,
+        "a POST that may have been acted on is not repeated"
+    );
+    assert_eq!(
+        (conns, requests),
+        (1, 2),
+        "connections and request heads upstream"
     );
 }

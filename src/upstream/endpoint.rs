@@ -261,7 +261,9 @@ impl Endpoint {
     }
 
     /// An idle HTTP/1.1 connection that is still open, or a new connection.
-    pub(super) async fn checkout(&self) -> Result<Idle, UpstreamError> {
+    /// A kept connection if one is still open (with whether it sat idle long enough that
+    /// the upstream may be closing it right now, see [`MAY_BE_CLOSING`]), else a new one.
+    pub(super) async fn checkout(&self) -> Result<(Idle, bool), UpstreamError> {
         loop {
             let candidate = {
                 let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
@@ -270,13 +272,16 @@ impl Endpoint {
             let Some((mut conn, since)) = candidate else {
                 break;
             };
-            if since.elapsed() < self.pool_idle_timeout && conn.still_open() {
-                return Ok(conn);
+            let idle_for = since.elapsed();
+            if idle_for < self.pool_idle_timeout && conn.still_open() {
+                return Ok((conn, idle_for >= MAY_BE_CLOSING));
             }
         }
         // Boxed: a connect (with its TLS handshake) is kilobytes of future that the common
         // case, an idle connection, must not carry in every request.
-        Box::pin(self.connect()).await.map(Idle::Io)
+        Box::pin(self.connect())
+            .await
+            .map(|io| (Idle::Io(io), false))
     }
 
     /// Closes idle connections that the upstream closed or that outlived
@@ -371,6 +376,13 @@ impl Idle {
         }
     }
 }
+
+/// How long a kept connection must have been idle before the upstream could be closing
+/// it as we send: servers close idle connections after a keep-alive timeout of a second or
+/// more (Node and Apache 5 s, nginx 75 s), and such a close can cross our request on the
+/// wire, after every check we can make. Below this, a close is a crash or a restart, not
+/// a timeout, and the request is not kept for a second try.
+pub(super) const MAY_BE_CLOSING: Duration = Duration::from_secs(1);
 
 /// Holds one unit of an endpoint's in-flight count for as long as a call uses it.
 pub(super) struct Slot(Arc<Endpoint>);

@@ -210,15 +210,17 @@ impl Upstream {
                 true => match Box::pin(endpoint.h2.sender(&endpoint)).await {
                     Err(UpstreamError::H2 {
                         status: h2::NOT_H2, ..
-                    }) => endpoint.checkout().await.map(Link::H1),
+                    }) => endpoint.checkout().await.map(|(io, old)| Link::H1(io, old)),
                     other => other.map(Link::H2),
                 },
                 false => match endpoint.checkout().await {
                     // `auto` found HTTP/2 on a new connection after all.
-                    Ok(Idle::Io(io)) if io.alpn_h2() => Box::pin(endpoint.h2.adopt(&endpoint, io))
-                        .await
-                        .map(Link::H2),
-                    other => other.map(Link::H1),
+                    Ok((Idle::Io(io), _)) if io.alpn_h2() => {
+                        Box::pin(endpoint.h2.adopt(&endpoint, io))
+                            .await
+                            .map(Link::H2)
+                    }
+                    other => other.map(|(io, old)| Link::H1(io, old)),
                 },
             };
             match link {
@@ -262,7 +264,11 @@ impl Upstream {
             Phase::Uploading
         };
         let result = match link {
-            Link::H1(io) => self.exchange_h1(&endpoint, io, req, guard, phase).await,
+            Link::H1(io, may_be_closing) => {
+                let replay = may_be_closing.then(|| Replay::of(&req)).flatten();
+                self.exchange_h1(&endpoint, io, req, replay, guard, phase)
+                    .await
+            }
             Link::H2(sender) => Box::pin(exchange_h2(&endpoint, sender, *req, guard, phase)).await,
         };
         match result {
@@ -288,6 +294,7 @@ impl Upstream {
         endpoint: &Arc<Endpoint>,
         idle: Idle,
         req: Box<Request<RequestBody>>,
+        mut replay: Option<Box<Replay>>,
         guard: &mut InFlight,
         phase: Phase,
     ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
@@ -333,14 +340,23 @@ impl Upstream {
                     Some(Ok(resp)) => break resp,
                     Some(Err(mut e)) if attempt == 0 => match e.take_message() {
                         Some(back) => back,
-                        None => return Err(http_err(e.into_error())),
+                        None => match replay.take() {
+                            Some(replay) if closed_under_us(e.error()) => {
+                                tracing::debug!(error = %e.error(), "a kept connection closed as the request went out; sending it again on a new one");
+                                replay.request()
+                            }
+                            _ => return Err(http_err(e.into_error())),
+                        },
                     },
                     Some(Err(e)) => return Err(http_err(e.into_error())),
-                    None => {
-                        return Err(UpstreamError::ClosedEarly {
-                            endpoint: endpoint.config.url.clone(),
-                        });
-                    }
+                    None => match replay.take() {
+                        Some(replay) if attempt == 0 => replay.request(),
+                        _ => {
+                            return Err(UpstreamError::ClosedEarly {
+                                endpoint: endpoint.config.url.clone(),
+                            });
+                        }
+                    },
                 }
             };
             attempt += 1;
@@ -416,9 +432,78 @@ impl Upstream {
     }
 }
 
+/// A copy of a request that may be sent again if the kept connection it goes out on turns
+/// out to have been closed by the upstream as it was sent: the one failure a client must
+/// never see for a request the upstream would have served (nginx retries it too). Taken
+/// only when that can happen (the connection sat idle for [`endpoint::MAY_BE_CLOSING`]) and
+/// is allowed to be mended: an idempotent method (RFC 9110 section 9.2.2) and no body, so
+/// that the copy is the whole request. The busy path, a connection reused within a second,
+/// pays nothing.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    body: RequestBody,
+}
+
+impl Replay {
+    fn of(req: &Request<RequestBody>) -> Option<Box<Replay>> {
+        use http::Method;
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        (idempotent && http_body::Body::is_end_stream(req.body())).then(|| {
+            Box::new(Replay {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                headers: req.headers().clone(),
+                body: req.body().finished(),
+            })
+        })
+    }
+
+    fn request(self: Box<Replay>) -> Request<RequestBody> {
+        let Replay {
+            method,
+            uri,
+            headers,
+            body,
+        } = *self;
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req
+    }
+}
+
+/// The connection was closed or reset before any byte of the response: what a request
+/// that crossed the upstream's closing of an idle connection meets.
+fn closed_under_us(e: &hyper::Error) -> bool {
+    e.is_incomplete_message()
+        || crate::body::causes(e)
+            .filter_map(|s| s.downcast_ref::<io::Error>())
+            .any(|io| {
+                matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionAborted
+                )
+            })
+}
+
 /// How the call reaches its endpoint.
 enum Link {
-    H1(Idle),
+    /// With whether the connection was kept long enough that the upstream may be closing
+    /// it (a new one: false).
+    H1(Idle, bool),
     H2(hyper::client::conn::http2::SendRequest<RequestBody>),
 }
 
