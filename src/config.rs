@@ -35,6 +35,17 @@ pub mod defaults {
     pub const POOL_MAX_IDLE: usize = 256;
 }
 
+/// Upper bounds that no working setup comes near. A value beyond them is a typo, and taking
+/// it would turn into a panic later (a deadline past the end of the clock, a semaphore
+/// larger than tokio allows, a thread per unit), so the file is refused instead.
+pub mod limits {
+    use std::time::Duration;
+    pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+    pub const MAX_COUNT: usize = 1 << 24;
+    pub const MAX_WORKERS: usize = 1024;
+    pub const MAX_HEADER_BYTES: usize = 16 << 20;
+}
+
 /// A configuration error, located in the file so that it can be fixed in one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -355,9 +366,19 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let s = raw.server;
     let server = ServerConfig {
         listen: socket_addr(at, &s.listen)?,
-        shutdown_grace: duration_or(at, &s.shutdown_grace, defaults::SHUTDOWN_GRACE)?,
-        max_connections: positive_or(at, &s.max_connections, defaults::MAX_CONNECTIONS)?,
-        workers: nonnegative_or(at, &s.workers, 0)?,
+        // Zero is a real choice here: cancel everything in flight at once on SIGTERM.
+        shutdown_grace: s
+            .shutdown_grace
+            .as_ref()
+            .map_or(Ok(defaults::SHUTDOWN_GRACE), |v| duration_or_zero(at, v))?,
+        max_connections: count_or(
+            at,
+            &s.max_connections,
+            defaults::MAX_CONNECTIONS,
+            1,
+            limits::MAX_COUNT,
+        )?,
+        workers: count_or(at, &s.workers, 0, 0, limits::MAX_WORKERS)?,
         header_read_timeout: duration_or(
             at,
             &s.header_read_timeout,
@@ -365,7 +386,14 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         )?,
         keepalive_timeout: duration_or(at, &s.keepalive_timeout, defaults::KEEPALIVE_TIMEOUT)?,
         body_read_timeout: duration_or(at, &s.body_read_timeout, defaults::BODY_READ_TIMEOUT)?,
-        max_header_bytes: positive_or(at, &s.max_header_bytes, defaults::MAX_HEADER_BYTES)?,
+        // hyper's read buffer cannot be smaller than 8192 bytes.
+        max_header_bytes: count_or(
+            at,
+            &s.max_header_bytes,
+            defaults::MAX_HEADER_BYTES,
+            8192,
+            limits::MAX_HEADER_BYTES,
+        )?,
         tls: s
             .tls
             .map(|t| -> Result<TlsConfig, ConfigError> {
@@ -376,11 +404,6 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             })
             .transpose()?,
     };
-    if server.max_header_bytes < 8192
-        && let Some(v) = &s.max_header_bytes
-    {
-        return Err(at.spanned(v, "must be at least 8192 (hyper's smallest read buffer)"));
-    }
 
     let admin = raw
         .admin
@@ -472,6 +495,26 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?;
+        // The table tries equal prefixes in file order, so an earlier route with the same
+        // prefix that takes every method of this one leaves it nothing: almost always a
+        // copy-paste slip, and one that silently sends traffic to the wrong upstream.
+        if let Some(earlier) = routes.iter().find(|e: &&RouteConfig| {
+            e.path_prefix == *prefix
+                && match (&e.methods, &methods) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(theirs), Some(ours)) => ours.iter().all(|m| theirs.contains(m)),
+                }
+        }) {
+            return Err(at.spanned(
+                &r.path_prefix,
+                format!(
+                    "route `{name}` can never match: route `{}` comes first with the same \
+                     path_prefix and takes all of its methods (put the narrower route first)",
+                    earlier.name
+                ),
+            ));
+        }
         let timeout = match &r.timeout {
             None => Some(defaults::ROUTE_TIMEOUT),
             Some(v) if v.get_ref() == "off" => None,
@@ -540,8 +583,16 @@ fn upstream(at: &Locator<'_>, name: String, u: RawUpstream) -> Result<UpstreamCo
             return Err(at.spanned(url, "give either `url` or `urls`, not both"));
         }
         (None, None) => {
+            // The table's header, however its name is quoted (serde keeps no span for it).
+            let header = [
+                format!("[upstreams.{name}]"),
+                format!("[upstreams.\"{name}\"]"),
+                format!("[upstreams.'{name}']"),
+            ]
+            .iter()
+            .find_map(|h| at.text.find(h.as_str()));
             return Err(at.error(
-                at.text.find(&format!("[upstreams.{name}]")).unwrap_or(0),
+                header.unwrap_or(0),
                 format!("upstream `{name}` needs `url` or `urls`"),
             ));
         }
@@ -573,12 +624,18 @@ fn upstream(at: &Locator<'_>, name: String, u: RawUpstream) -> Result<UpstreamCo
         max_inflight: u
             .max_inflight
             .as_ref()
-            .map(|v| positive(at, v))
+            .map(|v| count(at, v, 1, limits::MAX_COUNT))
             .transpose()?,
-        max_queue: nonnegative_or(at, &u.max_queue, defaults::MAX_QUEUE)?,
+        max_queue: count_or(at, &u.max_queue, defaults::MAX_QUEUE, 0, limits::MAX_COUNT)?,
         queue_timeout: duration_or(at, &u.queue_timeout, defaults::QUEUE_TIMEOUT)?,
         pool_idle_timeout: duration_or(at, &u.pool_idle_timeout, defaults::POOL_IDLE_TIMEOUT)?,
-        pool_max_idle: nonnegative_or(at, &u.pool_max_idle, defaults::POOL_MAX_IDLE)?,
+        pool_max_idle: count_or(
+            at,
+            &u.pool_max_idle,
+            defaults::POOL_MAX_IDLE,
+            0,
+            limits::MAX_COUNT,
+        )?,
     })
 }
 
@@ -606,10 +663,28 @@ fn endpoint(at: &Locator<'_>, url: &Spanned<String>) -> Result<EndpointConfig, C
     if uri.query().is_some() {
         return Err(bad("a query is not allowed"));
     }
-    let port = authority.port_u16().unwrap_or(match scheme {
-        Scheme::Http => 80,
-        Scheme::Https => 443,
-    });
+    // http::Uri drops a fragment without a word; it would be dropped from every request.
+    if text.contains('#') {
+        return Err(bad("a fragment is not allowed"));
+    }
+    // Read the port from the text: `Authority::port` answers None for one that does not
+    // fit in 16 bits, which would silently become the scheme's default.
+    let port_text = authority
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.contains(']'));
+    let port = match port_text {
+        None => match scheme {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        },
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| bad("the port must be 1 to 65535"))?,
+    };
     Ok(EndpointConfig {
         url: text.clone(),
         scheme,
@@ -632,8 +707,19 @@ fn socket_addr(at: &Locator<'_>, v: &Spanned<String>) -> Result<SocketAddr, Conf
     })
 }
 
+/// A positive duration of at most a year. Zero is refused because every duration but the
+/// shutdown grace is a timeout or a wait, where zero means "fail at once" and is never what
+/// was meant (a connection is turned away before it can be read, a queue never admits).
 fn duration(at: &Locator<'_>, v: &Spanned<String>) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.get_ref()).map_err(|e| {
+    let d = duration_or_zero(at, v)?;
+    if d.is_zero() {
+        return Err(at.spanned(v, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+fn duration_or_zero(at: &Locator<'_>, v: &Spanned<String>) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
         at.spanned(
             v,
             format!(
@@ -641,7 +727,11 @@ fn duration(at: &Locator<'_>, v: &Spanned<String>) -> Result<Duration, ConfigErr
                 v.get_ref()
             ),
         )
-    })
+    })?;
+    if d > limits::MAX_DURATION {
+        return Err(at.spanned(v, format!("`{}` is longer than a year (365d)", v.get_ref())));
+    }
+    Ok(d)
 }
 
 fn duration_or(
@@ -652,30 +742,25 @@ fn duration_or(
     v.as_ref().map_or(Ok(default), |v| duration(at, v))
 }
 
-fn positive(at: &Locator<'_>, v: &Spanned<i64>) -> Result<usize, ConfigError> {
-    usize::try_from(*v.get_ref())
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| at.spanned(v, format!("must be a positive number, not {}", v.get_ref())))
+/// A whole number in `min..=max`; the bounds are part of the message so that the fix is
+/// in the error.
+fn count(at: &Locator<'_>, v: &Spanned<i64>, min: usize, max: usize) -> Result<usize, ConfigError> {
+    let n = *v.get_ref();
+    match usize::try_from(n) {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ if n < min as i64 => Err(at.spanned(v, format!("must be at least {min}, not {n}"))),
+        _ => Err(at.spanned(v, format!("must be at most {max}, not {n}"))),
+    }
 }
 
-fn positive_or(
+fn count_or(
     at: &Locator<'_>,
     v: &Option<Spanned<i64>>,
     default: usize,
+    min: usize,
+    max: usize,
 ) -> Result<usize, ConfigError> {
-    v.as_ref().map_or(Ok(default), |v| positive(at, v))
-}
-
-fn nonnegative_or(
-    at: &Locator<'_>,
-    v: &Option<Spanned<i64>>,
-    default: usize,
-) -> Result<usize, ConfigError> {
-    v.as_ref().map_or(Ok(default), |v| {
-        usize::try_from(*v.get_ref())
-            .map_err(|_| at.spanned(v, format!("must not be negative, not {}", v.get_ref())))
-    })
+    v.as_ref().map_or(Ok(default), |v| count(at, v, min, max))
 }
 
 fn header_name(
@@ -763,6 +848,36 @@ upstream = "news"
         let e = check(&text).unwrap_err();
         assert_eq!(e.line, 3);
         assert!(e.message.contains("listen_on"), "{e}");
+    }
+
+    #[test]
+    fn zero_grace_means_cancel_at_once() {
+        let text = BASE.replace("[server]\n", "[server]\nshutdown_grace = \"0s\"\n");
+        let c = check(&text).unwrap();
+        assert_eq!(c.server.shutdown_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn ports() {
+        let url = |u: &str| BASE.replace("http://127.0.0.1:9000/api/", u);
+        let c = check(&url("https://[::1]/api/")).unwrap();
+        let e = &c.upstreams["news"].endpoints[0];
+        assert_eq!(
+            (e.host.as_str(), e.port, e.base_path.as_str()),
+            ("::1", 443, "/api")
+        );
+        let c = check(&url("http://[::1]:65535")).unwrap();
+        assert_eq!(c.upstreams["news"].endpoints[0].port, 65535);
+        let e = check(&url("http://[::1]:65536")).unwrap_err();
+        assert!(e.message.contains("1 to 65535"), "{e}");
+    }
+
+    #[test]
+    fn a_quoted_upstream_without_url_is_located() {
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\n\n[upstreams.\"news\"]\nconnect_timeout = \"1s\"\n";
+        let e = check(text).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("needs `url`"), "{e}");
     }
 
     #[test]

@@ -147,10 +147,10 @@ pub async fn run(
     lifecycle: Arc<Lifecycle>,
     reload_signal: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), String> {
-    let table = RouteTable::build(&config, None)?;
     // Read before the TLS material is loaded: a renewal saved from here on is seen as a
     // change by the reload watch, never mistaken for what is already serving.
     let applied_certs = reload::cert_bytes(&config);
+    let table = RouteTable::build(&config, None)?;
     let tls = config
         .server
         .tls

@@ -198,6 +198,13 @@ impl Call {
             crate::body::ProxyBody::Protected(client_body),
         ));
         let mut client = (!self.guard.has_client_left()).then_some(tx);
+        // The route's `idle_timeout` bounds the upstream's silences here as on any route:
+        // a stalled upstream is no reason to hold the call until the whole timeout. Only
+        // the upstream's gaps count, not the time a slow client takes to read.
+        let idle_timeout = self.route.config.idle_timeout;
+        let mut idle = std::pin::pin!(tokio::time::sleep(
+            idle_timeout.unwrap_or(std::time::Duration::MAX)
+        ));
 
         loop {
             let next = tokio::select! {
@@ -209,6 +216,11 @@ impl Call {
                     self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
                     return;
                 }
+                _ = &mut idle, if idle_timeout.is_some() => {
+                    self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
+                    self.guard.reason("idle_timeout fired between response chunks");
+                    return;
+                }
                 _ = lifecycle.forced() => {
                     self.stop(Outcome::Shutdown, 503, CancelledBy::Shutdown, client.take()).await;
                     return;
@@ -216,6 +228,9 @@ impl Call {
             };
             match next {
                 Some(Ok(frame)) => {
+                    if let Some(d) = idle_timeout {
+                        idle.as_mut().reset(tokio::time::Instant::now() + d);
+                    }
                     let n = frame.data_ref().map_or(0, |d| d.len() as u64);
                     let last = body.is_end_stream();
                     let item = Item {

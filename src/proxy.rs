@@ -337,7 +337,9 @@ fn deadline(route: &Route, req: &Request<Incoming>, started: Instant) -> Option<
     if let Some(asked) = asked {
         budget = Some(budget.map_or(asked, |b| b.min(asked)));
     }
-    budget.map(|b| started + b)
+    // A client may ask for any number on a route with `timeout = "off"`: one past the end
+    // of the clock means no deadline, not a panic.
+    budget.and_then(|b| started.checked_add(b))
 }
 
 /// `grpc-timeout` is digits then a unit: H, M, S, m (ms), u (µs), n (ns).

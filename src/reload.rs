@@ -6,11 +6,19 @@
 //! they started with. A file that fails is logged at ERROR with its line and key, counted
 //! as `cutoff_config_reloads_total{result="error"}`, and the old table keeps serving.
 //!
-//! The watch is on the file's folder, filtered by file name, because editors that save by
-//! writing a new file and renaming it over the old one replace the inode a file watch
-//! would be attached to. Bursts of events (an editor writes, truncates, renames) are
-//! coalesced: a reload runs once the file has been quiet for [`SETTLE`].
+//! The watch is on folders, not files: editors that save by writing a new file and renaming
+//! it over the old one replace the inode a file watch would be attached to, and Kubernetes
+//! updates a mounted ConfigMap by swapping a `..data` symlink next to the file, an event
+//! that names neither the file nor anything under it. So every change in the folder of a
+//! watched file (the config, the listener's certificate and key, the upstreams' CA files),
+//! and in the folder a symlinked file resolves to, wakes the watch; the files' bytes then
+//! decide whether anything changed, so a neighbour's churn costs one read of small files.
+//! Bursts of events (an editor writes, truncates, renames) are coalesced: a reload runs
+//! once the folders have been quiet for [`SETTLE`], or longer while a file is still open
+//! for writing, so that a slow writer's half-written file is not applied, and never later
+//! than [`MAX_SETTLE`] after the first event, so that a busy folder cannot starve it.
 
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +31,22 @@ use crate::proxy::Shared;
 use crate::routes::RouteTable;
 
 const SETTLE: Duration = Duration::from_millis(150);
+/// How long a file written in place may stay quiet between two writes and still be waited
+/// for, as long as it has not been closed.
+const WRITE_SETTLE: Duration = Duration::from_secs(1);
+const MAX_SETTLE: Duration = Duration::from_secs(3);
+
+/// What the watch saw, as far as reloading cares.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// SIGHUP: an explicit request reloads even an unchanged file.
+    Signal,
+    Change,
+    /// Data written to this file, which is still open for writing.
+    Writing(PathBuf),
+    /// This file, open for writing, was closed.
+    Written(PathBuf),
+}
 
 /// `applied_certs` are the certificate files' bytes as read just before the listener's
 /// TLS material was loaded ([`cert_bytes`]).
@@ -33,9 +57,9 @@ pub async fn watch(
     hup: Option<tokio::signal::unix::Signal>,
 ) {
     let path = current.source.clone();
-    // `true` for SIGHUP: an explicit request reloads even an unchanged file.
-    let (tx, mut rx) = mpsc::channel::<bool>(4);
-    let _watcher = file_watcher(&path, &watched_files(&current), tx.clone());
+    let (tx, mut rx) = mpsc::channel::<Seen>(64);
+    let mut folders = Folders::new(tx.clone());
+    folders.follow(&watched_files(&current));
     // The files may have changed between their first load and this watch (an edit or a
     // renewed certificate saved right after startup): then the first round reloads
     // whatever is there. One read of each serves both the comparison and the fingerprint:
@@ -53,47 +77,82 @@ pub async fn watch(
     let mut last_text = match (unchanged, initial, certs) {
         (true, Some(text), Some(certs)) => Some(fingerprint_of(text, certs)),
         _ => {
-            let _ = tx.try_send(false);
+            let _ = tx.try_send(Seen::Change);
             None
         }
     };
     let hup = hup.map(|h| tokio::spawn(sighup(h, tx)));
-    while let Some(mut forced) = rx.recv().await {
-        // Coalesce: wait until the events stop for a moment.
-        while let Ok(Some(f)) = tokio::time::timeout(SETTLE, rx.recv()).await {
-            forced |= f;
-        }
+    while let Some(first) = rx.recv().await {
+        let forced = settle(first, &mut rx, &folders.files).await;
         let text = fingerprint(&current);
         if !forced && text.is_some() && text == last_text {
-            // A touch, or an editor's intermediate write that ended where it began.
+            // A touch, a neighbour's file, or an editor's intermediate write that ended
+            // where it began.
             tracing::debug!(path = %path.display(), "config and certificates unchanged");
-            continue;
-        }
-        last_text = text;
-        let result = config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|new| apply(&shared, &current, &new).map(|()| new));
-        match result {
-            Ok(new) => current = new,
-            Err(e) => {
-                crate::metrics::config_reload(false);
-                tracing::error!(error = %e, "config reload failed; the previous routes keep serving");
+        } else {
+            last_text = text;
+            let result = config::load(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|new| apply(&shared, &current, &new).map(|()| new));
+            match result {
+                Ok(new) => current = new,
+                Err(e) => {
+                    crate::metrics::config_reload(false);
+                    tracing::error!(error = %e, "config reload failed; the previous routes keep serving");
+                }
             }
         }
+        // A swapped symlink or a new certificate path moves what must be watched.
+        folders.follow(&watched_files(&current));
     }
     if let Some(h) = hup {
         h.abort();
     }
 }
 
-/// The config file and the listener's certificate files: a renewed certificate is picked
-/// up when its files change, without an edit of the config.
+/// Waits until the events stop: [`SETTLE`] of quiet, or [`WRITE_SETTLE`] while one of
+/// `files` is written in place and still open, at most [`MAX_SETTLE`] in all. True if
+/// SIGHUP came.
+async fn settle(first: Seen, rx: &mut mpsc::Receiver<Seen>, files: &HashSet<PathBuf>) -> bool {
+    let give_up = tokio::time::Instant::now() + MAX_SETTLE;
+    let mut forced = false;
+    let mut open: HashSet<PathBuf> = HashSet::new();
+    let mut next = Some(first);
+    while let Some(seen) = next.take() {
+        match seen {
+            Seen::Signal => forced = true,
+            Seen::Change => {}
+            // Another file of the folder (a log, say) may stay open for good.
+            Seen::Writing(p) if files.contains(&p) => {
+                open.insert(p);
+            }
+            Seen::Writing(_) => {}
+            Seen::Written(p) => {
+                open.remove(&p);
+            }
+        }
+        let quiet = if open.is_empty() {
+            SETTLE
+        } else {
+            WRITE_SETTLE
+        };
+        let until = (tokio::time::Instant::now() + quiet).min(give_up);
+        if let Ok(Some(seen)) = tokio::time::timeout_at(until, rx.recv()).await {
+            next = Some(seen);
+        }
+    }
+    forced
+}
+
+/// The config file, then the certificate files: the listener's and the upstreams' CA files.
+/// A renewed certificate is picked up when its files change, without an edit of the config.
 fn watched_files(config: &Config) -> Vec<PathBuf> {
     let mut files = vec![config.source.clone()];
     if let Some(tls) = &config.server.tls {
         files.push(tls.cert.clone());
         files.push(tls.key.clone());
     }
+    files.extend(config.upstreams.values().filter_map(|u| u.ca_file.clone()));
     files
 }
 
@@ -111,8 +170,8 @@ fn fingerprint_of(mut config_text: Vec<u8>, certs: Vec<u8>) -> Vec<u8> {
     config_text
 }
 
-/// The listener's certificate and key files, as they are now (empty without TLS); `None`
-/// if one cannot be read.
+/// The certificate files, as they are now (empty without any); `None` if one cannot be
+/// read.
 pub fn cert_bytes(config: &Config) -> Option<Vec<u8>> {
     let mut all = Vec::new();
     for f in watched_files(config).iter().skip(1) {
@@ -162,54 +221,102 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Forwards file events for `path` into `tx`; `None` (logged) if watching is impossible,
-/// in which case SIGHUP still works.
-fn file_watcher(
-    path: &Path,
-    files: &[PathBuf],
-    tx: mpsc::Sender<bool>,
-) -> Option<notify::RecommendedWatcher> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let names: Vec<std::ffi::OsString> = files
-        .iter()
-        .filter(|f| f.parent().unwrap_or(Path::new("")) == path.parent().unwrap_or(Path::new("")))
-        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
-        .collect();
-    let handler = move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
-        }
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)))
-        {
-            // A full channel already holds a pending reload: nothing is lost.
-            let _ = tx.try_send(false);
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; SIGHUP still reloads");
-            return None;
-        }
-    };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config folder; SIGHUP still reloads");
-        return None;
-    }
-    Some(watcher)
+/// The folders watched, kept in step with the files' current locations.
+struct Folders {
+    /// `None` (logged once) if watching is impossible; SIGHUP still works then.
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: BTreeSet<PathBuf>,
+    /// The watched files, as named and as resolved: what events of interest name.
+    files: HashSet<PathBuf>,
 }
 
-async fn sighup(mut hup: tokio::signal::unix::Signal, tx: mpsc::Sender<bool>) {
+impl Folders {
+    fn new(tx: mpsc::Sender<Seen>) -> Folders {
+        let handler = move |event: notify::Result<notify::Event>| {
+            use notify::EventKind;
+            use notify::event::{AccessKind, AccessMode, ModifyKind};
+            let Ok(event) = event else { return };
+            let seen = match event.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                    Seen::Written(event.paths.into_iter().next().unwrap_or_default())
+                }
+                EventKind::Access(_) => return,
+                EventKind::Modify(ModifyKind::Data(_)) => {
+                    Seen::Writing(event.paths.into_iter().next().unwrap_or_default())
+                }
+                _ => Seen::Change,
+            };
+            // A full channel already holds a pending reload; only a `Written` could be
+            // lost, which costs a wait of WRITE_SETTLE, not a reload.
+            let _ = tx.try_send(seen);
+        };
+        let watcher = notify::recommended_watcher(handler)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "cannot watch the config file; SIGHUP still reloads");
+            })
+            .ok();
+        Folders {
+            watcher,
+            watched: BTreeSet::new(),
+            files: HashSet::new(),
+        }
+    }
+
+    /// Watches the folder of each file and of what it resolves to, and no other.
+    fn follow(&mut self, files: &[PathBuf]) {
+        let Some(watcher) = &mut self.watcher else {
+            return;
+        };
+        let mut want = BTreeSet::new();
+        self.files.clear();
+        for f in files {
+            // Canonical folders: inotify gives one watch per inode, so two names for one
+            // folder (a relative and an absolute path) must not be watched twice.
+            let dir = folder_of(f);
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            self.files
+                .insert(dir.join(f.file_name().unwrap_or_default()));
+            want.insert(dir);
+            if let Ok(real) = std::fs::canonicalize(f) {
+                want.insert(folder_of(&real));
+                self.files.insert(real);
+            }
+        }
+        for gone in self.watched.difference(&want) {
+            // Fails for a folder already removed, whose watch went with it.
+            let _ = watcher.unwatch(gone);
+        }
+        let mut watched = BTreeSet::new();
+        for dir in want {
+            if self.watched.contains(&dir) {
+                watched.insert(dir);
+                continue;
+            }
+            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    dir = %dir.display(),
+                    "cannot watch this folder; SIGHUP still reloads"
+                ),
+            }
+        }
+        self.watched = watched;
+    }
+}
+
+fn folder_of(file: &Path) -> PathBuf {
+    file.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+async fn sighup(mut hup: tokio::signal::unix::Signal, tx: mpsc::Sender<Seen>) {
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the config");
-        let _ = tx.send(true).await;
+        let _ = tx.send(Seen::Signal).await;
     }
 }

@@ -36,7 +36,7 @@ impl RouteTable {
         for (name, cfg) in &config.upstreams {
             let reused = previous
                 .and_then(|p| p.upstreams.get(name))
-                .filter(|u| u.config == *cfg)
+                .filter(|u| u.serves(cfg))
                 .cloned();
             let upstream = match reused {
                 Some(u) => u,
@@ -155,13 +155,13 @@ name = "all"
 path_prefix = "/"
 upstream = "a"
 [[routes]]
-name = "news"
-path_prefix = "/news/"
-upstream = "a"
-[[routes]]
 name = "news-post"
 path_prefix = "/news/"
 methods = ["POST"]
+upstream = "a"
+[[routes]]
+name = "news"
+path_prefix = "/news/"
 upstream = "a"
 [[routes]]
 name = "deep"
@@ -177,6 +177,7 @@ upstream = "a"
         assert_eq!(name("/news/1", Method::GET).as_deref(), Some("news"));
         assert_eq!(name("/news/deep/1", Method::GET).as_deref(), Some("deep"));
         assert_eq!(name("/news/deep/1", Method::PUT).as_deref(), Some("news"));
+        assert_eq!(name("/news/1", Method::POST).as_deref(), Some("news-post"));
         assert!(t.describe().contains("news-post"));
     }
 }

@@ -38,9 +38,10 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// An upstream's client config: system roots, plus `ca_file` when given.
+/// An upstream's client config: system roots, plus the PEM of `ca_file` when given (read
+/// once by the caller, which compares it on reload).
 pub fn client_config(
-    ca_file: Option<&Path>,
+    ca: Option<(&Path, &[u8])>,
     protocol: Protocol,
 ) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
@@ -48,9 +49,9 @@ pub fn client_config(
     for cert in native.certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    if let Some((path, pem)) = ca {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{}: cannot read CA certificates: {e}", path.display()))?;
         if certs.is_empty() {
             return Err(format!("{}: no certificate found", path.display()));

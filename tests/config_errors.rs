@@ -268,6 +268,147 @@ fn bad_log_format() {
     assert_rejected("bad_log_format", &text, "format");
 }
 
+/// `HEAD` with `line` added to the `[server]` table.
+fn with_server_line(line: &str) -> String {
+    HEAD.replace(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!("listen = \"127.0.0.1:0\"\n{line} {MARK}\n"),
+    ) + ROUTE
+}
+
+/// `HEAD` with `line` added to the upstream's table.
+fn with_upstream_line(line: &str) -> String {
+    HEAD.replace(
+        "url = \"http://127.0.0.1:9000\"\n",
+        &format!("url = \"http://127.0.0.1:9000\"\n{line} {MARK}\n"),
+    ) + ROUTE
+}
+
+/// Values that parse but that no setup means, and that used to be taken and then panic
+/// once serving: a deadline past the end of the clock, a semaphore beyond tokio's limit.
+/// Each is refused by `check`, at its line.
+#[test]
+fn out_of_range_values() {
+    let cases = [
+        (
+            "huge_route_timeout",
+            with_route_line(&format!("timeout = \"18446744073709551615s\" {MARK}")),
+            "timeout",
+        ),
+        (
+            "zero_route_timeout",
+            with_route_line(&format!("timeout = \"0s\" {MARK}")),
+            "timeout",
+        ),
+        (
+            "huge_idle_timeout",
+            with_route_line(&format!("idle_timeout = \"400d\" {MARK}")),
+            "idle_timeout",
+        ),
+        (
+            "zero_keepalive_timeout",
+            with_server_line("keepalive_timeout = \"0ms\""),
+            "keepalive_timeout",
+        ),
+        (
+            "huge_header_read_timeout",
+            with_server_line("header_read_timeout = \"1000years\""),
+            "header_read_timeout",
+        ),
+        (
+            "huge_max_connections",
+            with_server_line("max_connections = 9000000000000000000"),
+            "max_connections",
+        ),
+        (
+            "zero_max_connections",
+            with_server_line("max_connections = 0"),
+            "max_connections",
+        ),
+        (
+            "huge_workers",
+            with_server_line("workers = 100000"),
+            "workers",
+        ),
+        (
+            "small_max_header_bytes",
+            with_server_line("max_header_bytes = 100"),
+            "max_header_bytes",
+        ),
+        (
+            "huge_max_inflight",
+            with_upstream_line("max_inflight = 9000000000000000000"),
+            "max_inflight",
+        ),
+        (
+            "negative_max_queue",
+            with_upstream_line("max_queue = -1"),
+            "max_queue",
+        ),
+        (
+            "zero_queue_timeout",
+            with_upstream_line("queue_timeout = \"0s\""),
+            "queue_timeout",
+        ),
+    ];
+    for (name, text, key) in cases {
+        assert_rejected(name, &text, key);
+    }
+}
+
+/// An upstream URL whose port does not fit in 16 bits used to become port 80 without a
+/// word; port 0 and a fragment (which `http::Uri` drops) are refused too.
+#[test]
+fn upstream_url_bad_port_or_fragment() {
+    for (name, url) in [
+        ("port_too_big", "http://127.0.0.1:70000"),
+        ("port_zero", "http://127.0.0.1:0"),
+        ("port_empty", "http://127.0.0.1:/"),
+        ("fragment", "http://127.0.0.1:9000/base#part"),
+    ] {
+        let text = HEAD.replace(
+            "url = \"http://127.0.0.1:9000\"\n",
+            &format!("url = \"{url}\" {MARK}\n"),
+        ) + ROUTE;
+        assert_rejected(name, &text, "url");
+    }
+}
+
+/// A route after one with the same prefix that takes all its methods can never match;
+/// the error names both routes. The narrower route first is fine.
+#[test]
+fn route_shadowed_by_an_earlier_one() {
+    let text = format!(
+        "{HEAD}{ROUTE}\n[[routes]]\nname = \"news-post\"\npath_prefix = \"/news\" {MARK}\n\
+         methods = [\"POST\"]\nupstream = \"news\"\n"
+    );
+    assert_rejected("route_shadowed", &text, "headlines");
+
+    let text = format!(
+        "{HEAD}\n[[routes]]\nname = \"reads\"\npath_prefix = \"/news\"\n\
+         methods = [\"GET\", \"HEAD\"]\nupstream = \"news\"\n\
+         [[routes]]\nname = \"gets\"\npath_prefix = \"/news\" {MARK}\n\
+         methods = [\"get\"]\nupstream = \"news\"\n"
+    );
+    assert_rejected("route_shadowed_by_methods", &text, "reads");
+
+    // The other way round each route has its own requests: accepted.
+    let text = format!(
+        "{HEAD}\n[[routes]]\nname = \"news-post\"\npath_prefix = \"/news\"\n\
+         methods = [\"POST\"]\nupstream = \"news\"\n{ROUTE}"
+    );
+    let dir = unique_temp_dir("check-order");
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let out = run_check(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "a narrower route before a wider one is fine:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The shape of the shipped `proxy.toml`: `check` accepts it and prints the route table.
 #[test]
 fn valid_config_prints_the_route_table() {

@@ -821,6 +821,33 @@ async fn client_deadline_shortens_timeout_and_travels_upstream() {
     );
 }
 
+/// On a route with `timeout = "off"` any client deadline is taken, even one far past the end
+/// of the clock: it is served, as if no deadline had been asked for, and never panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_client_deadline_on_a_route_without_timeout_is_served() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config_for(
+        up.addr(),
+        "timeout = \"off\"\naccept_deadline_header = \"x-request-timeout-ms\"",
+    ))
+    .await;
+    for (path, header) in [
+        (
+            "/delay/endless?ms=0",
+            ("x-request-timeout-ms", "18446744073709551615"),
+        ),
+        ("/delay/grpc?ms=0", ("grpc-timeout", "99999999H")),
+    ] {
+        let r = within(
+            WAIT,
+            path,
+            request(proxy.addr(), "GET", path, &[header], b""),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+}
+
 /// The budget sent upstream is computed at dispatch: a call that waited ~500 ms in the
 /// admission queue is told about that much less.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

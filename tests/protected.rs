@@ -320,3 +320,40 @@ async fn protected_call_is_bounded_by_the_route_timeout() {
     // `continue` route finished its upstream call after the client left).
     assert_eq!(line["protected"], false, "{line}");
 }
+
+/// `idle_timeout` holds on a protected route too: an upstream silent for longer between two
+/// chunks is cut (504 `timeout`), whether or not its client stays, instead of holding the
+/// call until the route's whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_call_is_bounded_by_the_idle_timeout() {
+    let up = Upstream::start().await;
+    let config = protected_config(up.addr(), "30s").replace(
+        "on_client_disconnect = \"continue\"",
+        "on_client_disconnect = \"continue\"\nidle_timeout = \"200ms\"",
+    );
+    let proxy = Proxy::start(&config).await;
+    let mut c = Client::connect(proxy.addr()).await;
+    c.get("/pay/stream/idle?chunks=10&every=2000").await;
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    let mut dec = BodyDecoder::new(head.framing());
+    let first = c.next_piece(&mut dec, WAIT).await;
+    assert!(matches!(first, Ok(Some(_))), "the first chunk: {first:?}");
+    c.assert_body_cut_short(&mut dec, WAIT, "idle_timeout")
+        .await;
+    let rec = up.wait_request("/stream/idle", WAIT).await;
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert!(
+        rec.finished.is_none(),
+        "the upstream was cut, not finished: {rec:?}"
+    );
+    let line = access_line(&proxy, "/pay/stream/idle").await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("idle_timeout"),
+        "{line}"
+    );
+}

@@ -1799,6 +1799,85 @@ async fn certificate_reload_keeps_the_old_certificate_when_the_new_one_is_broken
     );
 }
 
+/// Polls new TLS connections until they are served `want`, for at most 5 s.
+async fn wait_for_certificate(
+    proxy: &Proxy,
+    cc: std::sync::Arc<rustls::ClientConfig>,
+    want: &Leaf,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while peer_certificate(proxy.addr(), cc.clone()).await != want.der {
+        assert!(
+            Instant::now() < deadline,
+            "5 s after {what} new connections still get the old certificate; stderr:\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The certificate files usually live elsewhere than `proxy.toml` (a renewal tool's
+/// folder): renewing them is enough, without SIGHUP or an edit of the config.
+#[tokio::test]
+async fn certificate_renewal_in_another_folder_is_picked_up_on_its_own() {
+    let up = Upstream::start().await;
+    let pki = Pki::new(unique_temp_dir("pki"));
+    let first = pki.leaf(5001);
+    let proxy = tls_proxy_serving(&pki, &first, &http_url(up.addr()), "").await;
+    let cc = pki.client_config(&[b"h2"]);
+    assert!(peer_certificate(proxy.addr(), cc.clone()).await == first.der);
+    assert_ne!(pki.dir, proxy.config_path().parent().expect("a folder"));
+
+    let second = pki.leaf(5002);
+    pki.install(&second);
+    wait_for_certificate(&proxy, cc, &second, "the renewal").await;
+}
+
+/// An upstream's `ca_file` replaced (a CA rotation) is trusted from then on: the watch
+/// sees the file, and the reload rebuilds the upstream, whose config (the path) is
+/// unchanged.
+#[tokio::test]
+async fn a_rotated_upstream_ca_file_is_trusted_after_it_changes() {
+    let (pki, up, url) = https_upstream(&[b"http/1.1"]).await;
+    let other = Pki::new(unique_temp_dir("other-ca"));
+    let ca_dir = unique_temp_dir("ca");
+    let ca = ca_dir.join("upstream-ca.pem");
+    std::fs::copy(&other.ca_pem, &ca).expect("copy the other CA");
+    let proxy = Proxy::start(&config(
+        &url,
+        &format!("ca_file = \"{}\"", ca.display()),
+        "",
+        None,
+    ))
+    .await;
+    let r = within(WAIT, "GET before", http_get(proxy.addr(), "/before")).await;
+    assert_eq!(
+        r.status,
+        502,
+        "the upstream's CA is not trusted yet: {}",
+        r.text()
+    );
+
+    write_atomically(&ca, &std::fs::read(&pki.ca_pem).expect("read the CA"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = within(WAIT, "GET after", http_get(proxy.addr(), "/after")).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "5 s after the CA file changed the upstream is still not trusted: {} {}\n{}",
+            r.status,
+            r.text(),
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    up.wait_call("/after", WAIT).await;
+}
+
 /// A certificate renewal followed by `touch proxy.toml` (mtime only, same content), the
 /// usual way to poke a file-watching server without SIGHUP.
 #[tokio::test]
@@ -1817,17 +1896,5 @@ async fn certificate_reload_on_touching_the_config() {
         .open(proxy.config_path())
         .and_then(|f| f.set_modified(std::time::SystemTime::now()))
         .expect("touch proxy.toml");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        if peer_certificate(proxy.addr(), cc.clone()).await == second.der {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "3 s after `touch proxy.toml` new connections still get the old certificate; \
-             stderr:\n{}",
-            proxy.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_certificate(&proxy, cc, &second, "`touch proxy.toml`").await;
 }

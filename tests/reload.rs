@@ -552,3 +552,106 @@ async fn an_edit_saved_right_after_startup_is_not_lost() {
         lost.len()
     );
 }
+
+/// How Kubernetes updates a mounted ConfigMap: the file is a symlink through `..data`, a
+/// symlink to a timestamped folder; an update writes a new folder and renames a new
+/// `..data` over the old one. No event names `proxy.toml`, yet the edit must be applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_configmap_update_is_reloaded() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let one = route("one", "");
+    let dir = unique_temp_dir("configmap");
+    let publish = |version: &str, text: &str| {
+        let data = dir.join(version);
+        std::fs::create_dir(&data).expect("create the data folder");
+        std::fs::write(data.join("proxy.toml"), text).expect("write the config");
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(version, &tmp).expect("symlink ..data_tmp");
+        std::fs::rename(&tmp, dir.join("..data")).expect("rename ..data_tmp over ..data");
+    };
+    publish("..2026_12_02_01", &config_with(listen, up.addr(), &one));
+    let config_path = dir.join("proxy.toml");
+    std::os::unix::fs::symlink("..data/proxy.toml", &config_path).expect("symlink proxy.toml");
+    let proxy = Proxy::start_from(dir.clone(), config_path, &[]).await;
+    wait_started(&proxy).await;
+    assert_eq!(get(&proxy, "/two/x").await.status, 404);
+
+    publish(
+        "..2026_12_02_02",
+        &config_with(listen, up.addr(), &format!("{one}{}", route("two", ""))),
+    );
+    std::fs::remove_dir_all(dir.join("..2026_12_02_01")).expect("remove the old version");
+    wait_reloads(&proxy, 1).await;
+    assert_eq!(get(&proxy, "/two/x").await.status, 200);
+
+    // The watch follows the new version: a second update is applied too.
+    publish(
+        "..2026_12_02_03",
+        &config_with(listen, up.addr(), &format!("{one}{}", route("three", ""))),
+    );
+    wait_reloads(&proxy, 2).await;
+    assert_eq!(get(&proxy, "/three/x").await.status, 200);
+    assert_eq!(get(&proxy, "/two/x").await.status, 404);
+}
+
+/// `proxy.toml` may be a symlink to a file kept in another folder (a checkout, a shared
+/// volume): an edit of that file in place is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_a_symlinked_file_in_another_folder_is_reloaded() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let one = route("one", "");
+    let elsewhere = unique_temp_dir("elsewhere");
+    let real = elsewhere.join("cutoff.toml");
+    std::fs::write(&real, config_with(listen, up.addr(), &one)).expect("write the config");
+    let dir = unique_temp_dir("linked");
+    let config_path = dir.join("proxy.toml");
+    std::os::unix::fs::symlink(&real, &config_path).expect("symlink proxy.toml");
+    let proxy = Proxy::start_from(dir, config_path, &[]).await;
+    wait_started(&proxy).await;
+
+    save_in_place(
+        &real,
+        &config_with(listen, up.addr(), &format!("{one}{}", route("two", ""))),
+    );
+    wait_reloads(&proxy, 1).await;
+    assert_eq!(get(&proxy, "/two/x").await.status, 200);
+    let _ = std::fs::remove_dir_all(&elsewhere);
+}
+
+/// A writer that pauses half way (a slow upload, a script writing in pieces) leaves a
+/// file that is valid but not what it means; only the whole file is applied, once it is
+/// closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_still_being_written_is_not_applied_half_way() {
+    use std::io::Write;
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let one = route("one", "");
+    let proxy = Proxy::start(&config_with(listen, up.addr(), &one)).await;
+    let path = proxy.config_path().to_path_buf();
+    wait_started(&proxy).await;
+
+    let half = config_with(listen, up.addr(), &format!("{one}{}", route("two", "")));
+    let rest = route("three", "");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .expect("open the config");
+    f.write_all(half.as_bytes()).expect("write the first half");
+    f.flush().expect("flush");
+    // Longer than the settle time of a closed file, many times over.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    f.write_all(rest.as_bytes()).expect("write the rest");
+    drop(f);
+
+    wait_reloads(&proxy, 1).await;
+    let reloads: Vec<Value> = proxy.logs().into_iter().filter(is_reloaded).collect();
+    assert_eq!(
+        reloads[0]["routes"], 3,
+        "the first reload applied a half-written file: {reloads:?}"
+    );
+    assert_eq!(get(&proxy, "/three/x").await.status, 200);
+}

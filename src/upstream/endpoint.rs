@@ -157,6 +157,7 @@ pub struct Endpoint {
 impl Endpoint {
     pub(super) fn new(
         upstream: &UpstreamConfig,
+        ca_pem: Option<&[u8]>,
         config: EndpointConfig,
     ) -> Result<Endpoint, String> {
         let host_header = HeaderValue::from_str(&config.authority)
@@ -164,7 +165,7 @@ impl Endpoint {
         let tls = match config.scheme {
             Scheme::Http => None,
             Scheme::Https => {
-                let ca = upstream.ca_file.as_deref();
+                let ca = upstream.ca_file.as_deref().zip(ca_pem);
                 let cc = crate::tls::client_config(ca, upstream.protocol)?;
                 let h1 = crate::tls::client_config(ca, Protocol::Http1)?;
                 let name = ServerName::try_from(config.host.clone())

@@ -123,28 +123,55 @@ fn caused_by_client_body(e: &hyper::Error) -> bool {
 /// One configured upstream: its endpoints and how to talk to them.
 pub struct Upstream {
     pub config: UpstreamConfig,
+    /// The bytes of `ca_file` this upstream trusts: a reload rebuilds the upstream when
+    /// they change, though its config (which names only the path) did not.
+    pub ca_pem: Option<Vec<u8>>,
     endpoints: Vec<Arc<Endpoint>>,
     http1: http1::Builder,
     admission: Admission,
 }
 
+fn read_ca(config: &UpstreamConfig) -> Result<Option<Vec<u8>>, String> {
+    config
+        .ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| {
+                format!(
+                    "upstream `{}`: {}: cannot read CA certificates: {e}",
+                    config.name,
+                    path.display()
+                )
+            })
+        })
+        .transpose()
+}
+
 impl Upstream {
     /// Fails only on TLS material that cannot be loaded.
     pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
+        let ca_pem = read_ca(&config)?;
         let endpoints = config
             .endpoints
             .iter()
-            .map(|e| Endpoint::new(&config, e.clone()).map(Arc::new))
+            .map(|e| Endpoint::new(&config, ca_pem.as_deref(), e.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("upstream `{}`: {e}", config.name))?;
         let mut http1 = http1::Builder::new();
         http1.max_buf_size(1024 * 1024);
         Ok(Upstream {
             admission: Admission::new(&config),
+            ca_pem,
             config,
             endpoints,
             http1,
         })
+    }
+
+    /// Whether this upstream can serve `config` as it is on disk now: same settings, same
+    /// CA certificates. A reload keeps such an upstream, with its warm connections.
+    pub fn serves(&self, config: &UpstreamConfig) -> bool {
+        self.config == *config && read_ca(config).is_ok_and(|pem| pem == self.ca_pem)
     }
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {

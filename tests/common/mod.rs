@@ -284,6 +284,14 @@ impl Proxy {
         let dir = unique_temp_dir("proxy");
         let config_path = dir.join("proxy.toml");
         std::fs::write(&config_path, config).expect("write the config");
+        Self::start_from(dir, config_path, args).await
+    }
+
+    /// Like [`Proxy::start`], with a config file the test laid out itself (behind a
+    /// symlink, say) at `config_path`; the process runs in `dir`, removed on drop.
+    pub async fn start_from(dir: PathBuf, config_path: PathBuf, args: &[&str]) -> Proxy {
+        let config = std::fs::read_to_string(&config_path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", config_path.display()));
         eprintln!(
             "[harness] starting {BIN} --config {}:\n{config}",
             config_path.display()
@@ -1699,6 +1707,26 @@ impl Client {
         self.try_read_head(timeout)
             .await
             .unwrap_or_else(|end| panic!("no response head within {timeout:?}: {end:?}"))
+    }
+
+    /// Reads the body on and asserts that it is cut short: the connection closed or reset
+    /// before the body's end (never complete, never a `timeout` of silence).
+    pub async fn assert_body_cut_short(
+        &mut self,
+        dec: &mut BodyDecoder,
+        timeout: Duration,
+        why: &str,
+    ) {
+        let end = loop {
+            match self.next_piece(dec, timeout).await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(end, Err(ReadEnd::Eof | ReadEnd::Reset)),
+            "the body should have been cut short by {why}, got {end:?}"
+        );
     }
 
     /// The next piece of body: `Ok(Some)` data, `Ok(None)` the body is complete, `Err` the
