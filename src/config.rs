@@ -40,7 +40,8 @@ pub mod defaults {
 /// larger than tokio allows, a thread per unit), so the file is refused instead.
 pub mod limits {
     use std::time::Duration;
-    pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+    /// A year as humantime reads `1y` (365.25 days) and `12months`, and a little more.
+    pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
     pub const MAX_COUNT: usize = 1 << 24;
     pub const MAX_WORKERS: usize = 1024;
     pub const MAX_HEADER_BYTES: usize = 16 << 20;
@@ -729,7 +730,7 @@ fn duration_or_zero(at: &Locator<'_>, v: &Spanned<String>) -> Result<Duration, C
         )
     })?;
     if d > limits::MAX_DURATION {
-        return Err(at.spanned(v, format!("`{}` is longer than a year (365d)", v.get_ref())));
+        return Err(at.spanned(v, format!("`{}` is longer than a year", v.get_ref())));
     }
     Ok(d)
 }

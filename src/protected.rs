@@ -228,9 +228,6 @@ impl Call {
             };
             match next {
                 Some(Ok(frame)) => {
-                    if let Some(d) = idle_timeout {
-                        idle.as_mut().reset(tokio::time::Instant::now() + d);
-                    }
                     let n = frame.data_ref().map_or(0, |d| d.len() as u64);
                     let last = body.is_end_stream();
                     let item = Item {
@@ -247,6 +244,11 @@ impl Call {
                         },
                         None => false,
                     };
+                    // The upstream's silence counts from here: the wait for a slow client
+                    // to take the frame is not part of it.
+                    if let Some(d) = idle_timeout {
+                        idle.as_mut().reset(tokio::time::Instant::now() + d);
+                    }
                     if delivered {
                         self.guard.add_bytes_out(n);
                     } else {

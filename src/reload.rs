@@ -9,18 +9,19 @@
 //! The watch is on folders, not files: editors that save by writing a new file and renaming
 //! it over the old one replace the inode a file watch would be attached to, and Kubernetes
 //! updates a mounted ConfigMap by swapping a `..data` symlink next to the file, an event
-//! that names neither the file nor anything under it. So every change in the folder of a
-//! watched file (the config, the listener's certificate and key, the upstreams' CA files),
-//! and in the folder a symlinked file resolves to, wakes the watch; the files' bytes then
-//! decide whether anything changed, so a neighbour's churn costs one read of small files.
+//! that names neither the file nor anything under it. So the folders where a watched
+//! file's path can change are watched (see [`Folders::follow`]); a name created, removed
+//! or renamed there, or a write to a watched file, wakes the watch, and the files' bytes
+//! then decide whether anything changed. Writes to other files (a log beside the config)
+//! are let pass, or each round's own log line would start the next.
 //! Bursts of events (an editor writes, truncates, renames) are coalesced: a reload runs
 //! once the folders have been quiet for [`SETTLE`], or longer while a file is still open
 //! for writing, so that a slow writer's half-written file is not applied, and never later
 //! than [`MAX_SETTLE`] after the first event, so that a busy folder cannot starve it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -83,26 +84,26 @@ pub async fn watch(
     };
     let hup = hup.map(|h| tokio::spawn(sighup(h, tx)));
     while let Some(first) = rx.recv().await {
-        let forced = settle(first, &mut rx, &folders.files).await;
-        let text = fingerprint(&current);
-        if !forced && text.is_some() && text == last_text {
-            // A touch, a neighbour's file, or an editor's intermediate write that ended
-            // where it began.
-            tracing::debug!(path = %path.display(), "config and certificates unchanged");
-        } else {
-            last_text = text;
-            let result = config::load(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|new| apply(&shared, &current, &new).map(|()| new));
-            match result {
-                Ok(new) => current = new,
-                Err(e) => {
-                    crate::metrics::config_reload(false);
-                    tracing::error!(error = %e, "config reload failed; the previous routes keep serving");
-                }
+        let forced = settle(first, &mut rx).await;
+        // Watch where the files are now before reading them: a write to a folder that a
+        // swapped symlink just brought in is then seen, even one landing during the read.
+        folders.follow(&watched_files(&current));
+        let previous = current.clone();
+        let job = {
+            let shared = shared.clone();
+            move || {
+                round(&shared, &mut current, &mut last_text, forced);
+                (current, last_text)
             }
-        }
-        // A swapped symlink or a new certificate path moves what must be watched.
+        };
+        (current, last_text) = match tokio::task::spawn_blocking(job).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed; the previous routes keep serving");
+                (previous, None)
+            }
+        };
+        // A new certificate path moves what must be watched.
         folders.follow(&watched_files(&current));
     }
     if let Some(h) = hup {
@@ -110,10 +111,34 @@ pub async fn watch(
     }
 }
 
-/// Waits until the events stop: [`SETTLE`] of quiet, or [`WRITE_SETTLE`] while one of
-/// `files` is written in place and still open, at most [`MAX_SETTLE`] in all. True if
-/// SIGHUP came.
-async fn settle(first: Seen, rx: &mut mpsc::Receiver<Seen>, files: &HashSet<PathBuf>) -> bool {
+/// One round, on the blocking pool rather than a serving thread: reading the files and
+/// building TLS configurations (the system's roots are parsed again for each rebuilt HTTPS
+/// endpoint, about 2 ms each) would otherwise hold up the requests of that thread.
+fn round(shared: &Shared, current: &mut Config, last_text: &mut Option<Vec<u8>>, forced: bool) {
+    let text = fingerprint(current);
+    if !forced && text.is_some() && text == *last_text {
+        // A touch, a neighbour's file, or an editor's intermediate write that ended where
+        // it began.
+        tracing::debug!(path = %current.source.display(), "config and certificates unchanged");
+        return;
+    }
+    *last_text = text;
+    let result = config::load(&current.source)
+        .map_err(|e| e.to_string())
+        .and_then(|new| apply(shared, current, &new).map(|()| new));
+    match result {
+        Ok(new) => *current = new,
+        Err(e) => {
+            crate::metrics::config_reload(false);
+            tracing::error!(error = %e, "config reload failed; the previous routes keep serving");
+        }
+    }
+}
+
+/// Waits until the events stop: [`SETTLE`] of quiet, or [`WRITE_SETTLE`] while a watched
+/// file is written in place and still open, at most [`MAX_SETTLE`] in all. True if SIGHUP
+/// came.
+async fn settle(first: Seen, rx: &mut mpsc::Receiver<Seen>) -> bool {
     let give_up = tokio::time::Instant::now() + MAX_SETTLE;
     let mut forced = false;
     let mut open: HashSet<PathBuf> = HashSet::new();
@@ -122,11 +147,9 @@ async fn settle(first: Seen, rx: &mut mpsc::Receiver<Seen>, files: &HashSet<Path
         match seen {
             Seen::Signal => forced = true,
             Seen::Change => {}
-            // Another file of the folder (a log, say) may stay open for good.
-            Seen::Writing(p) if files.contains(&p) => {
+            Seen::Writing(p) => {
                 open.insert(p);
             }
-            Seen::Writing(_) => {}
             Seen::Written(p) => {
                 open.remove(&p);
             }
@@ -225,25 +248,40 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> Result<(), String> {
 struct Folders {
     /// `None` (logged once) if watching is impossible; SIGHUP still works then.
     watcher: Option<notify::RecommendedWatcher>,
-    watched: BTreeSet<PathBuf>,
-    /// The watched files, as named and as resolved: what events of interest name.
-    files: HashSet<PathBuf>,
+    /// Each watched folder, with the (device, inode) it had when watched: inotify watches
+    /// an inode, so a folder swapped in under the same name needs a watch of its own.
+    watched: BTreeMap<PathBuf, (u64, u64)>,
+    /// The watched files, as named and as resolved. Shared with the event handler, which
+    /// lets writes to other files (a log beside the config) pass without waking anyone.
+    files: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl Folders {
     fn new(tx: mpsc::Sender<Seen>) -> Folders {
+        let files: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
+        let ours = files.clone();
         let handler = move |event: notify::Result<notify::Event>| {
             use notify::EventKind;
             use notify::event::{AccessKind, AccessMode, ModifyKind};
             let Ok(event) = event else { return };
+            let watched = || {
+                let files = ours.lock().unwrap_or_else(|e| e.into_inner());
+                event.paths.iter().find(|p| files.contains(*p)).cloned()
+            };
             let seen = match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                    Seen::Written(event.paths.into_iter().next().unwrap_or_default())
-                }
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => match watched() {
+                    Some(p) => Seen::Written(p),
+                    None => return,
+                },
                 EventKind::Access(_) => return,
-                EventKind::Modify(ModifyKind::Data(_)) => {
-                    Seen::Writing(event.paths.into_iter().next().unwrap_or_default())
-                }
+                EventKind::Modify(ModifyKind::Data(_)) => match watched() {
+                    Some(p) => Seen::Writing(p),
+                    None => return,
+                },
+                // `touch proxy.toml` asks for a look; a chmod of a neighbour does not.
+                EventKind::Modify(ModifyKind::Metadata(_)) if watched().is_none() => return,
+                // A name created, removed or renamed may change where a watched path
+                // leads (a swapped symlink, a folder renamed into place).
                 _ => Seen::Change,
             };
             // A full channel already holds a pending reload; only a `Written` could be
@@ -257,44 +295,58 @@ impl Folders {
             .ok();
         Folders {
             watcher,
-            watched: BTreeSet::new(),
-            files: HashSet::new(),
+            watched: BTreeMap::new(),
+            files,
         }
     }
 
-    /// Watches the folder of each file and of what it resolves to, and no other.
+    /// Watches the folders where the files' paths can change: each file's folder, the
+    /// folder it resolves to, and the folder holding any symlinked folder on its path
+    /// (`current -> releases/v1`). A folder that is gone is watched through its nearest
+    /// existing ancestor, which sees it come back.
     fn follow(&mut self, files: &[PathBuf]) {
-        let Some(watcher) = &mut self.watcher else {
-            return;
-        };
         let mut want = BTreeSet::new();
-        self.files.clear();
+        let mut names = HashSet::new();
         for f in files {
             // Canonical folders: inotify gives one watch per inode, so two names for one
             // folder (a relative and an absolute path) must not be watched twice.
-            let dir = folder_of(f);
-            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-            self.files
-                .insert(dir.join(f.file_name().unwrap_or_default()));
+            let dir = canonical(folder_of(f));
+            names.insert(dir.join(f.file_name().unwrap_or_default()));
             want.insert(dir);
             if let Ok(real) = std::fs::canonicalize(f) {
                 want.insert(folder_of(&real));
-                self.files.insert(real);
+                names.insert(real);
+            }
+            for a in f.ancestors().skip(1) {
+                if a.as_os_str().is_empty() {
+                    break;
+                }
+                if std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink()) {
+                    want.insert(canonical(folder_of(a)));
+                }
             }
         }
-        for gone in self.watched.difference(&want) {
-            // Fails for a folder already removed, whose watch went with it.
-            let _ = watcher.unwatch(gone);
+        *self.files.lock().unwrap_or_else(|e| e.into_inner()) = names;
+        let Some(watcher) = &mut self.watcher else {
+            return;
+        };
+        let want: BTreeSet<PathBuf> = want.into_iter().map(existing).collect();
+        for (dir, id) in &self.watched {
+            if !want.contains(dir) || identity(dir) != Some(*id) {
+                // Fails for a folder already removed, whose watch went with it.
+                let _ = watcher.unwatch(dir);
+            }
         }
-        let mut watched = BTreeSet::new();
+        let mut watched = BTreeMap::new();
         for dir in want {
-            if self.watched.contains(&dir) {
-                watched.insert(dir);
+            let Some(id) = identity(&dir) else { continue };
+            if self.watched.get(&dir) == Some(&id) {
+                watched.insert(dir, id);
                 continue;
             }
             match watcher.watch(&dir, RecursiveMode::NonRecursive) {
                 Ok(()) => {
-                    watched.insert(dir);
+                    watched.insert(dir, id);
                 }
                 Err(e) => tracing::warn!(
                     error = %e,
@@ -305,6 +357,22 @@ impl Folders {
         }
         self.watched = watched;
     }
+}
+
+fn canonical(dir: PathBuf) -> PathBuf {
+    std::fs::canonicalize(&dir).unwrap_or(dir)
+}
+
+/// `dir`, or its nearest ancestor that exists.
+fn existing(dir: PathBuf) -> PathBuf {
+    dir.ancestors()
+        .find(|a| a.is_dir())
+        .map_or(dir.clone(), Path::to_path_buf)
+}
+
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn folder_of(file: &Path) -> PathBuf {

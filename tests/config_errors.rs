@@ -99,6 +99,23 @@ fn assert_rejected(name: &str, text: &str, key: &str) {
     );
 }
 
+/// Writes `text`, runs `check`, asserts that it was accepted, and returns its stdout.
+fn assert_accepted(what: &str, text: &str) -> String {
+    let dir = unique_temp_dir("check-ok");
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = run_check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "`check` rejected {what}: {:?}\n{text}\n--- stderr:\n{stderr}\n--- stdout:\n{stdout}",
+        out.status
+    );
+    stdout
+}
+
 const HEAD: &str = r#"# a cutoff test config
 [server]
 listen = "127.0.0.1:0"
@@ -397,16 +414,7 @@ fn route_shadowed_by_an_earlier_one() {
         "{HEAD}\n[[routes]]\nname = \"news-post\"\npath_prefix = \"/news\"\n\
          methods = [\"POST\"]\nupstream = \"news\"\n{ROUTE}"
     );
-    let dir = unique_temp_dir("check-order");
-    let path = dir.join("proxy.toml");
-    std::fs::write(&path, &text).expect("write config");
-    let out = run_check(&path);
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success(),
-        "a narrower route before a wider one is fine:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_accepted("a narrower route before a wider one", &text);
 }
 
 /// The shape of the shipped `proxy.toml`: `check` accepts it and prints the route table.
@@ -445,26 +453,28 @@ upstream = "news"
 timeout = "30s"
 on_client_disconnect = "continue"
 "#;
-    let dir = unique_temp_dir("check-ok");
-    let path = dir.join("proxy.toml");
-    std::fs::write(&path, text).expect("write config");
-    let out = run_check(&path);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success(),
-        "`check` rejected a valid config: {:?}\n--- stderr:\n{stderr}\n--- stdout:\n{stdout}",
-        out.status
-    );
+    let stdout = assert_accepted("the shipped config's shape", text);
     for name in ["headlines", "payments"] {
         assert!(
             stdout.contains(name),
-            "the route table on stdout lacks route `{name}`:\n{stdout}\n--- stderr:\n{stderr}"
+            "the route table on stdout lacks route `{name}`:\n{stdout}"
         );
     }
     assert!(
         stdout.contains("/news/") && stdout.contains("/pay/"),
         "{stdout}"
     );
+}
+
+/// The rule is "longer than a year is refused": a year itself is not longer than a year.
+/// humantime reads `1y` (and `12months`) as 365.25 days, a little over the 365-day
+/// bound, and the error then says "`1y` is longer than a year".
+#[test]
+fn a_duration_of_one_year_is_accepted() {
+    for year in ["1y", "1year", "12months"] {
+        assert_accepted(
+            &format!("`timeout = \"{year}\"`"),
+            &with_route_line(&format!("timeout = \"{year}\"")),
+        );
+    }
 }

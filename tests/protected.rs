@@ -12,6 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use socket2::SockRef;
 
 /// How soon after its cause the upstream must see a cancelled call's connection close.
 const PROPAGATION: Duration = Duration::from_secs(1);
@@ -356,4 +357,52 @@ async fn protected_call_is_bounded_by_the_idle_timeout() {
             .contains("idle_timeout"),
         "{line}"
     );
+}
+
+/// `idle_timeout` on a protected route bounds the upstream's silences, not the client's
+/// pauses: an upstream that has the whole response ready at once, read by a client that
+/// pauses now and then for longer than the idle timeout, is delivered whole. (While the
+/// client pauses, the call waits to hand it the next chunk; the idle timer must not run
+/// on through that wait.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_idle_timeout_does_not_count_a_slow_clients_pauses() {
+    let up = Upstream::start().await;
+    let config = protected_config(up.addr(), "30s").replace(
+        "on_client_disconnect = \"continue\"",
+        "on_client_disconnect = \"continue\"\nidle_timeout = \"100ms\"",
+    );
+    let proxy = Proxy::start(&config).await;
+    let total: usize = 24 << 20;
+    let mut c = Client::connect(proxy.addr()).await;
+    // A small receive window, so that a pause soon backs up to the proxy.
+    SockRef::from(c.stream())
+        .set_recv_buffer_size(64 * 1024)
+        .expect("SO_RCVBUF");
+    c.get(&format!("/pay/big/slow-reader?bytes={total}")).await;
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    let mut dec = BodyDecoder::new(head.framing());
+    let mut got = 0usize;
+    let mut pause_at = 1536 * 1024;
+    loop {
+        match c.next_piece(&mut dec, WAIT).await {
+            Ok(Some(b)) => got += b.len(),
+            Ok(None) => break,
+            Err(end) => {
+                let line = access_line(&proxy, "/pay/big/slow-reader").await;
+                panic!(
+                    "the body was cut short ({end:?}) after {got} of {total} bytes; \
+                     the upstream never paused: {line}"
+                );
+            }
+        }
+        if got >= pause_at {
+            // The client's own pause, the behaviour under test.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            pause_at += 1536 * 1024;
+        }
+    }
+    assert_eq!(got, total);
+    let line = access_line(&proxy, "/pay/big/slow-reader").await;
+    assert_access(&line, 200, "ok", None);
 }

@@ -655,3 +655,135 @@ async fn a_file_still_being_written_is_not_applied_half_way() {
     );
     assert_eq!(get(&proxy, "/three/x").await.status, 200);
 }
+
+/// A deploy that swaps the config's whole folder (a new folder renamed into place, the old
+/// one renamed away) is applied, and so is every later edit of the file in the new folder:
+/// the watch must follow the folder that now holds the file, not the inode it started on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_after_the_config_folder_was_swapped_are_reloaded() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let one = route("one", "");
+    let dir = unique_temp_dir("swapped-folder");
+    let conf = dir.join("conf");
+    std::fs::create_dir(&conf).expect("create conf");
+    let config_path = conf.join("proxy.toml");
+    std::fs::write(&config_path, config_with(listen, up.addr(), &one)).expect("write");
+    let proxy = Proxy::start_from(dir.clone(), config_path.clone(), &[]).await;
+    wait_started(&proxy).await;
+
+    // The swap: conf.new holds the next version; conf goes away, conf.new takes its name.
+    let next = dir.join("conf.new");
+    std::fs::create_dir(&next).expect("create conf.new");
+    std::fs::write(
+        next.join("proxy.toml"),
+        config_with(listen, up.addr(), &format!("{one}{}", route("two", ""))),
+    )
+    .expect("write the next version");
+    std::fs::rename(&conf, dir.join("conf.old")).expect("rename conf away");
+    std::fs::rename(&next, &conf).expect("rename conf.new into place");
+    wait_reloads(&proxy, 1).await;
+    assert_eq!(get(&proxy, "/two/x").await.status, 200);
+
+    // An ordinary edit of the file, now in the new folder.
+    save_in_place(
+        &config_path,
+        &config_with(listen, up.addr(), &format!("{one}{}", route("three", ""))),
+    );
+    wait_reloads(&proxy, 2).await;
+    assert_eq!(get(&proxy, "/three/x").await.status, 200);
+}
+
+/// A config reached through a symlinked folder, as with a `current -> releases/v1`
+/// deploy: switching the symlink to the next release is a change of the config, though
+/// no event happens in the folder the file resolved to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switched_release_symlink_is_reloaded() {
+    let up = Upstream::start().await;
+    let listen = "127.0.0.1:0";
+    let one = route("one", "");
+    let dir = unique_temp_dir("releases");
+    for (release, routes) in [
+        ("v1", one.clone()),
+        ("v2", format!("{one}{}", route("two", ""))),
+    ] {
+        let folder = dir.join("releases").join(release);
+        std::fs::create_dir_all(&folder).expect("create the release");
+        std::fs::write(
+            folder.join("proxy.toml"),
+            config_with(listen, up.addr(), &routes),
+        )
+        .expect("write the release's config");
+    }
+    std::os::unix::fs::symlink("releases/v1", dir.join("current")).expect("symlink current");
+    let proxy = Proxy::start_from(dir.clone(), dir.join("current").join("proxy.toml"), &[]).await;
+    wait_started(&proxy).await;
+    assert_eq!(get(&proxy, "/two/x").await.status, 404);
+
+    // `ln -sfn releases/v2 current`, atomically: a new symlink renamed over the old one.
+    let tmp = dir.join("current.tmp");
+    std::os::unix::fs::symlink("releases/v2", &tmp).expect("symlink current.tmp");
+    std::fs::rename(&tmp, dir.join("current")).expect("rename current.tmp over current");
+    wait_reloads(&proxy, 1).await;
+    assert_eq!(get(&proxy, "/two/x").await.status, 200);
+}
+
+/// `cutoff --config proxy.toml 2>>cutoff.log`, run in the config's folder at debug level:
+/// the proxy's own log lines are writes in the watched folder. Writing to a file the watch
+/// does not care about must not wake it, or every round logs a line that starts the next:
+/// a reload round every 150 ms, forever, with no edit at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_log_beside_the_config_does_not_keep_the_watch_busy() {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let up = Upstream::start().await;
+    let dir = unique_temp_dir("own-log");
+    let config = config_with("127.0.0.1:0", up.addr(), &route("one", ""))
+        .replace("level = \"info\"", "level = \"debug\"");
+    std::fs::write(dir.join("proxy.toml"), &config).expect("write the config");
+    let log_path = dir.join("cutoff.log");
+    let log = std::fs::File::create(&log_path).expect("create the log");
+    let _proxy = Kill(
+        std::process::Command::new(BIN)
+            .args(["--config", "proxy.toml"])
+            .current_dir(&dir)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cutoff"),
+    );
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    poll_until(
+        STARTUP_TIMEOUT,
+        "the `listening` line in cutoff.log",
+        || read_log().contains("\"listening\""),
+    )
+    .await;
+    // One neighbour's change, so that the watch runs one round.
+    std::fs::write(dir.join("notes.txt"), "hello").expect("write a neighbour");
+
+    let rounds = || {
+        read_log()
+            .matches("config and certificates unchanged")
+            .count()
+    };
+    let window = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < window {
+        let n = rounds();
+        assert!(
+            n < 5,
+            "{n} reload rounds within 3 s of an idle proxy, each woken by the log line of \
+             the one before:\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
