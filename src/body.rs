@@ -261,10 +261,20 @@ pub struct UpstreamBody {
     conn: Option<Conn>,
     body: Option<Incoming>,
     deadline: DeadlineTimer,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle: Option<Idle>,
     guard: Box<InFlight>,
     status: u16,
     finished: bool,
+}
+
+/// `idle_timeout`: the upstream's silence, counted from when the client asks for more,
+/// so that the time hyper spends writing the last chunk to a slow reader is never held
+/// against the upstream.
+struct Idle {
+    limit: Duration,
+    sleep: Pin<Box<Sleep>>,
+    /// Armed for the current wait; false once a frame went out.
+    waiting: bool,
 }
 
 impl UpstreamBody {
@@ -276,7 +286,11 @@ impl UpstreamBody {
         guard: Box<InFlight>,
         status: u16,
     ) -> UpstreamBody {
-        let idle = idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        let idle = idle_timeout.map(|limit| Idle {
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            waiting: true,
+        });
         UpstreamBody {
             conn: Some(conn),
             body: Some(body),
@@ -329,10 +343,13 @@ impl Body for UpstreamBody {
         {
             return this.abort_timeout("route timeout fired while streaming the response");
         }
-        if let Some((_, idle)) = this.idle.as_mut()
-            && idle.as_mut().poll(cx).is_ready()
+        if let Some(idle) = this.idle.as_mut()
+            && !idle.waiting
         {
-            return this.abort_timeout("idle_timeout fired between response chunks");
+            idle.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle.limit);
+            idle.waiting = true;
         }
         if let Some(conn) = this.conn.as_mut() {
             // An error here surfaces through the body below, with more context.
@@ -346,8 +363,8 @@ impl Body for UpstreamBody {
                 if let Some(data) = frame.data_ref() {
                     this.guard.add_bytes_out(data.len() as u64);
                 }
-                if let Some((d, idle)) = this.idle.as_mut() {
-                    idle.as_mut().reset(tokio::time::Instant::now() + *d);
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.waiting = false;
                 }
                 // hyper stops polling once a body's declared length has been written, so
                 // the end must be noticed with the last frame, not after it.
@@ -368,7 +385,18 @@ impl Body for UpstreamBody {
                 this.complete(cx);
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            // Checked only when nothing came: a frame that is ready goes out, however long
+            // the client took to ask for it.
+            Poll::Pending => {
+                let idle_over = this
+                    .idle
+                    .as_mut()
+                    .is_some_and(|idle| idle.sleep.as_mut().poll(cx).is_ready());
+                if idle_over {
+                    return this.abort_timeout("idle_timeout fired between response chunks");
+                }
+                Poll::Pending
+            }
         }
     }
 

@@ -263,6 +263,35 @@ async fn route_timeout_gives_504_and_cancels_the_upstream() {
     assert_route_still_serves(&proxy, &up, "after-timeout").await;
 }
 
+/// `idle_timeout` measures the upstream's silences, not the client's: a response the
+/// upstream sends as fast as it can, read by a client that pauses for longer than the idle
+/// timeout (so that the proxy's writes block and it stops asking the upstream for more),
+/// is delivered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_does_not_count_a_slow_readers_pauses() {
+    let (_up, proxy) = pair(r#"idle_timeout = "100ms""#).await;
+    let total: usize = 16 << 20;
+    let mut c = Client::connect(proxy.addr()).await;
+    // A small receive window, so that a pause soon backs up to the proxy.
+    socket2::SockRef::from(c.stream())
+        .set_recv_buffer_size(64 * 1024)
+        .expect("SO_RCVBUF");
+    c.get(&format!("/big/slow-reader?bytes={total}")).await;
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    let mut dec = BodyDecoder::new(head.framing());
+    let got = c
+        .read_body_pausing(&mut dec, 2 << 20, Duration::from_millis(300))
+        .await;
+    if let Err((end, got)) = got {
+        let line = proxy
+            .wait_for_access_log(|v| log_path_is(v, "/big/slow-reader"), WAIT)
+            .await;
+        panic!("the body was cut short ({end:?}) after {got} of {total} bytes: {line}");
+    }
+    assert_eq!(got, Ok(total));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_cuts_the_stream_and_cancels_the_upstream() {
     let (up, proxy) = pair(r#"idle_timeout = "200ms""#).await;

@@ -1709,6 +1709,29 @@ impl Client {
             .unwrap_or_else(|end| panic!("no response head within {timeout:?}: {end:?}"))
     }
 
+    /// Reads the whole body like a slow reader: a pause of `pause` after every `every`
+    /// bytes. `Ok(total)`, or `Err((how it ended, bytes read))` if it was cut short.
+    pub async fn read_body_pausing(
+        &mut self,
+        dec: &mut BodyDecoder,
+        every: usize,
+        pause: Duration,
+    ) -> Result<usize, (ReadEnd, usize)> {
+        let mut got = 0usize;
+        let mut pause_at = every;
+        loop {
+            match self.next_piece(dec, WAIT).await {
+                Ok(Some(b)) => got += b.len(),
+                Ok(None) => return Ok(got),
+                Err(end) => return Err((end, got)),
+            }
+            if got >= pause_at {
+                tokio::time::sleep(pause).await;
+                pause_at += every;
+            }
+        }
+    }
+
     /// Reads the body on and asserts that it is cut short: the connection closed or reset
     /// before the body's end (never complete, never a `timeout` of silence).
     pub async fn assert_body_cut_short(
