@@ -329,6 +329,8 @@ impl Locator<'_> {
     fn key_at(&self, offset: usize) -> String {
         let mut table = String::new();
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        // The last `key =` seen in this table: the key of a value on a continuation line
+        // of a multi-line array.
         let mut key = String::new();
         let mut pos = 0;
         for line in self.text.split_inclusive('\n') {
@@ -342,15 +344,17 @@ impl Locator<'_> {
                 let n = counts.entry(name.clone()).or_insert(0);
                 table = format!("{name}[{n}]");
                 *n += 1;
+                key.clear();
             } else if let Some(name) = trimmed.strip_prefix('[').and_then(|s| s.split(']').next()) {
                 table = name.trim().to_string();
+                key.clear();
+            } else if let Some((k, _)) = trimmed.split_once('=')
+                && !trimmed.starts_with('#')
+                && !trimmed.starts_with('"')
+            {
+                key = k.trim().trim_matches('"').to_string();
             }
             if offset < end || end == self.text.len() {
-                if let Some((k, _)) = trimmed.split_once('=')
-                    && !trimmed.starts_with('[')
-                {
-                    key = k.trim().trim_matches('"').to_string();
-                }
                 break;
             }
             pos = end;
@@ -879,6 +883,18 @@ upstream = "news"
         let e = check(text).unwrap_err();
         assert_eq!(e.line, 4, "{e}");
         assert!(e.message.contains("needs `url`"), "{e}");
+    }
+
+    #[test]
+    fn a_value_on_a_continuation_line_names_its_key() {
+        let text = BASE.replace(
+            "url = \"http://127.0.0.1:9000/api/\"",
+            "urls = [\n  \"http://127.0.0.1:9000\",\n  \"http://127.0.0.1:99999\",\n]",
+        );
+        let e = check(&text).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (8, "upstreams.news.urls"), "{e}");
+        let e = check(&BASE.replace("[server]\n", "[server]\nworkers = -1\n")).unwrap_err();
+        assert_eq!(e.key, "server.workers", "{e}");
     }
 
     #[test]
