@@ -240,7 +240,11 @@ struct Decision {
 pub struct InFlight {
     route: Option<RouteInfo>,
     method: Method,
-    uri: Uri,
+    /// The request's path, for the access log: a copy, not the `Uri` hyper parsed, whose
+    /// bytes are a slice of the connection's 8 KiB read buffer. Held for the whole
+    /// exchange, such a slice kept that buffer (the page the head was read into) alive,
+    /// where hyper would otherwise have freed it for a fresh, untouched one.
+    path: Box<str>,
     started: Instant,
     client: Arc<ClientConn>,
     lifecycle: Arc<Lifecycle>,
@@ -281,7 +285,7 @@ impl InFlight {
         InFlight {
             route,
             method,
-            uri,
+            path: uri.path().into(),
             started: Instant::now(),
             client,
             lifecycle,
@@ -509,7 +513,7 @@ impl InFlight {
         access_log::write(&AccessRecord {
             route: self.route.as_ref().map_or("", |r| &r.name),
             method: self.method.as_str(),
-            path: self.uri.path(),
+            path: &self.path,
             status: d.status,
             outcome: d.outcome,
             duration_ms: total.as_secs_f64() * 1e3,

@@ -329,7 +329,7 @@ impl Upstream {
             endpoint: endpoint.config.url.clone(),
             source,
         };
-        let (mut sender, conn, mut req) = match idle {
+        let (mut sender, conn, req) = match idle {
             Idle::Ready(sender, conn) => (sender, conn, req),
             Idle::Io(io) => {
                 let (sender, conn) = Box::pin(self.handshake(io)).await.map_err(http_err)?;
@@ -341,14 +341,18 @@ impl Upstream {
         let mut conn = Conn::new(endpoint, Some(conn));
         guard.dispatched(phase);
         let mut attempt = 0;
+        // The box is freed as the request goes to hyper (`unbox`), not kept empty for the
+        // whole exchange (328 bytes per request in flight); a request handed back, a rare
+        // event, is boxed again.
+        let mut req = Some(req);
         let resp = loop {
             // The request handed back by a connection that did not take it. Assigned in one
             // statement, so that nothing of the attempt (the response future, the result)
             // outlives it: a future keeps room for every local that lives across an await,
             // and the reconnection below held them beside the request's copy, in the
             // future of every request (1 744 → 1 256 bytes).
-            *req = {
-                let mut response = std::pin::pin!(sender.try_send_request(*req));
+            let back = {
+                let mut response = std::pin::pin!(sender.try_send_request(unbox(&mut req)));
                 let r = poll_fn(|cx| {
                     if !conn.done {
                         // An error here reaches the response future too, with more context.
@@ -386,6 +390,7 @@ impl Upstream {
                     },
                 }
             };
+            req = Some(Box::new(back));
             attempt += 1;
             let io = Box::pin(endpoint.connect()).await?;
             let (s, c) = Box::pin(self.handshake(io)).await.map_err(http_err)?;
@@ -524,6 +529,11 @@ fn closed_under_us(e: &hyper::Error) -> bool {
                         | io::ErrorKind::ConnectionAborted
                 )
             })
+}
+
+/// The request out of its box, the box freed.
+fn unbox<T>(b: &mut Option<Box<T>>) -> T {
+    *b.take().expect("a request to send")
 }
 
 /// How the call reaches its endpoint.
