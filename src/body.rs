@@ -286,6 +286,11 @@ impl UpstreamBody {
         guard: Box<InFlight>,
         status: u16,
     ) -> UpstreamBody {
+        // Watched by the connection too: a client that stops reading stops hyper from
+        // polling this body, and with it this body's own check of the deadline.
+        guard
+            .client()
+            .streaming_until(deadline.as_ref().map(|d| d.deadline().into_std()));
         let idle = idle_timeout.map(|limit| Idle {
             limit,
             sleep: Box::pin(tokio::time::sleep(limit)),
@@ -315,8 +320,15 @@ impl UpstreamBody {
         );
         self.close_upstream();
         self.guard.reason(what);
-        self.finished = true;
+        self.finish();
         Poll::Ready(Some(Err(Box::new(StreamTimeout(what)))))
+    }
+
+    /// Settled, one way or another: the connection stops watching this response's
+    /// deadline.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.guard.client().streaming_until(None);
     }
 
     fn close_upstream(&mut self) {
@@ -378,7 +390,7 @@ impl Body for UpstreamBody {
                 this.guard
                     .reason(format!("upstream response body failed: {e}"));
                 this.close_upstream();
-                this.finished = true;
+                this.finish();
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => {
@@ -416,8 +428,18 @@ impl Body for UpstreamBody {
 /// first, then the fields drop in order, closing the upstream before the guard records.
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if !self.finished {
+        if self.finished {
+            return;
+        }
+        // Dropped past its deadline: the connection's task ended a response whose client
+        // stopped reading (see `ClientConn::streaming_until`). That is the timer's doing,
+        // not the client's leaving.
+        let now = tokio::time::Instant::now();
+        if self.deadline.as_ref().is_some_and(|d| d.deadline() <= now) {
+            let _ = self.abort_timeout("route timeout fired while the client was not reading");
+        } else {
             self.guard.stamp_dropped();
+            self.guard.client().streaming_until(None);
         }
     }
 }
@@ -434,7 +456,7 @@ impl UpstreamBody {
         self.conn = None;
         self.body = None;
         self.guard.decide(Outcome::Ok, self.status, None);
-        self.finished = true;
+        self.finish();
     }
 
     /// For a response that has no body at all (HEAD, 204, 304, `Content-Length: 0`): hyper

@@ -147,6 +147,11 @@ pub struct ClientConn {
     opened: Instant,
     /// Nanoseconds after `opened` when the last request ended.
     last_ended: AtomicU64,
+    /// HTTP/1.1: when the response now streaming must be over, in nanoseconds after
+    /// `opened`, plus one (0: none). A client that stops reading blocks hyper's writes, and
+    /// hyper then stops polling the response body, whose own timer can only wake the
+    /// connection: the connection's task looks here and ends the exchange.
+    response_deadline: AtomicU64,
 }
 
 impl Default for ClientConn {
@@ -159,6 +164,7 @@ impl Default for ClientConn {
             active: AtomicUsize::new(0),
             opened: Instant::now(),
             last_ended: AtomicU64::new(0),
+            response_deadline: AtomicU64::new(0),
         }
     }
 }
@@ -218,6 +224,26 @@ impl ClientConn {
     /// A request is in flight: hyper's HTTP/1.1 reads no head meanwhile.
     pub fn in_flight(&self) -> bool {
         self.active.load(Ordering::Acquire) != 0
+    }
+
+    /// The response now streaming must be over by `deadline` (`None`: it has none, or it
+    /// is over). HTTP/2 streams share the connection, so they have their own ways.
+    pub fn streaming_until(&self, deadline: Option<Instant>) {
+        if self.h2.load(Ordering::Relaxed) {
+            return;
+        }
+        let at = deadline.map_or(0, |d| {
+            d.saturating_duration_since(self.opened).as_nanos() as u64 + 1
+        });
+        self.response_deadline.store(at, Ordering::Relaxed);
+    }
+
+    /// The response streaming now is past its deadline.
+    pub fn response_overdue(&self) -> bool {
+        match self.response_deadline.load(Ordering::Relaxed) {
+            0 => false,
+            at => self.opened.elapsed().as_nanos() as u64 + 1 >= at,
+        }
     }
 
     /// `now`: the clock was just read by the guard; reading it again costs ~90 instructions.
@@ -344,6 +370,11 @@ impl InFlight {
     }
 
     /// See [`RequestState::stamp_dropped`].
+    /// The connection this request came on.
+    pub fn client(&self) -> &ClientConn {
+        &self.client
+    }
+
     pub fn stamp_dropped(&self) {
         if let Some(s) = &self.state {
             s.stamp_dropped();

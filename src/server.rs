@@ -361,6 +361,15 @@ async fn drive<C, E>(
                 // `None`: the client hung up, and the hang-up thread dropped the rest.
                 break;
             }
+            // The route timeout of a response whose client stopped reading: hyper waits on
+            // its blocked writes and polls the body no more, so the body's timer, which
+            // wakes this task, cannot act itself. Ending the connection ends the exchange
+            // (the body, dropped past its deadline, is logged as a timeout).
+            _ = std::future::poll_fn(|_| {
+                if client.response_overdue() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+            }) => {
+                break;
+            }
             // Not gated: what it watches changes during hyper's poll just above.
             cut = std::future::poll_fn(|cx| head_timer.poll(cx, &client)) => {
                 log_head_timeout(cut);

@@ -529,3 +529,40 @@ async fn harness_smoke_admin_metrics_and_sigterm() {
         proxy.stderr()
     );
 }
+
+/// The route `timeout` is "the whole exchange, until the last response byte" (SPEC). A
+/// client that reads the response head and then stops reading (its TCP window closes, the
+/// proxy's writes block) must not hold the upstream call past the timeout: the upstream
+/// must see its connection closed about `timeout` after the request started, and the
+/// access log must say 504 `timeout`. (The idle timer deliberately ignores a slow reader's
+/// pauses; the whole-exchange deadline does not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_cuts_a_response_the_client_stopped_reading() {
+    let (up, proxy) = pair(r#"timeout = "1s""#).await;
+    let total: u64 = 1 << 30;
+    let mut c = Client::connect(proxy.addr()).await;
+    socket2::SockRef::from(c.stream())
+        .set_recv_buffer_size(64 * 1024)
+        .expect("SO_RCVBUF");
+    let t0 = Instant::now();
+    c.get(&format!("/big/not-reading?bytes={total}")).await;
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    // From here on the client reads nothing: its window closes, the proxy's socket buffer
+    // fills, hyper stops polling the response body.
+    let rec = up.wait_request("/big/not-reading", WAIT).await;
+    // 1 s of timeout plus a generous margin: a deadline that still fires would have closed
+    // the upstream long before.
+    let rec = up.wait_closed(rec.id, Duration::from_secs(6)).await;
+    let (closed_at, _) = rec.closed.expect("closed");
+    assert!(
+        closed_at.saturating_duration_since(t0) < Duration::from_secs(3),
+        "the upstream was closed only {:?} after the request started (timeout = 1s)",
+        closed_at.saturating_duration_since(t0)
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/big/not-reading"), WAIT)
+        .await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+    drop(c);
+}

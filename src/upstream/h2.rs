@@ -11,6 +11,7 @@
 //! waiting only stops waiting; the set-up goes on for the others (a known pitfall when
 //! set-up runs inside the first request's future).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::client::conn::http2::{self, SendRequest};
@@ -22,8 +23,21 @@ use super::endpoint::{Endpoint, UpstreamIo};
 use crate::body::RequestBody;
 
 type Sender = SendRequest<RequestBody>;
+
+const STREAM_WINDOW: u32 = 1 << 20;
 /// What set-up produced: a sender, or (status, reason) of its failure.
-type SetUp = Option<Result<Sender, (u16, String)>>;
+type SetUp = Option<Result<H2Sender, (u16, String)>>;
+
+/// A sender on one of the endpoint's connections, with that connection's number: clones
+/// of a `SendRequest` cannot tell whether they share a connection, and [`H2Pool::forget`]
+/// must drop only the connection that refused.
+#[derive(Clone)]
+pub struct H2Sender {
+    pub sender: Sender,
+    id: u64,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Default)]
 pub struct H2Pool {
@@ -35,16 +49,27 @@ enum State {
     #[default]
     Empty,
     Connecting(watch::Receiver<SetUp>),
-    Ready(Sender),
+    Ready(H2Sender),
+}
+
+impl State {
+    fn ready(&self) -> Option<&H2Sender> {
+        match self {
+            State::Ready(s) if !s.sender.is_closed() => Some(s),
+            _ => None,
+        }
+    }
 }
 
 impl H2Pool {
     /// A sender on the endpoint's connection, opening one if there is none.
-    pub(super) async fn sender(&self, endpoint: &Arc<Endpoint>) -> Result<Sender, UpstreamError> {
+    pub(super) async fn sender(&self, endpoint: &Arc<Endpoint>) -> Result<H2Sender, UpstreamError> {
         let mut rx = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = state.ready() {
+                return Ok(s.clone());
+            }
             match &*state {
-                State::Ready(s) if !s.is_closed() => return Ok(s.clone()),
                 State::Connecting(rx) => rx.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
@@ -74,19 +99,32 @@ impl H2Pool {
         &self,
         endpoint: &Arc<Endpoint>,
         io: UpstreamIo,
-    ) -> Result<Sender, UpstreamError> {
+    ) -> Result<H2Sender, UpstreamError> {
         let sender = handshake(io)
             .await
             .map_err(|(status, reason)| UpstreamError::H2 { status, reason })?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(&*state, State::Ready(s) if !s.is_closed()) {
+        if state.ready().is_none() {
             *state = State::Ready(sender.clone());
         }
         let _ = endpoint;
         Ok(sender)
     }
 
-    fn settle(&self, result: &Result<Sender, (u16, String)>) {
+    /// Drops the cached connection, which refused a new stream: it is going away (the
+    /// upstream sent GOAWAY), though it lives on until its last stream ends and so still
+    /// looks open. The next call opens a new one. A connection opened meanwhile by another
+    /// call is kept: `refused` is a stream the old one handed back.
+    pub(super) fn forget(&self, refused: &H2Sender) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let State::Ready(s) = &*state
+            && s.id == refused.id
+        {
+            *state = State::Empty;
+        }
+    }
+
+    fn settle(&self, result: &Result<H2Sender, (u16, String)>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *state = match result {
             Ok(s) => State::Ready(s.clone()),
@@ -121,9 +159,16 @@ async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
     let _ = tx.send(Some(result));
 }
 
-async fn handshake(io: UpstreamIo) -> Result<Sender, (u16, String)> {
+async fn handshake(io: UpstreamIo) -> Result<H2Sender, (u16, String)> {
+    // Flow control: data read from the upstream and not yet taken by its client keeps its
+    // share of the connection's window, which every call to the endpoint shares. With
+    // hyper's defaults (2 MiB per stream, 5 MiB per connection) three clients that stop
+    // reading stalled every other call. So the connection's window is as large as HTTP/2
+    // allows, and each stream's is what bounds what a slow reader can hold (1 MiB).
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(i32::MAX as u32)
         .handshake::<_, RequestBody>(TokioIo::new(io))
         .await
         .map_err(|e| (502, format!("HTTP/2 handshake failed: {e}")))?;
@@ -132,5 +177,8 @@ async fn handshake(io: UpstreamIo) -> Result<Sender, (u16, String)> {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
         }
     });
-    Ok(sender)
+    Ok(H2Sender {
+        sender,
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+    })
 }

@@ -541,12 +541,12 @@ enum Link {
     /// With whether the connection was kept long enough that the upstream may be closing
     /// it (a new one: false).
     H1(Idle, bool),
-    H2(hyper::client::conn::http2::SendRequest<RequestBody>),
+    H2(h2::H2Sender),
 }
 
 async fn exchange_h2(
     endpoint: &Arc<Endpoint>,
-    mut sender: hyper::client::conn::http2::SendRequest<RequestBody>,
+    mut sender: h2::H2Sender,
     mut req: Request<RequestBody>,
     guard: &mut InFlight,
     phase: Phase,
@@ -581,13 +581,25 @@ async fn exchange_h2(
     }
     *req.version_mut() = http::Version::HTTP_2;
     guard.dispatched(phase);
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|source| UpstreamError::Http {
-            endpoint: endpoint.config.url.clone(),
-            source,
-        })?;
+    let http_err = |source| UpstreamError::Http {
+        endpoint: endpoint.config.url.clone(),
+        source,
+    };
+    let resp = match sender.sender.try_send_request(req).await {
+        Ok(resp) => resp,
+        // Handed back unsent: the connection is going away (GOAWAY) and opened no stream
+        // for it. Nothing reached the upstream, so even a POST goes out once more, on a
+        // new connection; a 502 here would fail every call that raced an upstream's
+        // graceful restart.
+        Err(mut e) => match e.take_message() {
+            Some(req) => {
+                endpoint.h2.forget(&sender);
+                sender = Box::pin(endpoint.h2.sender(endpoint)).await?;
+                sender.sender.send_request(req).await.map_err(http_err)?
+            }
+            None => return Err(http_err(e.into_error())),
+        },
+    };
     Ok((resp, Conn::new(endpoint, None)))
 }
 
