@@ -11,12 +11,12 @@
 //! waiting only stops waiting; the set-up goes on for the others (a known pitfall when
 //! set-up runs inside the first request's future).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::UpstreamError;
 use super::endpoint::{Endpoint, UpstreamIo};
@@ -35,6 +35,58 @@ type SetUp = Option<Result<H2Sender, (u16, String)>>;
 pub struct H2Sender {
     pub sender: Sender,
     id: u64,
+    streams: Arc<Streams>,
+}
+
+/// The streams of one connection: how many are open, and how many the upstream allows
+/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, read from hyper's connection as it changes).
+///
+/// hyper waits for a free stream inside its connection task, where a call that is
+/// cancelled meanwhile is still sent once a stream frees (and reset at once): upstream
+/// work for nobody. So a call waits for a stream here, in its own future, and is handed to
+/// hyper only when the upstream will open it at once; dropping it while it waits is the
+/// end of it.
+struct Streams {
+    open: AtomicUsize,
+    max: AtomicUsize,
+    freed: Notify,
+}
+
+/// One open stream of a connection, freed on drop (the response read to its end, or the
+/// stream reset).
+pub struct StreamSlot(Arc<Streams>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+impl H2Sender {
+    /// Waits until the upstream allows one more stream on this connection.
+    pub(super) async fn stream_slot(&self) -> StreamSlot {
+        let s = &self.streams;
+        loop {
+            let freed = s.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            // Registered before the check, so that a slot freed in between is not missed.
+            freed.as_mut().enable();
+            let mut open = s.open.load(Ordering::Acquire);
+            while open < s.max.load(Ordering::Acquire) {
+                match s.open.compare_exchange_weak(
+                    open,
+                    open + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return StreamSlot(s.clone()),
+                    Err(now) => open = now,
+                }
+            }
+            freed.await;
+        }
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -172,13 +224,31 @@ async fn handshake(io: UpstreamIo) -> Result<H2Sender, (u16, String)> {
         .handshake::<_, RequestBody>(TokioIo::new(io))
         .await
         .map_err(|e| (502, format!("HTTP/2 handshake failed: {e}")))?;
+    let streams = Arc::new(Streams {
+        open: AtomicUsize::new(0),
+        max: AtomicUsize::new(conn.current_max_send_streams()),
+        freed: Notify::new(),
+    });
+    let limits = streams.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = std::pin::pin!(conn);
+        let ended = std::future::poll_fn(|cx| {
+            let r = conn.as_mut().poll(cx);
+            // The upstream's SETTINGS may raise or lower its limit at any time.
+            let max = conn.current_max_send_streams();
+            if limits.max.swap(max, Ordering::AcqRel) < max {
+                limits.freed.notify_waiters();
+            }
+            r
+        })
+        .await;
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
         }
     });
     Ok(H2Sender {
         sender,
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        streams,
     })
 }

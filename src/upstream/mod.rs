@@ -580,6 +580,7 @@ async fn exchange_h2(
         *req.uri_mut() = uri;
     }
     *req.version_mut() = http::Version::HTTP_2;
+    let mut stream = sender.stream_slot().await;
     guard.dispatched(phase);
     let http_err = |source| UpstreamError::Http {
         endpoint: endpoint.config.url.clone(),
@@ -595,12 +596,15 @@ async fn exchange_h2(
             Some(req) => {
                 endpoint.h2.forget(&sender);
                 sender = Box::pin(endpoint.h2.sender(endpoint)).await?;
+                stream = sender.stream_slot().await;
                 sender.sender.send_request(req).await.map_err(http_err)?
             }
             None => return Err(http_err(e.into_error())),
         },
     };
-    Ok((resp, Conn::new(endpoint, None)))
+    let mut conn = Conn::new(endpoint, None);
+    conn.stream = Some(stream);
+    Ok((resp, conn))
 }
 
 /// Tells the upstream how much time is left, computed now, at dispatch, so that time spent
@@ -650,6 +654,8 @@ pub struct Conn {
     endpoint: Arc<Endpoint>,
     slot: Option<Slot>,
     permit: Option<OwnedSemaphorePermit>,
+    /// HTTP/2: the stream this exchange holds on the shared connection.
+    stream: Option<h2::StreamSlot>,
     reusable: bool,
     done: bool,
     /// The whole response was read: closing now is a plain close, not an abort.
@@ -677,6 +683,7 @@ impl Conn {
             endpoint: endpoint.clone(),
             slot: None,
             permit: None,
+            stream: None,
             reusable: false,
             exchanged: false,
         }
