@@ -14,6 +14,7 @@
 #   SOAK_N=100000  RSS_HELD=9000  WRK_SECONDS=5  QUICK=1 (a smoke run: few samples)
 #   CUTOFF_BIN=path (skip `cargo build --release` and measure that binary)  KEEP=1 (keep
 #   the temp dir with configs and logs)
+#   SECTIONS="cancel timeout throughput close rss soak" (run only the sections named)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,6 +29,8 @@ SOAK_N=${SOAK_N:-100000}
 RSS_HELD=${RSS_HELD:-9000}
 WRK_SECONDS=${WRK_SECONDS:-5}
 QUICK=${QUICK:-0}
+SECTIONS=${SECTIONS:-"cancel timeout throughput close rss soak"}
+section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 HELDS="1 100 1000"
 PHASES="headers body upload"
 if [[ "$QUICK" == 1 ]]; then
@@ -344,39 +347,43 @@ meta "load average at start" "$(cut -d' ' -f1-3 /proc/loadavg)"
 start origin
 for p in $PROXIES; do start "$p"; done
 
-say "cancellation propagation (departures by FIN, spaced 1 ms; bound 2 s)"
-for phase in $PHASES; do
-  for held in $HELDS; do
-    if ((held == 1)); then rounds=500; else rounds=$(((500 + held - 1) / held)); fi
-    [[ "$QUICK" == 1 ]] && rounds=$(((rounds + 9) / 10))
-    rotate
-    for p in "${ORDERED[@]}"; do
-      record "$p" cancel --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --held "$held" \
-        --rounds "$rounds" --phase "$phase" --close fin --bound-ms 2000 --budget-s 15 --label "$p"
-      check_alive "$p" "cancel $phase held=$held"
+if section cancel; then
+  say "cancellation propagation (departures by FIN, spaced 1 ms; bound 2 s)"
+  for phase in $PHASES; do
+    for held in $HELDS; do
+      if ((held == 1)); then rounds=500; else rounds=$(((500 + held - 1) / held)); fi
+      [[ "$QUICK" == 1 ]] && rounds=$(((rounds + 9) / 10))
+      rotate
+      for p in "${ORDERED[@]}"; do
+        record "$p" cancel --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --held "$held" \
+          --rounds "$rounds" --phase "$phase" --close fin --bound-ms 2000 --budget-s 15 --label "$p"
+        check_alive "$p" "cancel $phase held=$held"
+      done
     done
   done
-done
 
-# The same upload run once more, but departures start only after 300 ms of quiet: set
-# against the row above, it separates cancellation latency from the cost of the proxy
-# still forwarding the 100 × 64 KiB of uploads when the first clients leave.
-if [[ " $HELDS " == *" 100 "* ]]; then
-  rotate
-  for p in "${ORDERED[@]}"; do
-    record "$p" cancel --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --held 100 --rounds 5 \
-      --phase upload --settle-ms 300 --close fin --bound-ms 2000 --budget-s 15 --label "$p"
-    check_alive "$p" "cancel upload held=100 settled"
-  done
+  # The same upload run once more, but departures start only after 300 ms of quiet: set
+  # against the row above, it separates cancellation latency from the cost of the proxy
+  # still forwarding the 100 × 64 KiB of uploads when the first clients leave.
+  if [[ " $HELDS " == *" 100 "* ]]; then
+    rotate
+    for p in "${ORDERED[@]}"; do
+      record "$p" cancel --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --held 100 --rounds 5 \
+        --phase upload --settle-ms 300 --close fin --bound-ms 2000 --budget-s 15 --label "$p"
+      check_alive "$p" "cancel upload held=100 settled"
+    done
+  fi
 fi
 
-say "timeout precision (200 ms route timeout)"
-rotate
-for p in "${ORDERED[@]}"; do
-  record "$p" timeout --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --n 100 --concurrency 10 \
-    --timeout-ms 200 --label "$p"
-  check_alive "$p" "timeout"
-done
+if section timeout; then
+  say "timeout precision (200 ms route timeout)"
+  rotate
+  for p in "${ORDERED[@]}"; do
+    record "$p" timeout --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --n 100 --concurrency 10 \
+      --timeout-ms 200 --label "$p"
+    check_alive "$p" "timeout"
+  done
+fi
 
 if [[ -n "${PID[cutoff]:-}" ]]; then
   curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" >"$WORK/cutoff-metrics-after-cancel.txt" || true
@@ -410,50 +417,58 @@ wrk_passes() {
   done
 }
 
-say "throughput: wrk -t1 -c64 -d${WRK_SECONDS}s, 2 interleaved passes (1 s warm-up each)"
-# The hyper-floor baseline runs in the passes like a proxy, forwarding /w/hello.txt
-# unchanged to the origin (which serves it at that path, as for direct).
-WRK_TARGETS=$PROXIES
-FLOOR_UP="127.0.0.1:$ORIGIN_PORT"
-if start hyper-floor; then
-  WRK_TARGETS="$PROXIES hyper-floor"
-else
-  event hyper-floor "did not start for wrk"
+if section throughput; then
+  say "throughput: wrk -t1 -c64 -d${WRK_SECONDS}s, 2 interleaved passes (1 s warm-up each)"
+  # The hyper-floor baseline runs in the passes like a proxy, forwarding /w/hello.txt
+  # unchanged to the origin (which serves it at that path, as for direct).
+  WRK_TARGETS=$PROXIES
+  FLOOR_UP="127.0.0.1:$ORIGIN_PORT"
+  if start hyper-floor; then
+    WRK_TARGETS="$PROXIES hyper-floor"
+  else
+    event hyper-floor "did not start for wrk"
+  fi
+  wrk_passes keepalive "$WRK_TARGETS"
+  stop hyper-floor
 fi
-wrk_passes keepalive "$WRK_TARGETS"
-stop hyper-floor
 
 # The same with a new connection for every request (`Connection: close`), as health checks,
 # scripts and clients without keep-alive make them: what accepting, setting up and tearing
 # down a client connection costs. hyper-floor is left out: it opens an upstream connection
 # per client connection, so it would measure something else.
-say "throughput, one request per connection: wrk -H 'Connection: close', 2 interleaved passes"
-wrk_passes close "$PROXIES"
+if section close; then
+  say "throughput, one request per connection: wrk -H 'Connection: close', 2 interleaved passes"
+  wrk_passes close "$PROXIES"
+fi
 
 for p in $PROXIES; do stop "$p"; done
 
 # --- B: memory per held request (a fresh process each) --------------------------------------
-say "memory per held request ($RSS_HELD held)"
-# hyper-floor (the baseline) forwards the /c/ requests unchanged to the loadgen upstream.
-FLOOR_UP=$UP
-rotate "$PROXIES hyper-floor"
-for p in "${ORDERED[@]}"; do
-  start "$p" || { event "$p" "did not start for rss"; continue; }
-  record "$p" rss --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
-    --held "$RSS_HELD" --label "$p"
-  check_alive "$p" "rss"
-  stop "$p"
-done
+if section rss; then
+  say "memory per held request ($RSS_HELD held)"
+  # hyper-floor (the baseline) forwards the /c/ requests unchanged to the loadgen upstream.
+  FLOOR_UP=$UP
+  rotate "$PROXIES hyper-floor"
+  for p in "${ORDERED[@]}"; do
+    start "$p" || { event "$p" "did not start for rss"; continue; }
+    record "$p" rss --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
+      --held "$RSS_HELD" --label "$p"
+    check_alive "$p" "rss"
+    stop "$p"
+  done
+fi
 
 # --- C: soak (a fresh process each) -----------------------------------------------------------
-say "soak: $SOAK_N requests, 64 at a time, half abandoned mid-wait"
-for p in $SOAK_PROXIES; do
-  start "$p" || { event "$p" "did not start for soak"; continue; }
-  record "$p" soak --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
-    --n "$SOAK_N" --concurrency 64 --delay-ms 10 --budget-s 60 --label "$p"
-  check_alive "$p" "soak"
-  stop "$p"
-done
+if section soak; then
+  say "soak: $SOAK_N requests, 64 at a time, half abandoned mid-wait"
+  for p in $SOAK_PROXIES; do
+    start "$p" || { event "$p" "did not start for soak"; continue; }
+    record "$p" soak --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
+      --n "$SOAK_N" --concurrency 64 --delay-ms 10 --budget-s 60 --label "$p"
+    check_alive "$p" "soak"
+    stop "$p"
+  done
+fi
 stop origin
 
 # --- report -------------------------------------------------------------------------------------
