@@ -1876,6 +1876,8 @@ async fn a_rotated_upstream_ca_file_is_trusted_after_it_changes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     up.wait_call("/after", WAIT).await;
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&ca_dir);
 }
 
 /// A certificate renewal followed by `touch proxy.toml` (mtime only, same content), the

@@ -98,6 +98,14 @@ pub struct Pki {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// The folder goes with the CA: every test that needs TLS makes one, and a run of the
+/// suite would otherwise leave two dozen behind in the temp folder.
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Pki {
     pub fn new(dir: PathBuf) -> Pki {
         let key = KeyPair::generate().expect("CA key");
