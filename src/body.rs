@@ -114,7 +114,15 @@ impl RequestState {
 }
 
 /// The client's request body on its way upstream.
-pub struct RequestBody {
+///
+/// One pointer wide, and no allocation at all for a request without a body: the request
+/// travels to the upstream connection through hyper's dispatch channel, whose first block
+/// holds 32 requests and is allocated with the connection. With the upload's state inline
+/// (104 bytes) that block was 11 040 bytes, a 12 KiB allocation for every upstream
+/// connection; boxed, it is 7 968 bytes and fits 8 KiB.
+pub struct RequestBody(Option<Box<Upload>>);
+
+struct Upload {
     inner: Option<Incoming>,
     upload: Arc<RequestState>,
     /// Declared `Content-Length`, to catch an upload that ended short.
@@ -128,34 +136,28 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, upload: Arc<RequestState>, read_timeout: Duration) -> RequestBody {
-        let expected = inner.size_hint().exact();
         if inner.is_end_stream() {
             upload.set(DONE);
+            return RequestBody(None);
         }
-        RequestBody {
+        RequestBody(Some(Box::new(Upload {
+            expected: inner.size_hint().exact(),
             inner: Some(inner),
             upload,
-            expected,
             received: 0,
             read_timeout,
             timer: None,
             timer_armed: false,
-        }
+        })))
     }
 
-    /// An empty body with this one's bookkeeping: for sending a bodiless request again.
+    /// An empty body: for sending a bodiless request again.
     pub fn finished(&self) -> RequestBody {
-        RequestBody {
-            inner: None,
-            upload: self.upload.clone(),
-            expected: None,
-            received: 0,
-            read_timeout: self.read_timeout,
-            timer: None,
-            timer_armed: false,
-        }
+        RequestBody(None)
     }
+}
 
+impl Upload {
     fn fail(&mut self, state: u8) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.upload.set(state);
         self.inner = None;
@@ -175,7 +177,9 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
+        let Some(this) = self.get_mut().0.as_deref_mut() else {
+            return Poll::Ready(None);
+        };
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -222,11 +226,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.0
+            .as_ref()
+            .is_none_or(|u| u.inner.as_ref().is_none_or(|b| b.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        match self.0.as_ref().and_then(|u| u.inner.as_ref()) {
             Some(b) => b.size_hint(),
             None => SizeHint::with_exact(0),
         }
@@ -512,5 +518,21 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Protected(b) => b.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestBody;
+
+    /// Every upstream connection allocates hyper's dispatch block: 32 requests, each a
+    /// `Request<RequestBody>` beside hyper's callback. Grown by a field, the body takes that
+    /// block (and every held request's memory) up a size class.
+    #[test]
+    fn the_request_body_is_one_pointer_wide() {
+        assert_eq!(
+            std::mem::size_of::<RequestBody>(),
+            std::mem::size_of::<usize>()
+        );
     }
 }
