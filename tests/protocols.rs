@@ -202,16 +202,10 @@ async fn https_upstream_auto_h2_burst_shares_one_connection() {
     let (pki, up, url) = https_upstream(&[b"h2", b"http/1.1"]).await;
     let proxy = Proxy::start(&config(&url, &ca_file(&pki), "", None)).await;
     let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let addr = proxy.addr();
-            tokio::spawn(async move { h1_call(addr, &format!("/slow/burst-{i}?ms=200")).await })
-        })
+        .map(|i| spawn_call(proxy.addr(), format!("/slow/burst-{i}?ms=200")))
         .collect();
     for (i, t) in tasks.into_iter().enumerate() {
-        let resp = within(WAIT, format!("call {i}"), t)
-            .await
-            .expect("task")
-            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+        let resp = call_ended(WAIT, &format!("call {i}"), t).await;
         assert_eq!(resp.status, 200, "call {i}: {}", resp.text());
     }
     assert!(
@@ -648,10 +642,7 @@ async fn h2_upstream_hundred_calls_half_leave_on_one_connection() {
     let proxy = Proxy::start(&config(&http_url(up.addr()), "protocol = \"h2\"", "", None)).await;
 
     let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let addr = proxy.addr();
-            tokio::spawn(async move { h1_call(addr, &format!("/hold/{i}")).await })
-        })
+        .map(|i| spawn_call(proxy.addr(), format!("/hold/{i}")))
         .collect();
     up.wait_for(&format!("{N} calls"), Duration::from_secs(20), |cs, _| {
         cs.len() >= N
@@ -2030,10 +2021,7 @@ async fn h2_upstream_goaway_with_a_stream_in_flight_does_not_fail_new_calls() {
     let proxy = Proxy::start(&config(&http_url(up.addr), "protocol = \"h2\"", "", None)).await;
 
     // A long call on connection 0.
-    let held = tokio::spawn({
-        let addr = proxy.addr();
-        async move { h1_call(addr, "/hold/long").await }
-    });
+    let held = spawn_call(proxy.addr(), "/hold/long");
     assert_eq!(up.wait_call("/hold/long").await.0, 0);
 
     // The upstream starts its graceful shutdown of connection 0.
@@ -2065,11 +2053,69 @@ async fn h2_upstream_goaway_with_a_stream_in_flight_does_not_fail_new_calls() {
 
     // The long call finishes on the old connection.
     up.release.send_replace(true);
-    let resp = within(WAIT, "the long call", held)
-        .await
-        .expect("task")
-        .expect("the long call");
+    let resp = call_ended(WAIT, "the long call", held).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
+/// The same graceful shutdown on a connection whose every stream is taken (the upstream
+/// allows one, and a long call holds it): a new call must go to a new connection at once,
+/// not wait for a stream the old connection will never open again. Nothing in hyper's
+/// client says a connection received GOAWAY while its streams run, so a call waiting for
+/// a stream there used to wait until the long call ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_goaway_on_a_saturated_connection_sends_waiting_calls_to_a_new_one() {
+    let up = GoawayUpstream::start_with(Some(1)).await;
+    let proxy = Proxy::start(&config(&http_url(up.addr), "protocol = \"h2\"", "", None)).await;
+    // Warm the connection (its one-stream limit is known from here on), then hold it.
+    let resp = within(WAIT, "warm-up", http_get(proxy.addr(), "/warm")).await;
+    assert_eq!(resp.status, 200);
+    let held = spawn_call(proxy.addr(), "/hold/only-stream");
+    assert_eq!(up.wait_call("/hold/only-stream").await.0, 0);
+
+    // One call already waits for the stream when the GOAWAY comes, one comes after it.
+    let waiting = spawn_call(proxy.addr(), "/waiting");
+    proxy
+        .wait_for_metric("cutoff_upstream_inflight", &[], |v| v >= 2.0, WAIT)
+        .await;
+    up.goaway.send_replace(true);
+    for (path, call) in [
+        ("/waiting", waiting),
+        ("/after-goaway", spawn_call(proxy.addr(), "/after-goaway")),
+    ] {
+        let resp = call_ended(WAIT, path, call).await;
+        assert_eq!(resp.status, 200, "{path}: {}", resp.text());
+        assert_eq!(
+            up.wait_call(path).await.0,
+            1,
+            "{path} went to a new connection"
+        );
+    }
+
+    // The long call still finishes on the old connection.
+    up.release.send_replace(true);
+    let resp = call_ended(WAIT, "the long call", held).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
+/// A burst of calls on a new HTTP/2 connection to an upstream that allows one stream at a
+/// time: every call is served, one after the other, on that one connection. Streams
+/// opened before the upstream's SETTINGS were read would go by hyper's default limit
+/// (100), and the upstream refuses those beyond its own (`REFUSED_STREAM`): 502s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_burst_on_a_new_connection_keeps_to_the_upstreams_stream_limit() {
+    const BURST: usize = 8;
+    let up = GoawayUpstream::start_with(Some(1)).await;
+    let proxy = Proxy::start(&config(&http_url(up.addr), "protocol = \"h2\"", "", None)).await;
+    let calls: Vec<_> = (0..BURST)
+        .map(|i| spawn_call(proxy.addr(), format!("/burst/{i}")))
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let resp = call_ended(WAIT, &format!("/burst/{i}"), call).await;
+        assert_eq!(resp.status, 200, "/burst/{i}: {}", resp.text());
+    }
+    let calls = up.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), BURST, "{calls:?}");
+    assert!(calls.iter().all(|c| c.0 == 0), "one connection: {calls:?}");
 }
 
 /// One HTTP/2 connection carries every call to the endpoint, so its flow-control windows
@@ -2139,10 +2185,7 @@ async fn h2_upstream_call_timed_out_waiting_for_a_stream_is_never_sent() {
     // only stream.
     let resp = within(WAIT, "warm-up", http_get(proxy.addr(), "/warm")).await;
     assert_eq!(resp.status, 200);
-    let held = tokio::spawn({
-        let addr = proxy.addr();
-        async move { h1_call(addr, "/hold/only-stream").await }
-    });
+    let held = spawn_call(proxy.addr(), "/hold/only-stream");
     up.wait_call("/hold/only-stream").await;
 
     // This one waits for a stream, and times out.

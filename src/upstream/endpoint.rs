@@ -128,7 +128,7 @@ const PROTO_H2: u8 = 2;
 pub struct Endpoint {
     pub config: EndpointConfig,
     pub(super) host_header: HeaderValue,
-    connect_timeout: Duration,
+    pub(super) connect_timeout: Duration,
     pool_idle_timeout: Duration,
     pool_max_idle: usize,
     protocol: Protocol,

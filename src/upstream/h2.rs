@@ -10,16 +10,30 @@
 //! included) waits on a `watch` channel for its result. A request that is cancelled while
 //! waiting only stops waiting; the set-up goes on for the others (a known pitfall when
 //! set-up runs inside the first request's future).
+//!
+//! Two things hyper's client does not tell in time are read from the upstream's frames
+//! as they arrive (`frames.rs`): its stream limit, which a new connection learns from
+//! the upstream's first SETTINGS before any call is let through (calls beyond the limit
+//! would be refused, 502s), and its GOAWAY. An upstream that restarts sends GOAWAY and
+//! finishes its open streams on the old connection, which hyper reports only when the
+//! connection ends, minutes away if its streams are long; from the GOAWAY on, calls go to
+//! a new connection, those already waiting for a stream on the old one included.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 
 use super::UpstreamError;
 use super::endpoint::{Endpoint, UpstreamIo};
+use super::frames::FrameWatch;
 use crate::body::RequestBody;
 
 type Sender = SendRequest<RequestBody>;
@@ -39,7 +53,7 @@ pub struct H2Sender {
 }
 
 /// The streams of one connection: how many are open, and how many the upstream allows
-/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, read from hyper's connection as it changes).
+/// (its `SETTINGS_MAX_CONCURRENT_STREAMS`, read from its frames as it changes).
 ///
 /// hyper waits for a free stream inside its connection task, where a call that is
 /// cancelled meanwhile is still sent once a stream frees (and reset at once): upstream
@@ -49,7 +63,58 @@ pub struct H2Sender {
 struct Streams {
     open: AtomicUsize,
     max: AtomicUsize,
+    /// The upstream sent GOAWAY, or the connection ended: it opens no new stream.
+    going_away: AtomicBool,
+    /// The upstream's first SETTINGS frame was read.
+    settled: AtomicBool,
+    /// `settled` or `going_away` became true.
+    news: Notify,
+    /// A stream freed, the limit rose, or the connection is going away.
     freed: Notify,
+}
+
+impl Streams {
+    fn go_away(&self) {
+        if !self.going_away.swap(true, Ordering::AcqRel) {
+            self.freed.notify_waiters();
+            self.news.notify_waiters();
+        }
+    }
+
+    fn settle(&self) {
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            self.news.notify_waiters();
+        }
+    }
+
+    /// Until the upstream's first SETTINGS are read; false if the connection went away
+    /// first.
+    async fn settled(&self) -> bool {
+        loop {
+            let news = self.news.notified();
+            let mut news = std::pin::pin!(news);
+            news.as_mut().enable();
+            if self.settled.load(Ordering::Acquire) {
+                return true;
+            }
+            if self.going_away() {
+                return false;
+            }
+            news.await;
+        }
+    }
+
+    /// The upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`, which it may raise or lower at
+    /// any time.
+    fn set_max(&self, max: usize) {
+        if self.max.swap(max, Ordering::AcqRel) < max {
+            self.freed.notify_waiters();
+        }
+    }
+
+    fn going_away(&self) -> bool {
+        self.going_away.load(Ordering::Acquire)
+    }
 }
 
 /// One open stream of a connection, freed on drop (the response read to its end, or the
@@ -64,14 +129,19 @@ impl Drop for StreamSlot {
 }
 
 impl H2Sender {
-    /// Waits until the upstream allows one more stream on this connection.
-    pub(super) async fn stream_slot(&self) -> StreamSlot {
+    /// Waits until the upstream allows one more stream on this connection; `None` once
+    /// the connection is going away, whose streams will never free for a new call.
+    pub(super) async fn stream_slot(&self) -> Option<StreamSlot> {
         let s = &self.streams;
         loop {
             let freed = s.freed.notified();
             let mut freed = std::pin::pin!(freed);
-            // Registered before the check, so that a slot freed in between is not missed.
+            // Registered before the checks, so that a slot freed (or a GOAWAY read) in
+            // between is not missed.
             freed.as_mut().enable();
+            if s.going_away() {
+                return None;
+            }
             let mut open = s.open.load(Ordering::Acquire);
             while open < s.max.load(Ordering::Acquire) {
                 match s.open.compare_exchange_weak(
@@ -80,13 +150,42 @@ impl H2Sender {
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
-                    Ok(_) => return StreamSlot(s.clone()),
+                    Ok(_) => return Some(StreamSlot(s.clone())),
                     Err(now) => open = now,
                 }
             }
             freed.await;
         }
     }
+}
+
+/// `Streams::max` before either the upstream's SETTINGS or hyper's initial limit is
+/// known (the handshake sets one of them before any call sees the connection).
+const UNKNOWN: usize = usize::MAX;
+
+/// How many connections in a row one call may find going away before it gets a stream:
+/// an upstream that answers every new connection with GOAWAY gets a 502, not a loop.
+const GOING_AWAY_TRIES: usize = 3;
+
+/// A stream for one call on a connection that is not going away: `sender`'s, or that of
+/// a new connection of the endpoint's once `sender`'s has received GOAWAY.
+pub(super) async fn live_stream(
+    endpoint: &Arc<Endpoint>,
+    mut sender: H2Sender,
+) -> Result<(H2Sender, StreamSlot), UpstreamError> {
+    for _ in 0..GOING_AWAY_TRIES {
+        if let Some(slot) = sender.stream_slot().await {
+            return Ok((sender, slot));
+        }
+        endpoint.h2.forget(&sender);
+        sender = Box::pin(endpoint.h2.sender(endpoint)).await?;
+    }
+    Err(UpstreamError::H2 {
+        status: 502,
+        reason: format!(
+            "{GOING_AWAY_TRIES} HTTP/2 connections in a row went away (GOAWAY) before opening a stream"
+        ),
+    })
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -107,7 +206,7 @@ enum State {
 impl State {
     fn ready(&self) -> Option<&H2Sender> {
         match self {
-            State::Ready(s) if !s.sender.is_closed() => Some(s),
+            State::Ready(s) if !s.sender.is_closed() && !s.streams.going_away() => Some(s),
             _ => None,
         }
     }
@@ -152,7 +251,7 @@ impl H2Pool {
         endpoint: &Arc<Endpoint>,
         io: UpstreamIo,
     ) -> Result<H2Sender, UpstreamError> {
-        let sender = handshake(io)
+        let sender = handshake(io, endpoint.connect_timeout)
             .await
             .map_err(|(status, reason)| UpstreamError::H2 { status, reason })?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,10 +262,10 @@ impl H2Pool {
         Ok(sender)
     }
 
-    /// Drops the cached connection, which refused a new stream: it is going away (the
-    /// upstream sent GOAWAY), though it lives on until its last stream ends and so still
-    /// looks open. The next call opens a new one. A connection opened meanwhile by another
-    /// call is kept: `refused` is a stream the old one handed back.
+    /// Drops the cached connection, which is going away (the upstream sent GOAWAY)
+    /// though it lives on until its last stream ends and so still looks open to hyper.
+    /// The next call opens a new one. A connection opened meanwhile by another call is
+    /// kept: `refused` is the old one.
     pub(super) fn forget(&self, refused: &H2Sender) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let State::Ready(s) = &*state
@@ -195,7 +294,7 @@ async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
             endpoint.checkin(super::endpoint::Idle::Io(io));
             Err((NOT_H2, "the upstream chose HTTP/1.1".to_string()))
         }
-        Ok(io) => handshake(io).await,
+        Ok(io) => handshake(io, endpoint.connect_timeout).await,
         Err(e) => Err((e.status(), e.to_string())),
     };
     match &result {
@@ -211,7 +310,23 @@ async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
     let _ = tx.send(Some(result));
 }
 
-async fn handshake(io: UpstreamIo) -> Result<H2Sender, (u16, String)> {
+/// hyper's handshake, then the upstream's SETTINGS (within `settings_within`): a call let
+/// through before they are read would go by hyper's default stream limit, and one beyond
+/// the upstream's own is refused (`REFUSED_STREAM`, a 502 here).
+async fn handshake(io: UpstreamIo, settings_within: Duration) -> Result<H2Sender, (u16, String)> {
+    let streams = Arc::new(Streams {
+        open: AtomicUsize::new(0),
+        max: AtomicUsize::new(UNKNOWN),
+        going_away: AtomicBool::new(false),
+        settled: AtomicBool::new(false),
+        news: Notify::new(),
+        freed: Notify::new(),
+    });
+    let io = WatchedIo {
+        io,
+        frames: FrameWatch::default(),
+        streams: streams.clone(),
+    };
     // Flow control: data read from the upstream and not yet taken by its client keeps its
     // share of the connection's window, which every call to the endpoint shares. With
     // hyper's defaults (2 MiB per stream, 5 MiB per connection) three clients that stop
@@ -224,24 +339,37 @@ async fn handshake(io: UpstreamIo) -> Result<H2Sender, (u16, String)> {
         .handshake::<_, RequestBody>(TokioIo::new(io))
         .await
         .map_err(|e| (502, format!("HTTP/2 handshake failed: {e}")))?;
-    let streams = Arc::new(Streams {
-        open: AtomicUsize::new(0),
-        max: AtomicUsize::new(conn.current_max_send_streams()),
-        freed: Notify::new(),
-    });
-    let limits = streams.clone();
+    let settled = tokio::time::timeout(settings_within, streams.settled()).await;
+    match settled {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err((
+                502,
+                "the upstream closed the HTTP/2 connection before its SETTINGS".into(),
+            ));
+        }
+        Err(_) => {
+            return Err((
+                504,
+                format!(
+                    "the upstream sent no HTTP/2 SETTINGS within {settings_within:?} (connect_timeout)"
+                ),
+            ));
+        }
+    }
+    // The limit the SETTINGS gave, or hyper's if they gave none.
+    let _ = streams.max.compare_exchange(
+        UNKNOWN,
+        conn.current_max_send_streams(),
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    let ends = streams.clone();
     tokio::spawn(async move {
-        let mut conn = std::pin::pin!(conn);
-        let ended = std::future::poll_fn(|cx| {
-            let r = conn.as_mut().poll(cx);
-            // The upstream's SETTINGS may raise or lower its limit at any time.
-            let max = conn.current_max_send_streams();
-            if limits.max.swap(max, Ordering::AcqRel) < max {
-                limits.freed.notify_waiters();
-            }
-            r
-        })
-        .await;
+        let ended = conn.await;
+        // Waiters for a stream of a connection that ended would otherwise wait for a
+        // slot nobody frees.
+        ends.go_away();
         if let Err(e) = ended {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
         }
@@ -251,4 +379,75 @@ async fn handshake(io: UpstreamIo) -> Result<H2Sender, (u16, String)> {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         streams,
     })
+}
+
+/// An upstream connection as hyper's HTTP/2 client reads it, watched for the upstream's
+/// stream limit, its GOAWAY and the end of the stream, which it reports to the
+/// connection's [`Streams`].
+struct WatchedIo {
+    io: UpstreamIo,
+    frames: FrameWatch,
+    streams: Arc<Streams>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let room = buf.remaining() > 0;
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if !this.streams.going_away() {
+            let read = &buf.filled()[before..];
+            let ended = match &r {
+                Poll::Ready(Ok(())) => read.is_empty() && room,
+                Poll::Ready(Err(_)) => true,
+                Poll::Pending => false,
+            };
+            let seen = this.frames.read(read);
+            if let Some(max) = seen.max_streams {
+                this.streams.set_max(max as usize);
+            }
+            if seen.settings {
+                this.streams.settle();
+            }
+            if ended || seen.goaway {
+                this.streams.go_away();
+            }
+        }
+        r
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }

@@ -18,6 +18,7 @@
 
 mod admission;
 mod endpoint;
+mod frames;
 mod h2;
 
 use std::future::poll_fn;
@@ -546,7 +547,7 @@ enum Link {
 
 async fn exchange_h2(
     endpoint: &Arc<Endpoint>,
-    mut sender: h2::H2Sender,
+    sender: h2::H2Sender,
     mut req: Request<RequestBody>,
     guard: &mut InFlight,
     phase: Phase,
@@ -580,7 +581,7 @@ async fn exchange_h2(
         *req.uri_mut() = uri;
     }
     *req.version_mut() = http::Version::HTTP_2;
-    let mut stream = sender.stream_slot().await;
+    let (mut sender, mut stream) = h2::live_stream(endpoint, sender).await?;
     guard.dispatched(phase);
     let http_err = |source| UpstreamError::Http {
         endpoint: endpoint.config.url.clone(),
@@ -595,8 +596,8 @@ async fn exchange_h2(
         Err(mut e) => match e.take_message() {
             Some(req) => {
                 endpoint.h2.forget(&sender);
-                sender = Box::pin(endpoint.h2.sender(endpoint)).await?;
-                stream = sender.stream_slot().await;
+                let fresh = Box::pin(endpoint.h2.sender(endpoint)).await?;
+                (sender, stream) = h2::live_stream(endpoint, fresh).await?;
                 sender.sender.send_request(req).await.map_err(http_err)?
             }
             None => return Err(http_err(e.into_error())),

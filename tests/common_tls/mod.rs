@@ -357,6 +357,30 @@ pub async fn send(sender: &H2Sender, req: Request<ClientBody>, timeout: Duration
     .await
 }
 
+/// [`h1_call`] in a task of its own, for calls that must be under way at the same time;
+/// aborting the task is the client leaving.
+pub fn spawn_call(
+    addr: SocketAddr,
+    path: impl Into<String>,
+) -> tokio::task::JoinHandle<Result<Collected, hyper::Error>> {
+    let path = path.into();
+    tokio::spawn(async move { h1_call(addr, &path).await })
+}
+
+/// The response of a [`spawn_call`], waited for up to `bound`; panics, naming `what`, if
+/// the call failed or did not end.
+pub async fn call_ended(
+    bound: Duration,
+    what: &str,
+    call: tokio::task::JoinHandle<Result<Collected, hyper::Error>>,
+) -> Collected {
+    tokio::time::timeout(bound, call)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {bound:?}: {what}"))
+        .unwrap_or_else(|e| panic!("{what}: the task: {e}"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 /// One HTTP/1.1 request on a fresh connection, the connection driven inside this future:
 /// dropping (aborting) the future closes the connection, as a departing client does.
 pub async fn h1_call(addr: SocketAddr, path: &str) -> Result<Collected, hyper::Error> {
