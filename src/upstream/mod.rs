@@ -644,10 +644,10 @@ fn keep_alive(resp: &Response<Incoming>) -> bool {
 /// HTTP/2, lets the dropped response body reset the stream) and releases the endpoint's
 /// in-flight count and the admission slot.
 ///
-/// An HTTP/1.1 connection dropped before its exchange finished is *reset* (SO_LINGER 0),
-/// not closed with a FIN: a FIN queues behind any request bytes still unsent, and an
-/// upstream that is not reading (busy, or slow to take a large upload) would never see
-/// it. A reset reaches it at once, whatever is queued.
+/// An HTTP/1.1 connection dropped before its exchange finished is *reset* (a RST, see
+/// [`UpstreamIo::reset`]), not closed with a FIN: a FIN queues behind any request bytes
+/// still unsent, and an upstream that is not reading (busy, or slow to take a large
+/// upload) would never see it. A reset reaches it at once, whatever is queued.
 pub struct Conn {
     conn: Option<Box<H1Conn>>,
     /// Kept with the connection so that both can serve the next exchange.
@@ -669,8 +669,7 @@ impl Drop for Conn {
             return;
         }
         if let Some(conn) = self.conn.take() {
-            let parts = conn.into_parts();
-            let _ = socket2::SockRef::from(parts.io.inner().tcp()).set_linger(Some(Duration::ZERO));
+            conn.into_parts().io.inner().reset();
         }
     }
 }
