@@ -2118,6 +2118,44 @@ async fn h2_upstream_burst_on_a_new_connection_keeps_to_the_upstreams_stream_lim
     assert!(calls.iter().all(|c| c.0 == 0), "one connection: {calls:?}");
 }
 
+/// An upstream set to `protocol = "h2"` that answers in HTTP/1.1 and keeps its socket
+/// open: hyper's HTTP/2 client fails on the first bytes, and the call must get its 502
+/// at once. cutoff waits for an upstream's first SETTINGS before using a new connection,
+/// and that wait must end with the connection, not run out `connect_timeout` (a 504,
+/// 30 s here): a protocol error stops hyper's reads before any end of stream shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_that_answers_in_http1_fails_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            held.push(tcp);
+        }
+    });
+    let proxy = Proxy::start(&config(
+        &http_url(addr),
+        "protocol = \"h2\"\nconnect_timeout = \"30s\"",
+        "",
+        None,
+    ))
+    .await;
+    let resp = within(
+        WAIT,
+        "a call to an HTTP/1.1 upstream set up as HTTP/2",
+        http_get(proxy.addr(), "/x"),
+    )
+    .await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    server.abort();
+}
+
 /// One HTTP/2 connection carries every call to the endpoint, so its flow-control windows
 /// are shared: a few clients that stop reading large responses must not stall the
 /// connection for everybody else. (hyper's client defaults: 2 MiB per stream, 5 MiB for

@@ -159,9 +159,10 @@ impl H2Sender {
     }
 }
 
-/// `Streams::max` before either the upstream's SETTINGS or hyper's initial limit is
-/// known (the handshake sets one of them before any call sees the connection).
-const UNKNOWN: usize = usize::MAX;
+/// `Streams::max` until the upstream's SETTINGS set a limit: none. HTTP/2 starts
+/// unlimited, and h2 goes by the same rule once it has applied SETTINGS that name no
+/// limit. No call sees the connection before its first SETTINGS are read.
+const UNLIMITED: usize = usize::MAX;
 
 /// How many connections in a row one call may find going away before it gets a stream:
 /// an upstream that answers every new connection with GOAWAY gets a 502, not a loop.
@@ -178,7 +179,7 @@ pub(super) async fn live_stream(
             return Ok((sender, slot));
         }
         endpoint.h2.forget(&sender);
-        sender = Box::pin(endpoint.h2.sender(endpoint)).await?;
+        sender = successor(endpoint).await?;
     }
     Err(UpstreamError::H2 {
         status: 502,
@@ -186,6 +187,24 @@ pub(super) async fn live_stream(
             "{GOING_AWAY_TRIES} HTTP/2 connections in a row went away (GOAWAY) before opening a stream"
         ),
     })
+}
+
+/// A sender on a new connection of the endpoint, for a call whose connection went away.
+/// The call is already made out for HTTP/2: if the new connection chose HTTP/1.1 (ALPN
+/// `auto`), the call fails with a 502 rather than a status nobody can read.
+pub(super) async fn successor(endpoint: &Arc<Endpoint>) -> Result<H2Sender, UpstreamError> {
+    match Box::pin(endpoint.h2.sender(endpoint)).await {
+        Err(UpstreamError::H2 {
+            status: NOT_H2,
+            reason,
+        }) => Err(UpstreamError::H2 {
+            status: 502,
+            reason: format!(
+                "the HTTP/2 connection went away, and the new one is not HTTP/2: {reason}"
+            ),
+        }),
+        other => other,
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -253,12 +272,13 @@ impl H2Pool {
     ) -> Result<H2Sender, UpstreamError> {
         let sender = handshake(io, endpoint.connect_timeout)
             .await
-            .map_err(|(status, reason)| UpstreamError::H2 { status, reason })?;
+            .map_err(|(status, reason)| UpstreamError::H2 { status, reason })
+            // No set-up task counts this one against the endpoint (see `set_up`).
+            .inspect_err(|e| endpoint.failed(e))?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.ready().is_none() {
             *state = State::Ready(sender.clone());
         }
-        let _ = endpoint;
         Ok(sender)
     }
 
@@ -316,7 +336,7 @@ async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
 async fn handshake(io: UpstreamIo, settings_within: Duration) -> Result<H2Sender, (u16, String)> {
     let streams = Arc::new(Streams {
         open: AtomicUsize::new(0),
-        max: AtomicUsize::new(UNKNOWN),
+        max: AtomicUsize::new(UNLIMITED),
         going_away: AtomicBool::new(false),
         settled: AtomicBool::new(false),
         news: Notify::new(),
@@ -357,13 +377,6 @@ async fn handshake(io: UpstreamIo, settings_within: Duration) -> Result<H2Sender
             ));
         }
     }
-    // The limit the SETTINGS gave, or hyper's if they gave none.
-    let _ = streams.max.compare_exchange(
-        UNKNOWN,
-        conn.current_max_send_streams(),
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    );
     let ends = streams.clone();
     tokio::spawn(async move {
         let ended = conn.await;
@@ -419,6 +432,15 @@ impl AsyncRead for WatchedIo {
             }
         }
         r
+    }
+}
+
+/// h2 drops the connection's I/O when its connection ends, whatever ended it: a protocol
+/// error stops its reads before any end of stream shows, and a call waiting for the
+/// first SETTINGS must not wait out `connect_timeout` for a connection already gone.
+impl Drop for WatchedIo {
+    fn drop(&mut self) {
+        self.streams.go_away();
     }
 }
 

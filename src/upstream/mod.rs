@@ -596,7 +596,7 @@ async fn exchange_h2(
         Err(mut e) => match e.take_message() {
             Some(req) => {
                 endpoint.h2.forget(&sender);
-                let fresh = Box::pin(endpoint.h2.sender(endpoint)).await?;
+                let fresh = h2::successor(endpoint).await?;
                 (sender, stream) = h2::live_stream(endpoint, fresh).await?;
                 sender.sender.send_request(req).await.map_err(http_err)?
             }
