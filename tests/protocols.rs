@@ -2156,6 +2156,71 @@ async fn h2_upstream_that_answers_in_http1_fails_at_once() {
     server.abort();
 }
 
+/// An HTTP/2 upstream that refuses a stream before doing anything with it (RST_STREAM
+/// with REFUSED_STREAM, RFC 9113 section 8.7, as servers do under load). A bodiless call
+/// is sent once more and served, even a POST: the upstream did nothing with it. A call
+/// with a body, which goes out once, gets its 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_refused_stream_is_sent_once_more_when_bodiless() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let server = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let path = req.uri().path().to_string();
+                        let first = {
+                            let mut seen = seen.lock().unwrap();
+                            seen.push(path.clone());
+                            seen.iter().filter(|p| **p == path).count() == 1
+                        };
+                        if first {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        } else if let Ok(mut body) =
+                            respond.send_response(http::Response::new(()), false)
+                        {
+                            let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let proxy = Proxy::start(&config(&http_url(addr), "protocol = \"h2\"", "", None)).await;
+    let count = |path: &str| seen.lock().unwrap().iter().filter(|p| *p == path).count();
+
+    for method in ["GET", "POST"] {
+        let path = format!("/refused/{method}");
+        let resp = within(
+            WAIT,
+            format!("{method} {path}"),
+            common::request(proxy.addr(), method, &path, &[], b""),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{method} {path}: {}", resp.text());
+        assert_eq!(resp.text(), "ok");
+        assert_eq!(count(&path), 2, "refused once, then served");
+    }
+
+    let path = "/refused/with-a-body";
+    let resp = within(
+        WAIT,
+        "a POST with a body",
+        common::request(proxy.addr(), "POST", path, &[], b"a body"),
+    )
+    .await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(count(path), 1, "a body goes out once");
+    server.abort();
+}
+
 /// One HTTP/2 connection carries every call to the endpoint, so its flow-control windows
 /// are shared: a few clients that stop reading large responses must not stall the
 /// connection for everybody else. (hyper's client defaults: 2 MiB per stream, 5 MiB for

@@ -472,6 +472,11 @@ impl Upstream {
 /// is allowed to be mended: an idempotent method (RFC 9110 section 9.2.2) and no body, so
 /// that the copy is the whole request. The busy path, a connection reused within a second,
 /// pays nothing.
+///
+/// HTTP/2 takes one of every bodiless call, whatever its method ([`Replay::of_bodiless`]):
+/// a stream the upstream refuses with `REFUSED_STREAM` was not processed (RFC 9113,
+/// section 8.7), so it is sent once more, which hyper cannot do since it does not hand
+/// the request back.
 struct Replay {
     method: http::Method,
     uri: Uri,
@@ -491,7 +496,11 @@ impl Replay {
                 | Method::PUT
                 | Method::DELETE
         );
-        (idempotent && http_body::Body::is_end_stream(req.body())).then(|| {
+        idempotent.then(|| Replay::of_bodiless(req)).flatten()
+    }
+
+    fn of_bodiless(req: &Request<RequestBody>) -> Option<Box<Replay>> {
+        http_body::Body::is_end_stream(req.body()).then(|| {
             Box::new(Replay {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
@@ -587,6 +596,7 @@ async fn exchange_h2(
         endpoint: endpoint.config.url.clone(),
         source,
     };
+    let refused_copy = Replay::of_bodiless(&req);
     let resp = match sender.sender.try_send_request(req).await {
         Ok(resp) => resp,
         // Handed back unsent: the connection is going away (GOAWAY) and opened no stream
@@ -600,12 +610,35 @@ async fn exchange_h2(
                 (sender, stream) = h2::live_stream(endpoint, fresh).await?;
                 sender.sender.send_request(req).await.map_err(http_err)?
             }
-            None => return Err(http_err(e.into_error())),
+            None => {
+                let e = e.into_error();
+                let Some(copy) = refused_copy.filter(|_| refused_unprocessed(&e)) else {
+                    return Err(http_err(e));
+                };
+                tracing::info!(endpoint = %endpoint.config.url,
+                    "the upstream refused a stream unprocessed; sending it once more");
+                // The refused stream's slot first: on a connection that allows one
+                // stream, the copy would wait for it.
+                drop(stream);
+                (sender, stream) = h2::live_stream(endpoint, sender).await?;
+                sender
+                    .sender
+                    .send_request(copy.request())
+                    .await
+                    .map_err(http_err)?
+            }
         },
     };
     let mut conn = Conn::new(endpoint, None);
     conn.stream = Some(stream);
     Ok((resp, conn))
+}
+
+/// The upstream reset the stream with `REFUSED_STREAM`: it did nothing with the request.
+fn refused_unprocessed(e: &hyper::Error) -> bool {
+    crate::body::causes(e)
+        .filter_map(|s| s.downcast_ref::<::h2::Error>())
+        .any(|h| h.is_remote() && h.reason() == Some(::h2::Reason::REFUSED_STREAM))
 }
 
 /// Tells the upstream how much time is left, computed now, at dispatch, so that time spent
