@@ -240,7 +240,10 @@ impl H2Pool {
                 return Ok(s.clone());
             }
             match &*state {
-                State::Connecting(rx) => rx.clone(),
+                // A set-up task that ended without a word (it panicked, or the runtime
+                // is going down) would otherwise leave every later call waiting on its
+                // closed channel, and failing: one starts again instead.
+                State::Connecting(rx) if rx.has_changed().is_ok() => rx.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     *state = State::Connecting(rx.clone());
