@@ -2065,7 +2065,14 @@ async fn h2_upstream_goaway_with_a_stream_in_flight_does_not_fail_new_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_upstream_goaway_on_a_saturated_connection_sends_waiting_calls_to_a_new_one() {
     let up = GoawayUpstream::start_with(Some(1)).await;
-    let proxy = Proxy::start(&config(&http_url(up.addr), "protocol = \"h2\"", "", None)).await;
+    // At debug level the proxy says when a call starts waiting for a stream.
+    let proxy = Proxy::start(
+        &config(&http_url(up.addr), "protocol = \"h2\"", "", None).replace(
+            "level = \"info\"",
+            "level = \"info,cutoff::upstream=debug\"",
+        ),
+    )
+    .await;
     // Warm the connection (its one-stream limit is known from here on), then hold it.
     let resp = within(WAIT, "warm-up", http_get(proxy.addr(), "/warm")).await;
     assert_eq!(resp.status, 200);
@@ -2075,7 +2082,10 @@ async fn h2_upstream_goaway_on_a_saturated_connection_sends_waiting_calls_to_a_n
     // One call already waits for the stream when the GOAWAY comes, one comes after it.
     let waiting = spawn_call(proxy.addr(), "/waiting");
     proxy
-        .wait_for_metric("cutoff_upstream_inflight", &[], |v| v >= 2.0, WAIT)
+        .wait_for_log(
+            |v| v["message"] == "waiting for a stream of the HTTP/2 connection",
+            WAIT,
+        )
         .await;
     up.goaway.send_replace(true);
     for (path, call) in [

@@ -133,6 +133,7 @@ impl H2Sender {
     /// the connection is going away, whose streams will never free for a new call.
     pub(super) async fn stream_slot(&self) -> Option<StreamSlot> {
         let s = &self.streams;
+        let mut first = true;
         loop {
             let freed = s.freed.notified();
             let mut freed = std::pin::pin!(freed);
@@ -153,6 +154,9 @@ impl H2Sender {
                     Ok(_) => return Some(StreamSlot(s.clone())),
                     Err(now) => open = now,
                 }
+            }
+            if std::mem::take(&mut first) {
+                tracing::debug!(open, "waiting for a stream of the HTTP/2 connection");
             }
             freed.await;
         }
