@@ -129,6 +129,12 @@ impl Drop for StreamSlot {
 }
 
 impl H2Sender {
+    /// This connection takes no new stream: hyper handed a call back unsent. Its waiters,
+    /// and the next [`live_stream`] on it, move to a new connection.
+    pub(super) fn going_away(&self) {
+        self.streams.go_away();
+    }
+
     /// Waits until the upstream allows one more stream on this connection; `None` once
     /// the connection is going away, whose streams will never free for a new call.
     pub(super) async fn stream_slot(&self) -> Option<StreamSlot> {
@@ -196,7 +202,7 @@ pub(super) async fn live_stream(
 /// A sender on a new connection of the endpoint, for a call whose connection went away.
 /// The call is already made out for HTTP/2: if the new connection chose HTTP/1.1 (ALPN
 /// `auto`), the call fails with a 502 rather than a status nobody can read.
-pub(super) async fn successor(endpoint: &Arc<Endpoint>) -> Result<H2Sender, UpstreamError> {
+async fn successor(endpoint: &Arc<Endpoint>) -> Result<H2Sender, UpstreamError> {
     match Box::pin(endpoint.h2.sender(endpoint)).await {
         Err(UpstreamError::H2 {
             status: NOT_H2,
@@ -384,13 +390,9 @@ async fn handshake(io: UpstreamIo, settings_within: Duration) -> Result<H2Sender
             ));
         }
     }
-    let ends = streams.clone();
+    // The connection's end reaches its waiters through `WatchedIo`'s drop.
     tokio::spawn(async move {
-        let ended = conn.await;
-        // Waiters for a stream of a connection that ended would otherwise wait for a
-        // slot nobody frees.
-        ends.go_away();
-        if let Err(e) = ended {
+        if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
         }
     });
@@ -402,8 +404,8 @@ async fn handshake(io: UpstreamIo, settings_within: Duration) -> Result<H2Sender
 }
 
 /// An upstream connection as hyper's HTTP/2 client reads it, watched for the upstream's
-/// stream limit, its GOAWAY and the end of the stream, which it reports to the
-/// connection's [`Streams`].
+/// stream limit and its GOAWAY, which it reports to the connection's [`Streams`], as it
+/// does the connection's end when h2 drops it.
 struct WatchedIo {
     io: UpstreamIo,
     frames: FrameWatch,
@@ -418,23 +420,16 @@ impl AsyncRead for WatchedIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let room = buf.remaining() > 0;
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if !this.streams.going_away() {
-            let read = &buf.filled()[before..];
-            let ended = match &r {
-                Poll::Ready(Ok(())) => read.is_empty() && room,
-                Poll::Ready(Err(_)) => true,
-                Poll::Pending => false,
-            };
-            let seen = this.frames.read(read);
+            let seen = this.frames.read(&buf.filled()[before..]);
             if let Some(max) = seen.max_streams {
                 this.streams.set_max(max as usize);
             }
             if seen.settings {
                 this.streams.settle();
             }
-            if ended || seen.goaway {
+            if seen.goaway {
                 this.streams.go_away();
             }
         }

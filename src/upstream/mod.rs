@@ -605,9 +605,8 @@ async fn exchange_h2(
         // graceful restart.
         Err(mut e) => match e.take_message() {
             Some(req) => {
-                endpoint.h2.forget(&sender);
-                let fresh = h2::successor(endpoint).await?;
-                (sender, stream) = h2::live_stream(endpoint, fresh).await?;
+                sender.going_away();
+                (sender, stream) = h2::live_stream(endpoint, sender).await?;
                 sender.sender.send_request(req).await.map_err(http_err)?
             }
             None => {
