@@ -25,6 +25,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::deadline::Deadline;
 use crate::outcome::{CancelledBy, InFlight, Outcome};
 use crate::upstream::Conn;
 
@@ -32,17 +33,17 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// A request's whole-exchange deadline, armed once and handed from the handler to the
 /// response body, so that one timer covers the exchange from start to last byte.
-pub type DeadlineTimer = Option<Pin<Box<Sleep>>>;
+pub type DeadlineTimer = Option<Deadline>;
 
 pub fn deadline_timer(deadline: Option<Instant>) -> DeadlineTimer {
-    deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into())))
+    deadline.map(Deadline::new)
 }
 
 /// Resolves with the moment the deadline fired; never, without a deadline.
 pub async fn fired(timer: &mut DeadlineTimer) -> Instant {
     match timer.as_mut() {
         Some(t) => {
-            t.as_mut().await;
+            std::future::poll_fn(|cx| t.poll_fired(cx)).await;
             Instant::now()
         }
         None => std::future::pending().await,
@@ -296,7 +297,7 @@ impl UpstreamBody {
         // polling this body, and with it this body's own check of the deadline.
         guard
             .client()
-            .streaming_until(deadline.as_ref().map(|d| d.deadline().into_std()));
+            .streaming_until(deadline.as_ref().map(Deadline::at));
         let idle = idle_timeout.map(|limit| Idle {
             limit,
             sleep: Box::pin(tokio::time::sleep(limit)),
@@ -357,7 +358,7 @@ impl Body for UpstreamBody {
             return Poll::Ready(None);
         }
         if let Some(d) = this.deadline.as_mut()
-            && d.as_mut().poll(cx).is_ready()
+            && d.poll_fired(cx).is_ready()
         {
             return this.abort_timeout("route timeout fired while streaming the response");
         }
@@ -440,8 +441,8 @@ impl Drop for UpstreamBody {
         // Dropped past its deadline: the connection's task ended a response whose client
         // stopped reading (see `ClientConn::streaming_until`). That is the timer's doing,
         // not the client's leaving.
-        let now = tokio::time::Instant::now();
-        if self.deadline.as_ref().is_some_and(|d| d.deadline() <= now) {
+        let now = Instant::now();
+        if self.deadline.as_ref().is_some_and(|d| d.at() <= now) {
             let _ = self.abort_timeout("route timeout fired while the client was not reading");
         } else {
             self.guard.stamp_dropped();

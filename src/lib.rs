@@ -15,6 +15,7 @@
 //! | `protected` | `continue` routes: calls that outlive their client |
 //! | `headers` | hop-by-hop removal, `X-Forwarded-*`, `Host`, paths |
 //! | `body` | body wrappers: deadlines, idle timer, upload tracking |
+//! | `deadline` | a route timeout kept to its instant: tokio's wheel, then a `timerfd` |
 //! | `outcome` | the guard: one outcome per request, recorded on drop |
 //! | `access_log` | the access-log line |
 //! | `metrics` | metric names, buckets, handles, the saved-work estimator |
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod hangup;
 pub mod head_timer;
 pub mod headers;

@@ -238,11 +238,11 @@ impl ClientConn {
         self.response_deadline.store(at, Ordering::Relaxed);
     }
 
-    /// The response streaming now is past its deadline.
-    pub fn response_overdue(&self) -> bool {
+    /// When the response streaming now must be over, if it must.
+    pub fn response_due(&self) -> Option<Instant> {
         match self.response_deadline.load(Ordering::Relaxed) {
-            0 => false,
-            at => self.opened.elapsed().as_nanos() as u64 + 1 >= at,
+            0 => None,
+            at => Some(self.opened + Duration::from_nanos(at - 1)),
         }
     }
 

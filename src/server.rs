@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::body::RequestState;
+use crate::deadline::{Deadline, LEAD};
 use crate::hangup::{Hook, OnHangup, Watched};
 use crate::head_timer::{HeadBytes, HeadTimeout, HeadTimer};
 use crate::headers::ClientInfo;
@@ -304,6 +305,35 @@ async fn serve_io<I>(
     }
 }
 
+/// Ready once the response streaming on this connection is past its route timeout.
+///
+/// The response body's own [`Deadline`] wakes this task, but it wakes it first
+/// [`LEAD`] early (see `deadline.rs`) and goes on to the exact instant only when polled
+/// again, which a body hyper no longer polls is not. So within [`LEAD`] of the deadline
+/// this task keeps a deadline of its own.
+fn poll_overdue(
+    client: &ClientConn,
+    own: &mut Option<Deadline>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    let Some(due) = client.response_due() else {
+        *own = None;
+        return std::task::Poll::Pending;
+    };
+    let now = Instant::now();
+    if now >= due {
+        return std::task::Poll::Ready(());
+    }
+    if due - now > LEAD {
+        return std::task::Poll::Pending;
+    }
+    if own.as_ref().is_none_or(|d| d.at() != due) {
+        *own = Some(Deadline::new(due));
+    }
+    own.as_mut()
+        .map_or(std::task::Poll::Pending, |d| d.poll_fired(cx))
+}
+
 /// The life of one client connection around hyper's: the hang-up watch, the drain, the
 /// head and keep-alive timers, the forced end.
 async fn drive<C, E>(
@@ -336,6 +366,7 @@ async fn drive<C, E>(
     }
     let mut draining = false;
     let mut forced_window = None;
+    let mut overdue = None;
     // Created once, not per wake-up: each of these registers with a shared waiter list,
     // and re-registering on every poll of a busy connection costs a lock each time.
     let drain_started = std::pin::pin!(lifecycle.draining());
@@ -365,9 +396,7 @@ async fn drive<C, E>(
             // its blocked writes and polls the body no more, so the body's timer, which
             // wakes this task, cannot act itself. Ending the connection ends the exchange
             // (the body, dropped past its deadline, is logged as a timeout).
-            _ = std::future::poll_fn(|_| {
-                if client.response_overdue() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
-            }) => {
+            _ = std::future::poll_fn(|cx| poll_overdue(&client, &mut overdue, cx)) => {
                 break;
             }
             // Not gated: what it watches changes during hyper's poll just above.

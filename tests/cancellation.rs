@@ -263,6 +263,70 @@ async fn route_timeout_gives_504_and_cancels_the_upstream() {
     assert_route_still_serves(&proxy, &up, "after-timeout").await;
 }
 
+/// A route timeout is timed to the instant (`src/deadline.rs`: tokio wakes the request
+/// early, the kernel's timer finishes the wait), and the early part must never show: no
+/// 504, and no upstream close, before the timeout has passed since the client wrote its
+/// request. Before the response headers and mid-stream, many at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_never_fires_early() {
+    const TIMEOUT: Duration = Duration::from_millis(150);
+    let (up, proxy) = pair(r#"timeout = "150ms""#).await;
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let addr = proxy.addr();
+        calls.push(tokio::spawn(async move {
+            let path = if i % 2 == 0 {
+                format!("/delay/early-{i}?ms=5000")
+            } else {
+                format!("/stream/early-{i}?chunks=100&every=20")
+            };
+            let mut c = Client::connect(addr).await;
+            let wrote = Instant::now();
+            c.get(&path).await;
+            let head = c.read_head(WAIT).await;
+            if i % 2 == 0 {
+                assert_eq!(head.status, 504, "{path}");
+                let late = wrote.elapsed();
+                assert!(
+                    late >= TIMEOUT,
+                    "{path}: 504 after {late:?}, timeout {TIMEOUT:?}"
+                );
+            } else {
+                assert_eq!(head.status, 200, "{path}");
+                let mut dec = BodyDecoder::new(head.framing());
+                // The stream is cut at the deadline: its end comes as an error, not a
+                // clean last chunk.
+                let end = loop {
+                    match c.next_piece(&mut dec, WAIT).await {
+                        Ok(Some(_)) => {}
+                        end => break end,
+                    }
+                };
+                assert!(end.is_err(), "{path}: the cut stream ended cleanly");
+            }
+            (path, wrote)
+        }));
+    }
+    for call in calls {
+        let (path, wrote) = within(WAIT, "a timed-out call", call)
+            .await
+            .expect("the call");
+        let tag = path.split('?').next().unwrap_or(&path).to_string();
+        let rec = up.wait_request(&tag, WAIT).await;
+        let rec = up.wait_closed(rec.id, WAIT).await;
+        let (closed_at, _) = rec.closed.expect("closed");
+        let after = closed_at.saturating_duration_since(wrote);
+        assert!(
+            after >= TIMEOUT,
+            "{path}: upstream closed {after:?} after the write"
+        );
+        assert!(
+            rec.finished.is_none(),
+            "{path}: the upstream finished anyway"
+        );
+    }
+}
+
 /// `idle_timeout` measures the upstream's silences, not the client's: a response the
 /// upstream sends as fast as it can, read by a client that pauses for longer than the idle
 /// timeout (so that the proxy's writes block and it stops asking the upstream for more),
