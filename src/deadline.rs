@@ -10,11 +10,14 @@
 //! are not rounded, and the worker wakes the moment the descriptor turns readable.
 //!
 //! Only a request still running [`LEAD`] before its deadline pays for this: five system
-//! calls (create, set, register, deregister, close) and one descriptor for at most
-//! [`LEAD`]. Every other request stays in tokio's timer wheel alone, as before. At most
-//! [`MAX_FINE`] descriptors are armed at once in the process; past that (a burst of
-//! requests all timing out together), or if the kernel refuses one (no descriptors left),
-//! a deadline falls back to tokio's timer: late by a millisecond or two, never lost.
+//! calls (create, set, register, deregister, close) and one descriptor, given back when
+//! the deadline fires and is polled, or when the request ends: for [`LEAD`], unless the
+//! request is no longer polled (an HTTP/2 stream whose client stopped reading keeps it
+//! until the stream ends). Every other request stays in tokio's timer wheel alone, as
+//! before. At most [`MAX_FINE`] descriptors are armed at once in the process; past that (a
+//! burst of requests all timing out together, or many such streams), or if the kernel
+//! refuses one (no descriptors left), a deadline falls back to tokio's timer: late by a
+//! millisecond or two, never early, never lost.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::pin::Pin;
@@ -102,16 +105,20 @@ impl Deadline {
                     };
                 }
                 Stage::Fine(fine) => match ready!(fine.fd.poll_read_ready(cx)) {
-                    Ok(_) => {
-                        self.fire();
-                        return Poll::Ready(());
+                    // The timer was set after `left` was measured, so it cannot expire
+                    // before the deadline; the clock is read anyway, because tokio allows
+                    // a readiness that is not real, and firing early is the one thing a
+                    // deadline must never do.
+                    Ok(mut ready) => {
+                        if Instant::now() >= self.sleep.deadline().into_std() + LEAD {
+                            self.fire();
+                            return Poll::Ready(());
+                        }
+                        ready.clear_ready();
                     }
-                    // The reactor is going away: tokio's timer still works until then.
-                    Err(_) => {
-                        let at = self.at();
-                        self.sleep.as_mut().reset(at.into());
-                        self.stage = Stage::Coarse;
-                    }
+                    // Only while the runtime shuts down, which drops every task first, and
+                    // whose timer is already gone (polling it would panic): wait no more.
+                    Err(_) => return Poll::Pending,
                 },
                 Stage::Coarse => {
                     ready!(self.sleep.as_mut().poll(cx));
@@ -210,6 +217,10 @@ impl Drop for Permit {
 mod tests {
     use super::*;
 
+    /// The permits are the process's: tests that arm or take them must not overlap when
+    /// `cargo test` runs them as threads of one process.
+    static PERMITS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     async fn wait(d: &mut Deadline) -> Instant {
         std::future::poll_fn(|cx| d.poll_fired(cx)).await;
         Instant::now()
@@ -219,6 +230,7 @@ mod tests {
     /// deadline whatever the stage.
     #[tokio::test]
     async fn fires_at_its_deadline_never_before() {
+        let _alone = PERMITS.lock().await;
         for wait_for in [
             Duration::ZERO,
             Duration::from_millis(1),
@@ -245,6 +257,7 @@ mod tests {
     /// not early.
     #[tokio::test]
     async fn without_a_timerfd_falls_back_to_tokio() {
+        let _alone = PERMITS.lock().await;
         let at = Instant::now() + Duration::from_millis(10);
         let mut d = Deadline::new(at);
         // Runs the early stage by hand, with no permit to be had.
@@ -260,5 +273,36 @@ mod tests {
             .expect("the deadline fired");
         assert!(fired >= at);
         assert_eq!(d.at(), at);
+    }
+
+    /// Every permit comes back: deadlines dropped while armed, and deadlines fired.
+    #[tokio::test]
+    async fn permits_come_back() {
+        let _alone = PERMITS.lock().await;
+        let before = ARMED.load(Ordering::Relaxed);
+        let noop = &mut Context::from_waker(std::task::Waker::noop());
+        // Within LEAD: the first poll arms the timerfd.
+        let mut armed: Vec<Deadline> = (0..50)
+            .map(|_| Deadline::new(Instant::now() + Duration::from_millis(2)))
+            .collect();
+        for d in &mut armed {
+            let _ = d.poll_fired(noop);
+        }
+        let fine = armed
+            .iter()
+            .filter(|d| matches!(d.stage, Stage::Fine(_)))
+            .count();
+        assert!(fine > 0, "no deadline was handed to a timerfd");
+        assert_eq!(ARMED.load(Ordering::Relaxed), before + fine);
+        let (fire, drop_armed) = armed.split_at_mut(25);
+        for d in fire.iter_mut() {
+            tokio::time::timeout(Duration::from_secs(10), wait(d))
+                .await
+                .expect("the deadline fired");
+        }
+        let left = drop_armed.len();
+        assert!(ARMED.load(Ordering::Relaxed) <= before + left);
+        drop(armed);
+        assert_eq!(ARMED.load(Ordering::Relaxed), before);
     }
 }

@@ -320,6 +320,10 @@ fn poll_overdue(
         *own = None;
         return std::task::Poll::Pending;
     };
+    // An earlier response's, with its descriptor: not kept until this one's last stretch.
+    if own.as_ref().is_some_and(|d| d.at() != due) {
+        *own = None;
+    }
     let now = Instant::now();
     if now >= due {
         return std::task::Poll::Ready(());
@@ -327,11 +331,7 @@ fn poll_overdue(
     if due - now > LEAD {
         return std::task::Poll::Pending;
     }
-    if own.as_ref().is_none_or(|d| d.at() != due) {
-        *own = Some(Deadline::new(due));
-    }
-    own.as_mut()
-        .map_or(std::task::Poll::Pending, |d| d.poll_fired(cx))
+    own.get_or_insert_with(|| Deadline::new(due)).poll_fired(cx)
 }
 
 /// The life of one client connection around hyper's: the hang-up watch, the drain, the
