@@ -388,7 +388,7 @@ impl Body for UpstreamBody {
                 // hyper stops polling once a body's declared length has been written, so
                 // the end must be noticed with the last frame, not after it.
                 if this.body.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    this.complete(cx);
+                    this.complete();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -401,7 +401,7 @@ impl Body for UpstreamBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => {
-                this.complete(cx);
+                this.complete();
                 Poll::Ready(None)
             }
             // Checked only when nothing came: a frame that is ready goes out, however long
@@ -452,26 +452,19 @@ impl Drop for UpstreamBody {
 }
 
 impl UpstreamBody {
-    /// The upstream's last byte arrived and was handed on: the exchange is a success.
-    /// One more drive lets a clean connection go back to the pool; one that is not ready
-    /// yet is closed rather than kept waiting.
-    pub fn complete(&mut self, cx: &mut Context<'_>) {
+    /// The upstream's last byte arrived and was handed on: the exchange is a success,
+    /// and a clean connection goes back to the pool. Also called at once for a response
+    /// that has no body at all (HEAD, 204, 304, `Content-Length: 0`), which hyper may
+    /// never poll.
+    pub fn complete(&mut self) {
         self.guard.upstream_completed();
         if let Some(conn) = self.conn.as_mut() {
-            conn.exchanged(cx);
+            conn.exchanged();
         }
         self.conn = None;
         self.body = None;
         self.guard.decide(Outcome::Ok, self.status, None);
         self.finish();
-    }
-
-    /// For a response that has no body at all (HEAD, 204, 304, `Content-Length: 0`): hyper
-    /// may never poll it, so the exchange is settled at once.
-    pub fn complete_now(&mut self) {
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        self.complete(&mut cx);
     }
 }
 

@@ -297,11 +297,7 @@ impl Call {
         status: u16,
     ) {
         self.guard.upstream_completed();
-        poll_fn(|cx| {
-            conn.exchanged(cx);
-            Poll::Ready(())
-        })
-        .await;
+        conn.exchanged();
         drop(conn);
         let still_there = client.is_some();
         drop(client);

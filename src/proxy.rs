@@ -254,7 +254,7 @@ pub(crate) fn respond(
         parts.status.as_u16(),
     );
     if empty {
-        body.complete_now();
+        body.complete();
     }
     Response::from_parts(parts, ProxyBody::Upstream(Box::new(body)))
 }

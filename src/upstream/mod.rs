@@ -724,20 +724,15 @@ impl Conn {
     /// The upstream's response ended cleanly. A connection that agreed to keep-alive and
     /// is ready for another request goes back to the endpoint's idle list (with its hyper
     /// state); any other is closed politely.
-    pub fn exchanged(&mut self, cx: &mut Context<'_>) {
+    pub fn exchanged(&mut self) {
         self.exchanged = true;
         if self.done {
             return;
         }
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        // Lets hyper settle the finished exchange (and notice a close).
-        if conn.poll_without_shutdown(cx).is_ready() {
-            self.done = true;
-            self.conn = None;
-            return;
-        }
+        // Checked in without another poll: the check-out polls it anyway (to notice a
+        // close that came while it was idle), and that one poll also lets hyper settle
+        // the finished exchange. A poll here as well cost about 900 instructions per
+        // request.
         if let (true, Some(sender), Some(conn)) =
             (self.reusable, self.sender.take(), self.conn.take())
         {
