@@ -131,6 +131,7 @@ cat >"$WORK/cutoff.toml" <<EOF
 listen = "127.0.0.1:${PORT[cutoff]}"
 shutdown_grace = "500ms"
 workers = 1
+${CUTOFF_SERVER_EXTRA:-}
 
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"

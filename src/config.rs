@@ -100,6 +100,8 @@ pub struct ServerConfig {
     /// Longest gap between two reads of a request body before the client counts as gone.
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Whether the hang-up thread asks for real-time priority (see `hangup.rs`).
+    pub hangup_realtime: bool,
     pub tls: Option<TlsConfig>,
 }
 
@@ -219,6 +221,7 @@ struct RawServer {
     keepalive_timeout: Option<Spanned<String>>,
     body_read_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<i64>>,
+    hangup_realtime: Option<bool>,
     tls: Option<RawTls>,
 }
 
@@ -399,6 +402,7 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             8192,
             limits::MAX_HEADER_BYTES,
         )?,
+        hangup_realtime: s.hangup_realtime.unwrap_or(true),
         tls: s
             .tls
             .map(|t| -> Result<TlsConfig, ConfigError> {
@@ -895,6 +899,20 @@ upstream = "news"
         assert_eq!((e.line, e.key.as_str()), (8, "upstreams.news.urls"), "{e}");
         let e = check(&BASE.replace("[server]\n", "[server]\nworkers = -1\n")).unwrap_err();
         assert_eq!(e.key, "server.workers", "{e}");
+    }
+
+    #[test]
+    fn hangup_realtime_defaults_on_and_takes_a_bool() {
+        assert!(check(BASE).unwrap().server.hangup_realtime);
+        let off = BASE.replace("[server]\n", "[server]\nhangup_realtime = false\n");
+        assert!(!check(&off).unwrap().server.hangup_realtime);
+        let bad = BASE.replace("[server]\n", "[server]\nhangup_realtime = \"yes\"\n");
+        let e = check(&bad).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (3, "server.hangup_realtime"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -30,6 +30,15 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Whether the hang-up thread asks for real-time priority (`[server] hangup_realtime`).
+static REALTIME: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether the hang-up thread asks for real-time priority. Read when the thread
+/// starts, with the first connection: the value the process started with.
+pub fn set_realtime(on: bool) {
+    REALTIME.store(on, Ordering::Relaxed);
+}
+
 /// What a connection does when its client hangs up. Runs on the hang-up thread, so it
 /// must be quick: it never waits for the connection's task, to be scheduled or to finish
 /// a poll.
@@ -87,6 +96,7 @@ impl Registry {
     /// The hang-up thread: for the life of the process.
     fn run(&self) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut priority = Priority::start(REALTIME.load(Ordering::Relaxed));
         loop {
             // SAFETY: `events` is a valid buffer of `events.len()` entries.
             let n = unsafe {
@@ -105,6 +115,7 @@ impl Registry {
                 tracing::error!(error = %e, "hang-up watch stopped");
                 return;
             }
+            priority.batch(n as usize == events.len());
             for ev in &events[..n as usize] {
                 let key = ev.u64;
                 let hook = self.lock().get(&key).cloned();
@@ -124,6 +135,78 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Hook>>> {
         self.hooks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The hang-up thread's place in the scheduler.
+///
+/// It shares its core with a worker. When a client leaves while that worker is busy
+/// (forwarding uploads, say), a thread of normal priority that wakes waits for the
+/// worker's time slice to end: measured with 100 uploads in flight and clients leaving
+/// 1 ms apart, cancellation p99 was 0.38–1.8 ms and the worst 2.6–8 ms. At real-time
+/// priority (`SCHED_FIFO`, the lowest level) it runs the moment it wakes: p99 0.11–0.16
+/// ms, worst 0.2–0.8 ms, in runs alternating with the former on the same process.
+///
+/// Real time needs `CAP_SYS_NICE` (or an `RLIMIT_RTPRIO`); without it the thread stays
+/// at normal priority, which is said once in the log. A burst (a full batch of events:
+/// many clients leaving at once) is handled at normal priority, so that a mass departure
+/// cannot keep a core from the workers and every other process for long; the next batch
+/// that is not full goes back to real time.
+struct Priority {
+    realtime: bool,
+    demoted: bool,
+}
+
+impl Priority {
+    fn start(wanted: bool) -> Priority {
+        if !wanted {
+            tracing::info!("the hang-up thread runs at normal priority (hangup_realtime = false)");
+        }
+        let realtime = wanted
+            && match fifo(true) {
+                Ok(()) => {
+                    tracing::info!("the hang-up thread runs at real-time priority (SCHED_FIFO 1)");
+                    true
+                }
+                Err(e) => {
+                    tracing::info!(
+                        error = %e,
+                        "the hang-up thread runs at normal priority (real time needs \
+                         CAP_SYS_NICE): under load a departure may wait for a worker's \
+                         time slice"
+                    );
+                    false
+                }
+            };
+        Priority {
+            realtime,
+            demoted: false,
+        }
+    }
+
+    /// Before a batch of events: a full one is a burst.
+    fn batch(&mut self, full: bool) {
+        if self.realtime && full != self.demoted && fifo(!full).is_ok() {
+            self.demoted = full;
+        }
+    }
+}
+
+/// Moves the calling thread to `SCHED_FIFO` 1, or back to the normal policy.
+fn fifo(on: bool) -> io::Result<()> {
+    let (policy, level) = if on {
+        (libc::SCHED_FIFO, 1)
+    } else {
+        (libc::SCHED_OTHER, 0)
+    };
+    let param = libc::sched_param {
+        sched_priority: level,
+    };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -152,6 +152,7 @@ pub async fn run(
     // Read before the TLS material is loaded: a renewal saved from here on is seen as a
     // change by the reload watch, never mistaken for what is already serving.
     let applied_certs = reload::cert_bytes(&config);
+    hangup::set_realtime(config.server.hangup_realtime);
     let table = RouteTable::build(&config, None)?;
     let tls = config
         .server

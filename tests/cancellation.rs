@@ -630,3 +630,74 @@ async fn route_timeout_cuts_a_response_the_client_stopped_reading() {
     assert_access(&line, 504, "timeout", Some("timeout"));
     drop(c);
 }
+
+/// The hang-up thread's scheduling policy, as the kernel reports it for the running
+/// proxy: `SCHED_FIFO` by default where real time is permitted (as root in CI), the normal
+/// policy with `hangup_realtime = false` or where it is not; the log says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_thread_runs_at_real_time_priority_where_permitted() {
+    // Whether this machine lets a thread of ours take real time, tried on a thread that
+    // ends right after.
+    let permitted = std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: pid 0 is the calling thread; `param` is valid.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+    })
+    .join()
+    .expect("the probe thread");
+    for (extra, wanted) in [("", true), ("hangup_realtime = false", false)] {
+        let up = Upstream::start().await;
+        let proxy = Proxy::start(&single_route_config(
+            extra,
+            &format!("url = \"{}\"", http_url(up.addr())),
+            "",
+        ))
+        .await;
+        // The thread starts with the first connection.
+        let resp = within(
+            WAIT,
+            "a request",
+            http_get(proxy.addr(), "/delay/prio?ms=0"),
+        )
+        .await;
+        assert_eq!(resp.status, 200);
+        let line = proxy
+            .wait_for_log(
+                |v| {
+                    v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("the hang-up thread runs at"))
+                },
+                WAIT,
+            )
+            .await;
+        let tasks = format!("/proc/{}/task", proxy.pid());
+        let tid: i32 = std::fs::read_dir(&tasks)
+            .expect("the proxy's threads")
+            .filter_map(|e| e.ok())
+            .find(|e| {
+                std::fs::read_to_string(e.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "cutoff-hangup")
+            })
+            .and_then(|e| e.file_name().to_str()?.parse().ok())
+            .expect("a thread named cutoff-hangup");
+        // SAFETY: sched_getscheduler has no memory-safety preconditions.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        let realtime = wanted && permitted;
+        let expected = if realtime {
+            libc::SCHED_FIFO
+        } else {
+            libc::SCHED_OTHER
+        };
+        assert_eq!(
+            policy, expected,
+            "config {extra:?}, permitted {permitted}: {line}"
+        );
+        let says_realtime = line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("real-time priority"));
+        if wanted {
+            assert_eq!(says_realtime, realtime, "{line}");
+        }
+    }
+}
