@@ -27,6 +27,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -115,7 +116,7 @@ impl Registry {
                 tracing::error!(error = %e, "hang-up watch stopped");
                 return;
             }
-            priority.batch(n as usize == events.len());
+            let began = priority.batch(n as usize == events.len());
             for ev in &events[..n as usize] {
                 let key = ev.u64;
                 let hook = self.lock().get(&key).cloned();
@@ -130,6 +131,7 @@ impl Registry {
                     }
                 }
             }
+            priority.worked(began);
         }
     }
 
@@ -147,15 +149,23 @@ impl Registry {
 /// priority (`SCHED_FIFO`, the lowest level) it runs the moment it wakes: p99 0.11–0.16
 /// ms, worst 0.2–0.8 ms, in runs alternating with the former on the same process.
 ///
-/// Real time needs `CAP_SYS_NICE` (or an `RLIMIT_RTPRIO`); without it the thread stays
-/// at normal priority, which is said once in the log. A burst (a full batch of events:
-/// many clients leaving at once) is handled at normal priority, so that a mass departure
-/// cannot keep a core from the workers and every other process for long; the next batch
-/// that is not full goes back to real time.
+/// Real time needs `CAP_SYS_NICE` (or an `RLIMIT_RTPRIO`), and a real-time budget where
+/// cgroups ration it; without it the thread stays at normal priority, which is said once
+/// in the log. Its real time is bounded, so that departures, however many, cannot keep a
+/// core from the workers and every other process: a burst (a full batch of events) runs at
+/// normal priority, and so does all its work once it has used [`RT_BUDGET`] of each
+/// [`RT_WINDOW`], until the next window.
 struct Priority {
     realtime: bool,
     demoted: bool,
+    window: Instant,
+    busy: Duration,
 }
+
+/// At most this much work at real-time priority...
+const RT_BUDGET: Duration = Duration::from_millis(10);
+/// ...in each window of this length: a tenth of a core.
+const RT_WINDOW: Duration = Duration::from_millis(100);
 
 impl Priority {
     fn start(wanted: bool) -> Priority {
@@ -171,9 +181,9 @@ impl Priority {
                 Err(e) => {
                     tracing::info!(
                         error = %e,
-                        "the hang-up thread runs at normal priority (real time needs \
-                         CAP_SYS_NICE): under load a departure may wait for a worker's \
-                         time slice"
+                        "the hang-up thread runs at normal priority (real time was refused: \
+                         it needs CAP_SYS_NICE, and a real-time budget where cgroups ration \
+                         it): under load a departure may wait for a worker's time slice"
                     );
                     false
                 }
@@ -181,13 +191,32 @@ impl Priority {
         Priority {
             realtime,
             demoted: false,
+            window: Instant::now(),
+            busy: Duration::ZERO,
         }
     }
 
-    /// Before a batch of events: a full one is a burst.
-    fn batch(&mut self, full: bool) {
-        if self.realtime && full != self.demoted && fifo(!full).is_ok() {
-            self.demoted = full;
+    /// Before a batch of events (`full`: as many as fit, a burst). Returns when it began.
+    fn batch(&mut self, full: bool) -> Instant {
+        let now = Instant::now();
+        if !self.realtime {
+            return now;
+        }
+        if now.duration_since(self.window) >= RT_WINDOW {
+            self.window = now;
+            self.busy = Duration::ZERO;
+        }
+        let demote = full || self.busy >= RT_BUDGET;
+        if demote != self.demoted && fifo(!demote).is_ok() {
+            self.demoted = demote;
+        }
+        now
+    }
+
+    /// After the batch that began at `began`.
+    fn worked(&mut self, began: Instant) {
+        if self.realtime {
+            self.busy += began.elapsed();
         }
     }
 }
@@ -195,7 +224,8 @@ impl Priority {
 /// Moves the calling thread to `SCHED_FIFO` 1, or back to the normal policy.
 fn fifo(on: bool) -> io::Result<()> {
     let (policy, level) = if on {
-        (libc::SCHED_FIFO, 1)
+        // Reset on fork: nothing started from this thread inherits real time.
+        (libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, 1)
     } else {
         (libc::SCHED_OTHER, 0)
     };
@@ -473,7 +503,6 @@ mod tests {
     use std::io::{ErrorKind, Read};
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
 
     #[derive(Default)]
     struct Count(AtomicUsize);
@@ -569,5 +598,47 @@ mod tests {
             .expect("the hang-up within 5 s");
         drop(watched);
         assert!(rx.try_recv().is_err(), "one-shot: reported once");
+    }
+
+    /// Real time is bounded: a burst, and any work beyond the budget of a window, run at
+    /// normal priority, as the kernel reports it; a quiet new window returns to real time.
+    /// On a thread of its own, whose policy dies with it.
+    #[test]
+    fn real_time_is_bounded_by_bursts_and_budget() {
+        std::thread::spawn(|| {
+            // SAFETY: sched_getscheduler(0) has no memory-safety preconditions.
+            let policy = || unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+            let mut p = Priority::start(true);
+            if !p.realtime {
+                // Not permitted here: the thread stays normal whatever comes.
+                p.batch(true);
+                p.batch(false);
+                assert_eq!(policy(), libc::SCHED_OTHER);
+                return;
+            }
+            assert_eq!(policy(), libc::SCHED_FIFO);
+            p.batch(true);
+            assert_eq!(
+                policy(),
+                libc::SCHED_OTHER,
+                "a full batch runs at normal priority"
+            );
+            let began = p.batch(false);
+            assert_eq!(
+                policy(),
+                libc::SCHED_FIFO,
+                "the next batch is back to real time"
+            );
+            // A batch that used more than the budget: the next one is normal.
+            p.worked(began - RT_BUDGET);
+            p.batch(false);
+            assert_eq!(policy(), libc::SCHED_OTHER, "the budget is spent");
+            // The window over: real time again.
+            p.window -= RT_WINDOW;
+            p.batch(false);
+            assert_eq!(policy(), libc::SCHED_FIFO, "a new window");
+        })
+        .join()
+        .expect("the test thread");
     }
 }

@@ -684,8 +684,9 @@ async fn hangup_thread_runs_at_real_time_priority_where_permitted() {
         // SAFETY: sched_getscheduler has no memory-safety preconditions.
         let policy = unsafe { libc::sched_getscheduler(tid) };
         let realtime = wanted && permitted;
+        // Real time is asked for with reset-on-fork: nothing it starts inherits it.
         let expected = if realtime {
-            libc::SCHED_FIFO
+            libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK
         } else {
             libc::SCHED_OTHER
         };
