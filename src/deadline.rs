@@ -96,7 +96,7 @@ impl Deadline {
                         self.fire();
                         return Poll::Ready(());
                     };
-                    self.stage = match Fine::arm(left) {
+                    self.stage = match Fine::arm(at, left) {
                         Some(fine) => Stage::Fine(Box::new(fine)),
                         None => {
                             self.sleep.as_mut().reset(at.into());
@@ -110,7 +110,7 @@ impl Deadline {
                     // a readiness that is not real, and firing early is the one thing a
                     // deadline must never do.
                     Ok(mut ready) => {
-                        if Instant::now() >= self.sleep.deadline().into_std() + LEAD {
+                        if Instant::now() >= fine.at {
                             self.fire();
                             return Poll::Ready(());
                         }
@@ -137,15 +137,17 @@ impl Deadline {
     }
 }
 
-/// One armed `timerfd`, and its place under [`MAX_FINE`].
+/// One armed `timerfd`, the deadline it stands for, and its place under [`MAX_FINE`].
 struct Fine {
     fd: AsyncFd<OwnedFd>,
+    at: Instant,
     _permit: Permit,
 }
 
 impl Fine {
-    /// A `timerfd` readable once `left` has passed; `None` if none can be had.
-    fn arm(left: Duration) -> Option<Fine> {
+    /// A `timerfd` readable once `left` has passed, `left` being what remains until `at`;
+    /// `None` if none can be had.
+    fn arm(at: Instant, left: Duration) -> Option<Fine> {
         let permit = Permit::take()?;
         // SAFETY: timerfd_create has no memory-safety preconditions; the result is checked.
         let raw = unsafe {
@@ -188,6 +190,7 @@ impl Fine {
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()?;
         Some(Fine {
             fd,
+            at,
             _permit: permit,
         })
     }

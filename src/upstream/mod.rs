@@ -721,9 +721,9 @@ impl Conn {
         }
     }
 
-    /// The upstream's response ended cleanly. A connection that agreed to keep-alive and
-    /// is ready for another request goes back to the endpoint's idle list (with its hyper
-    /// state); any other is closed politely.
+    /// The upstream's response ended cleanly. A connection that agreed to keep-alive goes
+    /// back to the endpoint's idle list (with its hyper state), where the check-out makes
+    /// sure it is still open and ready for another request; any other is closed politely.
     pub fn exchanged(&mut self) {
         self.exchanged = true;
         if self.done {
