@@ -420,7 +420,9 @@ async fn connect_timeout_gives_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_leaving_cancel_two_hundred_calls() {
     const N: usize = 200;
-    let (up, proxy) = pair("").await;
+    let up = Upstream::start().await;
+    let config = config_for_url(&http_url(up.addr()), BURST_CONNECT_TIMEOUT, "");
+    let proxy = Proxy::start(&config).await;
     let mut clients = Vec::with_capacity(N);
     for i in 0..N {
         let mut c = Client::connect(proxy.addr()).await;

@@ -337,7 +337,7 @@ async fn client_departures_never_eject_endpoints() {
     let up_a = Upstream::start().await;
     let up_b = Upstream::start().await;
     let urls = [http_url(up_a.addr()), http_url(up_b.addr())];
-    let proxy = Proxy::start(&pool_config(&urls, "", "")).await;
+    let proxy = Proxy::start(&pool_config(&urls, BURST_CONNECT_TIMEOUT, "")).await;
 
     const N: usize = 100;
     let mut clients = Vec::with_capacity(N);
