@@ -5,6 +5,14 @@
 //! an error, and logging it as one buries real failures. Timeouts, upstream failures and
 //! shutdown cancellations are WARN. With `format = "json"` the fields are the keys of one
 //! JSON object per line (see `logging.rs`).
+//!
+//! Lines are written where the request ends, on its worker, as one `write` to stderr,
+//! except on the hang-up thread (see [`hand_off_this_thread`]).
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::time::Duration;
 
 use crate::outcome::{CancelledBy, Outcome, Phase};
 
@@ -27,8 +35,157 @@ pub struct AccessRecord<'a> {
     pub reason: Option<&'a str>,
 }
 
-/// Emits the record at the level its outcome deserves.
+/// Writes the record: at once, or handed to the log thread on a thread that hands off.
 pub fn write(r: &AccessRecord<'_>) {
+    if HANDS_OFF.get()
+        && let Some(tx) = HAND_OFF.get()
+    {
+        let line = Line::from(r);
+        match tx.try_send(Msg::Line(line)) {
+            Ok(()) => return,
+            // More lines waiting than the queue holds: the log's reader has fallen far
+            // behind. Waiting for room keeps both every line and the memory bounded.
+            Err(TrySendError::Full(msg)) => {
+                if tx.send(msg).is_ok() {
+                    return;
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+    emit(r);
+}
+
+thread_local! {
+    static HANDS_OFF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The log thread's queue, once started.
+static HAND_OFF: OnceLock<SyncSender<Msg>> = OnceLock::new();
+
+/// Lines waiting for the log thread, at most. About 200 bytes each.
+const HAND_OFF_QUEUE: usize = 1024;
+
+enum Msg {
+    Line(Line),
+    /// Answered once every line queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Starts the log thread, once per process, on the calling thread's scheduling policy
+/// (call it from a thread of normal priority). Returns false when no thread could start:
+/// lines are then written where they end, as everywhere else.
+pub fn start_log_thread() -> bool {
+    if HAND_OFF.get().is_some() {
+        return true;
+    }
+    let (tx, rx) = mpsc::sync_channel::<Msg>(HAND_OFF_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("cutoff-log".into())
+        .spawn(move || {
+            for msg in rx {
+                match msg {
+                    Msg::Line(line) => emit(&line.record()),
+                    Msg::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => HAND_OFF.set(tx).is_ok() || HAND_OFF.get().is_some(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the log thread");
+            false
+        }
+    }
+}
+
+/// From now on, the calling thread hands its access-log lines to the log thread instead
+/// of writing them.
+///
+/// For the hang-up thread. A line is a write to stderr, and stderr is often a pipe to a
+/// log shipper: written there, a reader that falls behind would put the hang-up thread to
+/// sleep in `write`, and the departures after it (the upstream calls it is there to
+/// close) would wait for the log. Handed off, the thread only closes upstream calls; a
+/// mass departure closes them all before any of its lines is written; and the log thread,
+/// of normal priority, formats and writes them on whatever core is free.
+pub fn hand_off_this_thread() {
+    HANDS_OFF.set(true);
+}
+
+/// Waits, at most `wait`, until every line handed off so far is written: at shutdown,
+/// before the process exits and takes the log thread's queue with it.
+pub async fn flush(wait: Duration) {
+    let Some(tx) = HAND_OFF.get() else {
+        return;
+    };
+    let (done, written) = tokio::sync::oneshot::channel();
+    let tx = tx.clone();
+    // The queue may be full (the log's reader stalled): waiting for room is bounded too.
+    let queued = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(done)).is_ok());
+    let _ = tokio::time::timeout(wait, async {
+        if queued.await.unwrap_or(false) {
+            let _ = written.await;
+        }
+    })
+    .await;
+}
+
+/// An [`AccessRecord`] that owns its strings, to be written by another thread.
+struct Line {
+    route: Box<str>,
+    method: Box<str>,
+    path: Box<str>,
+    status: u16,
+    outcome: Outcome,
+    duration_ms: f64,
+    upstream_ms: Option<f64>,
+    bytes_out: u64,
+    cancelled_by: Option<CancelledBy>,
+    protected: bool,
+    phase: Option<Phase>,
+    reason: Option<Box<str>>,
+}
+
+impl Line {
+    fn from(r: &AccessRecord<'_>) -> Line {
+        Line {
+            route: r.route.into(),
+            method: r.method.into(),
+            path: r.path.into(),
+            status: r.status,
+            outcome: r.outcome,
+            duration_ms: r.duration_ms,
+            upstream_ms: r.upstream_ms,
+            bytes_out: r.bytes_out,
+            cancelled_by: r.cancelled_by,
+            protected: r.protected,
+            phase: r.phase,
+            reason: r.reason.map(Into::into),
+        }
+    }
+
+    fn record(&self) -> AccessRecord<'_> {
+        AccessRecord {
+            route: &self.route,
+            method: &self.method,
+            path: &self.path,
+            status: self.status,
+            outcome: self.outcome,
+            duration_ms: self.duration_ms,
+            upstream_ms: self.upstream_ms,
+            bytes_out: self.bytes_out,
+            cancelled_by: self.cancelled_by,
+            protected: self.protected,
+            phase: self.phase,
+            reason: self.reason.as_deref(),
+        }
+    }
+}
+
+/// Emits the record at the level its outcome deserves.
+fn emit(r: &AccessRecord<'_>) {
     macro_rules! emit {
         ($level:expr) => {
             tracing::event!(

@@ -69,9 +69,16 @@ fn registry() -> Option<&'static Registry> {
         })
         .as_ref()?;
     THREAD.call_once(|| {
+        // Started here, on a worker: the log thread must not inherit real time.
+        let hand_off = crate::access_log::start_log_thread();
         let spawned = std::thread::Builder::new()
             .name("cutoff-hangup".into())
-            .spawn(move || registry.run());
+            .spawn(move || {
+                if hand_off {
+                    crate::access_log::hand_off_this_thread();
+                }
+                registry.run()
+            });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the hang-up thread");
         }

@@ -139,6 +139,10 @@ pub struct Listeners {
 /// How long after the forced end connection tasks have to wind down before `run` returns.
 const FORCED_EXIT_WAIT: Duration = Duration::from_millis(700);
 
+/// How long the exit waits for access-log lines still queued for the log thread. Bounded:
+/// a log reader that stopped reading must not keep the process from exiting.
+const LOG_FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 /// Serves until `lifecycle` drains, gives in-flight work `shutdown_grace`, then forces
 /// the end (cancelling every upstream call still running) and returns. `reload_signal`
 /// (SIGHUP, registered by the caller) triggers a reload like a change of the file.
@@ -212,6 +216,8 @@ pub async fn run(
         let _ = tokio::time::timeout(FORCED_EXIT_WAIT, shared.tasks.wait()).await;
     }
     reload.abort();
+    // The lines of the last departures the hang-up thread handled, still to be written.
+    access_log::flush(LOG_FLUSH_WAIT).await;
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -43,6 +43,21 @@ async fn assert_route_still_serves(proxy: &Proxy, up: &Upstream, tag: &str) {
     up.wait_finished(rec.id, WAIT).await;
 }
 
+/// The line the hang-up thread logs when it starts (with the proxy's first connection),
+/// saying at which priority it runs.
+async fn hangup_thread_started(proxy: &Proxy) -> serde_json::Value {
+    proxy
+        .wait_for_log(
+            |v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the hang-up thread runs at"))
+            },
+            WAIT,
+        )
+        .await
+}
+
 /// The access-log line of a client that left.
 async fn assert_client_closed_logged(proxy: &Proxy, path: &str) -> serde_json::Value {
     let line = proxy
@@ -417,6 +432,67 @@ async fn connect_timeout_gives_504() {
     assert_access(&line, 504, "upstream_error", None);
 }
 
+/// A log reader that stops reading (a stuck log shipper) must not hold up cancellation:
+/// with the proxy's stderr full, clients leave and every upstream call is still closed.
+/// Once the log is read again, every departure's line is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn departures_are_cancelled_while_the_log_pipe_is_full() {
+    const N: usize = 8;
+    let (up, proxy) = pair("").await;
+    // The first connection starts the hang-up thread, which says so: a line to be out of
+    // the way before the pipe is stalled.
+    let resp = http_get(proxy.addr(), "/delay/warm?ms=0").await;
+    assert_eq!(resp.status, 200);
+    hangup_thread_started(&proxy).await;
+    proxy
+        .wait_for_access_log(|v| log_path_is(v, "/delay/warm"), WAIT)
+        .await;
+
+    let mut clients = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut c = Client::connect(proxy.addr()).await;
+        c.get(&format!("/delay/stalled-{i}?ms={LONG_MS}")).await;
+        clients.push(c);
+    }
+    let is_stalled = |r: &RequestRecord| r.path_only().starts_with("/delay/stalled-");
+    up.wait_for("the held calls", WAIT, |rs| {
+        rs.iter().filter(|r| is_stalled(r)).count() == N
+    })
+    .await;
+
+    let stall = proxy.stall_log_pipe().await;
+    let left = Instant::now();
+    for c in clients {
+        c.close_fin().await;
+    }
+    let recs = up
+        .wait_for("every held call closed, the log unread", WAIT, |rs| {
+            rs.iter()
+                .filter(|r| is_stalled(r) && r.closed.is_some())
+                .count()
+                == N
+        })
+        .await;
+    eprintln!(
+        "all {N} upstream calls closed {:?} after their clients left, the log pipe full",
+        left.elapsed()
+    );
+    assert!(
+        recs.iter()
+            .filter(|r| is_stalled(r))
+            .all(|r| r.finished.is_none())
+    );
+
+    drop(stall);
+    let lines = proxy
+        .wait_for_access_logs(N, |v| log_path(v).starts_with("/delay/stalled-"), WAIT)
+        .await;
+    for line in &lines {
+        assert_access(line, 499, "client_closed", Some("client"));
+    }
+    assert_route_still_serves(&proxy, &up, "after-stall").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_clients_leaving_cancel_two_hundred_calls() {
     const N: usize = 200;
@@ -663,16 +739,7 @@ async fn hangup_thread_runs_at_real_time_priority_where_permitted() {
         )
         .await;
         assert_eq!(resp.status, 200);
-        let line = proxy
-            .wait_for_log(
-                |v| {
-                    v["message"]
-                        .as_str()
-                        .is_some_and(|m| m.starts_with("the hang-up thread runs at"))
-                },
-                WAIT,
-            )
-            .await;
+        let line = hangup_thread_started(&proxy).await;
         let tasks = format!("/proc/{}/task", proxy.pid());
         let tid: i32 = std::fs::read_dir(&tasks)
             .expect("the proxy's threads")

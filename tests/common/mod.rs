@@ -37,12 +37,13 @@ pub use metrics::*;
 
 use std::fmt::{Display, Write as _};
 use std::future::Future;
-use std::io::{self, BufRead, Read};
+use std::io::{self, BufRead, Read, Write as _};
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -207,9 +208,33 @@ struct Captured {
 struct LogState {
     captured: Mutex<Captured>,
     changed: watch::Sender<u64>,
+    /// Set while a test keeps the proxy's stderr unread (see [`Proxy::stall_log_pipe`]).
+    reading: Mutex<Reading>,
+    reading_changed: Condvar,
+}
+
+#[derive(Default)]
+struct Reading {
+    paused: bool,
+    /// The reader thread is waiting for `paused` to clear, between two lines.
+    parked: bool,
 }
 
 impl LogState {
+    /// The reader thread, before each line: waits while reading is paused.
+    fn before_line(&self) {
+        let mut r = lock(&self.reading);
+        while r.paused {
+            r.parked = true;
+            self.reading_changed.notify_all();
+            r = self
+                .reading_changed
+                .wait(r)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        r.parked = false;
+    }
+
     fn push(&self, line: String) {
         let json = serde_json::from_str::<Value>(&line)
             .ok()
@@ -281,6 +306,18 @@ pub struct Proxy {
     logs: Arc<LogState>,
 }
 
+/// The proxy's stderr, full and unread, until dropped (see [`Proxy::stall_log_pipe`]).
+pub struct LogStall {
+    logs: Arc<LogState>,
+}
+
+impl Drop for LogStall {
+    fn drop(&mut self) {
+        lock(&self.logs.reading).paused = false;
+        self.logs.reading_changed.notify_all();
+    }
+}
+
 impl Proxy {
     /// Starts `cutoff --config PATH` with `config` written to a fresh temp dir, and waits
     /// (at most [`STARTUP_TIMEOUT`]) for its `listening` lines: the proxy's, and the
@@ -325,6 +362,8 @@ impl Proxy {
         let logs = Arc::new(LogState {
             captured: Mutex::new(Captured::default()),
             changed,
+            reading: Mutex::new(Reading::default()),
+            reading_changed: Condvar::new(),
         });
         // A plain thread, so that stderr is drained (and the proxy never blocks on a full
         // pipe) whatever the test's runtime is doing.
@@ -335,9 +374,12 @@ impl Proxy {
             let mut reader = io::BufReader::new(file);
             let mut buf = Vec::new();
             loop {
+                sink.before_line();
                 buf.clear();
                 match reader.read_until(b'\n', &mut buf) {
                     Ok(0) | Err(_) => break,
+                    // The filler of a stalled pipe.
+                    Ok(1) if buf == b"\n" => {}
                     Ok(_) => {
                         let line = String::from_utf8_lossy(&buf)
                             .trim_end_matches(['\n', '\r'])
@@ -401,6 +443,53 @@ impl Proxy {
     /// Where the config was written, so that a reload test can rewrite it.
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// Stops reading the proxy's stderr and fills the pipe to it, so that the proxy's next
+    /// write to stderr blocks: a log shipper that fell behind. Reading resumes when the
+    /// returned value is dropped (the filler is skipped), and nothing the proxy wrote is
+    /// lost.
+    pub async fn stall_log_pipe(&self) -> LogStall {
+        lock(&self.logs.reading).paused = true;
+        // A second description of the same pipe, non-blocking without making the proxy's
+        // own writes non-blocking.
+        let path = format!("/proc/{}/fd/2", self.pid);
+        let mut pipe = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // Wakes the reader if it waits in `read`; it parks before its next line.
+        pipe.write_all(b"\n").expect("write to the log pipe");
+        let logs = self.logs.clone();
+        within(
+            STARTUP_TIMEOUT,
+            "the log reader to park",
+            tokio::task::spawn_blocking(move || {
+                let mut r = lock(&logs.reading);
+                while !r.parked {
+                    r = logs
+                        .reading_changed
+                        .wait(r)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }),
+        )
+        .await
+        .expect("the parking wait");
+        let filler = [b'\n'; 4096];
+        for chunk in [&filler[..], &filler[..1]] {
+            loop {
+                match pipe.write(chunk) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("fill the log pipe: {e}"),
+                }
+            }
+        }
+        LogStall {
+            logs: self.logs.clone(),
+        }
     }
 
     /// Everything the proxy printed on stderr so far.
