@@ -37,7 +37,10 @@ pub struct AccessRecord<'a> {
 
 /// Writes the record: at once, or handed to the log thread on a thread that hands off.
 pub fn write(r: &AccessRecord<'_>) {
+    // A line the filter drops (client departures under `level = "warn"`) is not worth
+    // a copy, a queue and a wake-up of the log thread.
     if HANDS_OFF.get()
+        && enabled(r.outcome)
         && let Some(tx) = HAND_OFF.get()
     {
         let line = Line::from(r);
@@ -207,13 +210,27 @@ fn emit(r: &AccessRecord<'_>) {
             )
         };
     }
-    match r.outcome {
-        Outcome::Ok | Outcome::ClientClosed | Outcome::NoRoute | Outcome::BadRequest => {
-            emit!(tracing::Level::INFO)
-        }
-        Outcome::Timeout | Outcome::UpstreamError | Outcome::Shutdown => {
-            emit!(tracing::Level::WARN)
-        }
+    if is_warning(r.outcome) {
+        emit!(tracing::Level::WARN)
+    } else {
+        emit!(tracing::Level::INFO)
+    }
+}
+
+/// Timeouts, upstream failures and shutdown cancellations; the rest is normal traffic.
+fn is_warning(outcome: Outcome) -> bool {
+    match outcome {
+        Outcome::Ok | Outcome::ClientClosed | Outcome::NoRoute | Outcome::BadRequest => false,
+        Outcome::Timeout | Outcome::UpstreamError | Outcome::Shutdown => true,
+    }
+}
+
+/// Whether the log's filter lets this outcome's line through.
+fn enabled(outcome: Outcome) -> bool {
+    if is_warning(outcome) {
+        tracing::enabled!(target: "cutoff::access", tracing::Level::WARN)
+    } else {
+        tracing::enabled!(target: "cutoff::access", tracing::Level::INFO)
     }
 }
 
