@@ -35,7 +35,7 @@ pub struct AccessRecord<'a> {
     pub reason: Option<&'a str>,
 }
 
-/// Writes the record: at once, or handed to the log thread on a thread that hands off.
+/// Writes the record, on this thread, unless this thread must never wait for the log.
 pub fn write(r: &AccessRecord<'_>) {
     // A line the filter drops (client departures under `level = "warn"`) is not worth
     // a copy, a queue and a wake-up of the log thread.
@@ -66,7 +66,8 @@ thread_local! {
 /// The log thread's queue, once started.
 static HAND_OFF: OnceLock<SyncSender<Msg>> = OnceLock::new();
 
-/// Lines waiting for the log thread, at most. About 200 bytes each.
+/// Lines waiting for the log thread, at most: 16 full batches of the hang-up thread's
+/// events (a mass departure of a thousand clients) without its waiting, in about 200 KiB.
 const HAND_OFF_QUEUE: usize = 1024;
 
 enum Msg {
@@ -110,9 +111,10 @@ pub fn start_log_thread() -> bool {
 /// For the hang-up thread. A line is a write to stderr, and stderr is often a pipe to a
 /// log shipper: written there, a reader that falls behind would put the hang-up thread to
 /// sleep in `write`, and the departures after it (the upstream calls it is there to
-/// close) would wait for the log. Handed off, the thread only closes upstream calls; a
-/// mass departure closes them all before any of its lines is written; and the log thread,
-/// of normal priority, formats and writes them on whatever core is free.
+/// close) would wait for the log. Handed off, the thread only closes upstream calls, no
+/// departure waits for another's line, and the log thread, of normal priority, formats and
+/// writes them on whatever core is free. A line's `timestamp` is when it is written, so
+/// behind a slow reader a departure's line may come after later lines of the workers.
 pub fn hand_off_this_thread() {
     HANDS_OFF.set(true);
 }
@@ -124,13 +126,21 @@ pub async fn flush(wait: Duration) {
         return;
     };
     let (done, written) = tokio::sync::oneshot::channel();
-    let tx = tx.clone();
-    // The queue may be full (the log's reader stalled): waiting for room is bounded too.
-    let queued = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(done)).is_ok());
     let _ = tokio::time::timeout(wait, async {
-        if queued.await.unwrap_or(false) {
-            let _ = written.await;
+        let mut msg = Msg::Flush(done);
+        // A full queue (the log's reader far behind) is waited on here without blocking
+        // a thread: the timeout must be able to end the wait.
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) => {
+                    msg = m;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
         }
+        let _ = written.await;
     })
     .await;
 }

@@ -69,7 +69,8 @@ fn registry() -> Option<&'static Registry> {
         })
         .as_ref()?;
     THREAD.call_once(|| {
-        // Started here, on a worker: the log thread must not inherit real time.
+        // Started before the hang-up thread, which must know whether to hand off, and
+        // which is not to spend its real time creating threads.
         let hand_off = crate::access_log::start_log_thread();
         let spawned = std::thread::Builder::new()
             .name("cutoff-hangup".into())

@@ -139,9 +139,10 @@ pub struct Listeners {
 /// How long after the forced end connection tasks have to wind down before `run` returns.
 const FORCED_EXIT_WAIT: Duration = Duration::from_millis(700);
 
-/// How long the exit waits for access-log lines still queued for the log thread. Bounded:
-/// a log reader that stopped reading must not keep the process from exiting.
-const LOG_FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// How long the exit waits for access-log lines still queued for the log thread (the
+/// last departures' lines; the queue is empty unless the log's reader is behind). Short:
+/// a slow reader must not delay the exit by much.
+const LOG_FLUSH_WAIT: Duration = Duration::from_millis(250);
 
 /// Serves until `lifecycle` drains, gives in-flight work `shutdown_grace`, then forces
 /// the end (cancelling every upstream call still running) and returns. `reload_signal`

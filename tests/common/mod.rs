@@ -218,6 +218,10 @@ struct Reading {
     paused: bool,
     /// The reader thread is waiting for `paused` to clear, between two lines.
     parked: bool,
+    /// The reader thread is gone (stderr closed).
+    ended: bool,
+    /// Newlines a stall wrote into the pipe, still to be skipped.
+    filler: usize,
 }
 
 impl LogState {
@@ -233,6 +237,19 @@ impl LogState {
                 .unwrap_or_else(|e| e.into_inner());
         }
         r.parked = false;
+    }
+
+    /// Whether an empty line is a stall's filler (skipped), not the proxy's.
+    fn is_filler(&self) -> bool {
+        let mut r = lock(&self.reading);
+        let filler = r.filler > 0;
+        r.filler = r.filler.saturating_sub(1);
+        filler
+    }
+
+    fn reader_ended(&self) {
+        lock(&self.reading).ended = true;
+        self.reading_changed.notify_all();
     }
 
     fn push(&self, line: String) {
@@ -378,8 +395,7 @@ impl Proxy {
                 buf.clear();
                 match reader.read_until(b'\n', &mut buf) {
                     Ok(0) | Err(_) => break,
-                    // The filler of a stalled pipe.
-                    Ok(1) if buf == b"\n" => {}
+                    Ok(1) if buf == b"\n" && sink.is_filler() => {}
                     Ok(_) => {
                         let line = String::from_utf8_lossy(&buf)
                             .trim_end_matches(['\n', '\r'])
@@ -389,6 +405,7 @@ impl Proxy {
                     }
                 }
             }
+            sink.reader_ended();
             sink.close();
         });
 
@@ -451,6 +468,10 @@ impl Proxy {
     /// lost.
     pub async fn stall_log_pipe(&self) -> LogStall {
         lock(&self.logs.reading).paused = true;
+        // From here on, however this ends, reading resumes.
+        let stall = LogStall {
+            logs: self.logs.clone(),
+        };
         // A second description of the same pipe, non-blocking without making the proxy's
         // own writes non-blocking.
         let path = format!("/proc/{}/fd/2", self.pid);
@@ -460,36 +481,34 @@ impl Proxy {
             .open(&path)
             .unwrap_or_else(|e| panic!("open {path}: {e}"));
         // Wakes the reader if it waits in `read`; it parks before its next line.
+        lock(&self.logs.reading).filler += 1;
         pipe.write_all(b"\n").expect("write to the log pipe");
         let logs = self.logs.clone();
-        within(
-            STARTUP_TIMEOUT,
-            "the log reader to park",
-            tokio::task::spawn_blocking(move || {
-                let mut r = lock(&logs.reading);
-                while !r.parked {
-                    r = logs
-                        .reading_changed
-                        .wait(r)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-            }),
-        )
+        let parked = tokio::task::spawn_blocking(move || {
+            let r = lock(&logs.reading);
+            let (r, _) = logs
+                .reading_changed
+                .wait_timeout_while(r, STARTUP_TIMEOUT, |r| !r.parked && !r.ended)
+                .unwrap_or_else(|e| e.into_inner());
+            r.parked
+        })
         .await
         .expect("the parking wait");
+        assert!(
+            parked,
+            "the log reader did not park (the proxy's stderr closed?)"
+        );
         let filler = [b'\n'; 4096];
         for chunk in [&filler[..], &filler[..1]] {
             loop {
                 match pipe.write(chunk) {
-                    Ok(_) => {}
+                    Ok(n) => lock(&self.logs.reading).filler += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => panic!("fill the log pipe: {e}"),
                 }
             }
         }
-        LogStall {
-            logs: self.logs.clone(),
-        }
+        stall
     }
 
     /// Everything the proxy printed on stderr so far.
