@@ -179,6 +179,11 @@ impl ClientConn {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An HTTP/2 connection: its requests run in tasks of their own, one per stream.
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
+    }
+
     /// The client sent bytes: with no request in flight, they start a request head.
     pub fn bytes_arrived(&self) {
         if self.active.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {

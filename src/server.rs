@@ -187,7 +187,7 @@ async fn connection(
         shared: shared.clone(),
         client,
         info: ClientInfo::new(peer.ip(), acceptor.is_some()),
-        forced: shared.lifecycle.force_token().child_token(),
+        forced: std::sync::OnceLock::new(),
     });
     match acceptor {
         None => serve_io(stream, speaks, head_timer, cx, hook, settings).await,

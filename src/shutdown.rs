@@ -39,8 +39,12 @@ impl Lifecycle {
         self.drain.is_cancelled()
     }
 
+    /// Asked by every request's wait for its response headers, at each poll (see
+    /// `proxy::ForcedEnd`), and by every guard: one atomic load, where the token's own
+    /// `is_cancelled` takes its lock. `forced_at` is set before the token is cancelled, so
+    /// whatever the cancellation wakes sees it.
     pub fn is_forced(&self) -> bool {
-        self.force.is_cancelled()
+        self.forced_at.get().is_some()
     }
 
     pub fn forced_at(&self) -> Option<Instant> {

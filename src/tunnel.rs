@@ -61,7 +61,7 @@ pub async fn forward(
     let mut timer = deadline_timer(deadline);
     let result = {
         let call = std::pin::pin!(route.upstream.upgrade(up_req, &mut guard));
-        proxy::until_headers(call, &mut timer, &cx.forced).await
+        proxy::until_headers(call, &mut timer, cx).await
     };
     let (mut resp, conn) = match result {
         Ok(exchange) => exchange,

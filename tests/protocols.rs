@@ -583,6 +583,69 @@ async fn h2c_prior_knowledge_downstream() {
     );
 }
 
+/// HTTP/2 streams still waiting for response headers when the shutdown's grace runs out
+/// get a 503 each, and their upstream calls are closed. hyper runs each stream's request
+/// in a task of its own, which the forced end must reach without the connection's task
+/// (an HTTP/1.1 request is polled by that task, and needs no wait of its own).
+#[tokio::test]
+async fn h2_streams_waiting_at_the_forced_end_get_503s() {
+    const N: usize = 3;
+    let up = Upstream::start().await;
+    let config = single_route_config(
+        "shutdown_grace = \"300ms\"",
+        &format!("url = \"{}\"", http_url(up.addr())),
+        "",
+    );
+    let proxy = Proxy::start(&config).await;
+    let h2 = h2c_connect(proxy.addr()).await;
+    let calls: Vec<_> = (0..N)
+        .map(|i| {
+            let h2 = h2.clone();
+            let req = h2_req(
+                "GET",
+                "http",
+                &format!("/delay/cut-{i}?ms=30000"),
+                Bytes::new(),
+            );
+            tokio::spawn(async move { send(&h2, req, WAIT * 2).await })
+        })
+        .collect();
+    up.wait_for("the calls", WAIT, |rs| {
+        rs.iter()
+            .filter(|r| r.path.starts_with("/delay/cut-"))
+            .count()
+            == N
+    })
+    .await;
+
+    proxy.signal(libc::SIGTERM);
+    for call in calls {
+        let resp = within(WAIT, "the answer at the forced end", call)
+            .await
+            .expect("the stream's task");
+        assert_eq!(resp.status, 503);
+    }
+    for i in 0..N {
+        let rec = up.wait_request(&format!("/delay/cut-{i}"), WAIT).await;
+        let rec = up.wait_closed(rec.id, WAIT).await;
+        assert!(rec.finished.is_none(), "{rec:?}");
+    }
+    let lines = proxy
+        .wait_for_access_logs(
+            N,
+            |v| {
+                v["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("/delay/cut-"))
+            },
+            WAIT,
+        )
+        .await;
+    for line in &lines {
+        assert_access(line, 503, "shutdown", Some("shutdown"));
+    }
+}
+
 #[tokio::test]
 async fn h2_client_closing_its_connection_cancels_every_stream() {
     let up = Upstream::start().await;
