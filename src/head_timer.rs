@@ -18,6 +18,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -88,14 +90,18 @@ impl HeadTimer {
 }
 
 /// A client stream that tells its [`ClientConn`] when bytes arrive.
+///
+/// It also hands hyper the connection's first bytes, read before hyper was there (to
+/// tell HTTP/1 from HTTP/2, see `server::sniff`), at its first read.
 pub struct HeadBytes<T> {
     io: T,
+    first: Bytes,
     client: std::sync::Arc<ClientConn>,
 }
 
 impl<T> HeadBytes<T> {
-    pub fn new(io: T, client: std::sync::Arc<ClientConn>) -> HeadBytes<T> {
-        HeadBytes { io, client }
+    pub fn new(io: T, first: Bytes, client: std::sync::Arc<ClientConn>) -> HeadBytes<T> {
+        HeadBytes { io, first, client }
     }
 }
 
@@ -105,6 +111,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.first.is_empty() {
+            // A client that left before hyper read them: hyper sees the end of the stream
+            // (from the socket, which reads as closed), and no request is sent on for it.
+            if self.client.gone_at().is_none() {
+                let n = self.first.len().min(buf.remaining());
+                buf.put_slice(&self.first[..n]);
+                self.first.advance(n);
+                self.client.bytes_arrived();
+                return Poll::Ready(Ok(()));
+            }
+            self.first = Bytes::new();
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {

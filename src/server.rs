@@ -32,6 +32,7 @@ use crate::head_timer::{HeadBytes, HeadTimeout, HeadTimer};
 use crate::headers::ClientInfo;
 use crate::outcome::{ClientConn, Stamped};
 use crate::proxy::{self, ConnContext, Shared};
+use bytes::Bytes;
 
 /// Settings of the client-facing listener; changing them needs a restart.
 #[derive(Clone)]
@@ -176,7 +177,7 @@ fn nodelay_for_every_connection(listener: &TcpListener) -> bool {
 }
 
 async fn connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     settings: &ServerSettings,
@@ -189,12 +190,12 @@ async fn connection(
     let acceptor = shared.tls.load_full();
     let client = Arc::new(ClientConn::default());
     let mut head_timer = HeadTimer::new(settings.header_read_timeout);
-    let speaks = match acceptor {
-        Some(_) => Speaks::Unsure,
+    let (speaks, first) = match acceptor {
+        Some(_) => (Speaks::Unsure, Bytes::new()),
         None => tokio::select! {
             biased;
-            speaks = sniff(&stream) => match speaks {
-                Ok(speaks) => speaks,
+            sniffed = sniff(&mut stream) => match sniffed {
+                Ok(sniffed) => sniffed,
                 Err(_) => return,
             },
             cut = std::future::poll_fn(|cx| head_timer.poll(cx, &client)) => {
@@ -212,7 +213,7 @@ async fn connection(
         forced: std::sync::OnceLock::new(),
     });
     match acceptor {
-        None => serve_io(stream, speaks, head_timer, cx, hook, settings).await,
+        None => serve_io(stream, speaks, first, head_timer, cx, hook, settings).await,
         // Boxed: a TLS session is kilobytes, which every plain connection's task would
         // otherwise reserve too (a future is as large as its largest branch).
         Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, cx, hook, settings)).await,
@@ -241,7 +242,7 @@ async fn serve_tls(
                 _ => Speaks::Unsure,
             };
             let head_timer = HeadTimer::new(settings.header_read_timeout);
-            serve_io(tls, speaks, head_timer, cx, hook, settings).await
+            serve_io(tls, speaks, Bytes::new(), head_timer, cx, hook, settings).await
         }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -272,23 +273,48 @@ enum Speaks {
 /// sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Tells a cleartext HTTP/1 connection by its first bytes, left in the socket.
+/// Tells a cleartext HTTP/1 connection by its first bytes, read here and handed to hyper
+/// with [`HeadBytes`] at its first read.
 ///
-/// hyper-util's version detection reads them itself (a read of 24 bytes, which hyper then
-/// gets back through a rewind layer), and hyper, having room left for only 8 168 more in
-/// its 8 KiB read buffer, reallocates it to 16 KiB, copying all 8: about 8 000
-/// instructions for every new connection, an eighth of the cost of a request on a
-/// connection that carries one. A peek costs one system call, as the version read did.
-/// Bytes that may still begin the preface (a lone `P`) are left to hyper-util.
-async fn sniff(stream: &TcpStream) -> std::io::Result<Speaks> {
-    let mut first = [0u8; H2_PREFACE.len()];
-    let n = stream.peek(&mut first).await?;
+/// hyper-util's version detection reads 24 bytes itself, which hyper then gets back
+/// through a rewind layer, and hyper, having room left for only 8 168 more in its 8 KiB
+/// read buffer, reallocates it to 16 KiB, copying all 8: about 8 000 instructions for
+/// every new connection. A peek avoided that for a system call of its own. This read is
+/// the one hyper would make anyway, up to the size of its buffer, which the bytes are
+/// then copied into whole. Bytes that may still begin the preface (a lone `P`) are left
+/// to hyper-util.
+async fn sniff(stream: &mut TcpStream) -> std::io::Result<(Speaks, Bytes)> {
+    let first = std::future::poll_fn(|cx| poll_first_read(stream, cx)).await?;
+    let n = first.len().min(H2_PREFACE.len());
     // Nothing at all (the client left without a word) is HTTP/1's: hyper sees the end.
-    Ok(if n > 0 && first[..n] == H2_PREFACE[..n] {
+    let speaks = if n > 0 && first[..n] == H2_PREFACE[..n] {
         Speaks::Unsure
     } else {
         Speaks::Http1
-    })
+    };
+    Ok((speaks, first))
+}
+
+/// hyper's first read size (its initial read buffer).
+const FIRST_READ: usize = 8192;
+
+/// Reads what has arrived into a buffer on this call's stack, not in the connection's
+/// future, which would carry it for the connection's whole life, and keeps only the
+/// bytes read. Through tokio's `poll_read`, which marks the socket drained after a read
+/// shorter than the buffer: hyper's next read then waits for readiness instead of
+/// making a system call that finds nothing.
+fn poll_first_read(
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<Bytes>> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+    let mut read = tokio::io::ReadBuf::uninit(&mut buf);
+    std::task::ready!(tokio::io::AsyncRead::poll_read(
+        Pin::new(stream),
+        cx,
+        &mut read
+    ))?;
+    std::task::Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())))
 }
 
 /// Serves HTTP/1.1 (with upgrades) or HTTP/2 (by ALPN or the h2c preface) on one
@@ -296,6 +322,7 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Speaks> {
 async fn serve_io<I>(
     io: I,
     speaks: Speaks,
+    first: Bytes,
     head_timer: HeadTimer,
     cx: Arc<ConnContext>,
     hook: Option<Arc<Hook>>,
@@ -304,7 +331,7 @@ async fn serve_io<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let client = cx.client.clone();
-    let io = TokioIo::new(HeadBytes::new(io, client.clone()));
+    let io = TokioIo::new(HeadBytes::new(io, first, client.clone()));
     let lifecycle = cx.shared.lifecycle.clone();
     let service = service_fn(move |req| {
         cx.client.mark_request(req.version());
@@ -725,21 +752,18 @@ mod tests {
                 (b"", Speaks::Http1),
             ] {
                 let mut client = TcpStream::connect(addr).await.unwrap();
-                let (server, _) = listener.accept().await.unwrap();
+                let (mut server, _) = listener.accept().await.unwrap();
                 client.write_all(first).await.unwrap();
                 if first.is_empty() {
                     client.shutdown().await.unwrap();
                 }
-                let got = tokio::time::timeout(Duration::from_secs(10), sniff(&server))
+                let (got, read) = tokio::time::timeout(Duration::from_secs(10), sniff(&mut server))
                     .await
                     .expect("sniff never returned")
                     .unwrap();
                 assert_eq!(got, speaks, "{:?}", String::from_utf8_lossy(first));
-                // Left in the socket for hyper.
-                let mut left = vec![0; first.len()];
-                if !first.is_empty() {
-                    assert_eq!(server.peek(&mut left).await.unwrap(), first.len());
-                }
+                // Kept whole, for hyper.
+                assert_eq!(&read[..], first);
             }
         });
     }
