@@ -117,7 +117,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
             if self.client.gone_at().is_none() {
                 let n = self.first.len().min(buf.remaining());
                 buf.put_slice(&self.first[..n]);
-                self.first.advance(n);
+                if n == self.first.len() {
+                    // Freed now, not kept with the connection.
+                    self.first = Bytes::new();
+                } else {
+                    self.first.advance(n);
+                }
                 self.client.bytes_arrived();
                 return Poll::Ready(Ok(()));
             }
