@@ -78,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
             shared,
             client: Arc::new(ClientConn::default()),
             info: ClientInfo::new([127, 0, 0, 1].into(), false),
-            forced: tokio_util::sync::CancellationToken::new(),
+            forced: std::sync::OnceLock::new(),
         });
         let service = service_fn(move |req| {
             let state = Arc::new(RequestState::default());
