@@ -77,12 +77,10 @@ enum Msg {
 }
 
 /// Starts the log thread, once per process, on the calling thread's scheduling policy
-/// (call it from a thread of normal priority). Returns false when no thread could start:
-/// lines are then written where they end, as everywhere else.
+/// (call it from a thread of normal priority). Returns false when no thread could start
+/// (or one already had: the second ends at once): lines are then written where they end,
+/// as everywhere else.
 pub fn start_log_thread() -> bool {
-    if HAND_OFF.get().is_some() {
-        return true;
-    }
     let (tx, rx) = mpsc::sync_channel::<Msg>(HAND_OFF_QUEUE);
     let spawned = std::thread::Builder::new()
         .name("cutoff-log".into())
@@ -97,7 +95,8 @@ pub fn start_log_thread() -> bool {
             }
         });
     match spawned {
-        Ok(_) => HAND_OFF.set(tx).is_ok() || HAND_OFF.get().is_some(),
+        // Called once (with the hang-up thread): a second call's thread ends at once.
+        Ok(_) => HAND_OFF.set(tx).is_ok(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the log thread");
             false

@@ -442,11 +442,7 @@ async fn departures_are_cancelled_while_the_log_pipe_is_full() {
     // closes that call and then blocks on its own line, so with the lines written on the
     // hang-up thread at most two of the eight calls would be closed.
     let up = Upstream::start().await;
-    let config = single_route_config(
-        "workers = 1",
-        &format!("url = \"{}\"", http_url(up.addr())),
-        "",
-    );
+    let config = config_with_server("workers = 1", up.addr());
     let proxy = Proxy::start(&config).await;
     // The first connection starts the hang-up thread, which says so: a line to be out of
     // the way before the pipe is stalled.
@@ -734,12 +730,7 @@ async fn hangup_thread_runs_at_real_time_priority_where_permitted() {
     .expect("the probe thread");
     for (extra, wanted) in [("", true), ("hangup_realtime = false", false)] {
         let up = Upstream::start().await;
-        let proxy = Proxy::start(&single_route_config(
-            extra,
-            &format!("url = \"{}\"", http_url(up.addr())),
-            "",
-        ))
-        .await;
+        let proxy = Proxy::start(&config_with_server(extra, up.addr())).await;
         // The thread starts with the first connection.
         let resp = within(
             WAIT,

@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::{
-    Client, Proxy, Upstream, WAIT, access_line, assert_access, assert_closed_promptly, http_get,
-    http_url, single_route_config, unique_temp_dir, wait_log_count, within,
+    Client, Proxy, Upstream, WAIT, access_line, assert_access, assert_closed_promptly,
+    config_with_server, http_get, http_url, single_route_config, unique_temp_dir, wait_log_count,
+    within,
 };
 use common_tls::*;
 use http::{HeaderValue, Version};
@@ -591,11 +592,7 @@ async fn h2c_prior_knowledge_downstream() {
 async fn h2_streams_waiting_at_the_forced_end_get_503s() {
     const N: usize = 3;
     let up = Upstream::start().await;
-    let config = single_route_config(
-        "shutdown_grace = \"300ms\"",
-        &format!("url = \"{}\"", http_url(up.addr())),
-        "",
-    );
+    let config = config_with_server("shutdown_grace = \"300ms\"", up.addr());
     let proxy = Proxy::start(&config).await;
     let h2 = h2c_connect(proxy.addr()).await;
     let calls: Vec<_> = (0..N)
@@ -1477,11 +1474,7 @@ async fn websocket_upstream_reset_is_upstream_error() {
 #[tokio::test]
 async fn websocket_tunnel_is_cut_when_the_shutdown_grace_ends() {
     let up = WsUpstream::start().await;
-    let config = single_route_config(
-        "shutdown_grace = \"300ms\"",
-        &format!("url = \"{}\"", http_url(up.addr())),
-        "",
-    );
+    let config = config_with_server("shutdown_grace = \"300ms\"", up.addr());
     let mut proxy = Proxy::start(&config).await;
     let (mut ws, status) = WsClient::connect(proxy.addr(), "/ws/echo").await;
     assert_eq!(status, 101);

@@ -157,6 +157,16 @@ pub fn config_for(upstream: SocketAddr, route_extra: &str) -> String {
     config_for_url(&http_url(upstream), "", route_extra)
 }
 
+/// Like [`config_for`], with extra lines for the `[server]` table instead (such as
+/// `workers = 1`).
+pub fn config_with_server(server_extra: &str, upstream: SocketAddr) -> String {
+    single_route_config(
+        server_extra,
+        &format!("url = \"{}\"", http_url(upstream)),
+        "",
+    )
+}
+
 /// Like [`config_for`], with the upstream given by URL and extra lines for the upstream
 /// table too (such as `connect_timeout = "200ms"`).
 pub fn config_for_url(url: &str, upstream_extra: &str, route_extra: &str) -> String {
