@@ -121,6 +121,7 @@ fn spawn_worker(
                     _ = shared.tasks.wait() => {}
                     _ = async {
                         lifecycle.forced().await;
+                        shutdown::tell_this_worker(shutdown::Stage::Forced);
                         tokio::time::sleep(FORCED_EXIT_WAIT).await;
                     } => {}
                 }
@@ -214,6 +215,8 @@ pub async fn run(
         _ = lifecycle.forced() => {}
     }
     if lifecycle.is_forced() {
+        // Worker 0's connections: the other workers tell theirs (`spawn_worker`).
+        shutdown::tell_this_worker(shutdown::Stage::Forced);
         let _ = tokio::time::timeout(FORCED_EXIT_WAIT, shared.tasks.wait()).await;
     }
     reload.abort();

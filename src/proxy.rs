@@ -214,9 +214,9 @@ pin_project_lite::pin_project! {
     /// The shutdown's forced end, as a request waiting for response headers sees it.
     ///
     /// An HTTP/1.1 request is polled by its connection's task (hyper's dispatcher polls
-    /// the request's future whenever the connection is polled), and `server::drive`
-    /// waits on the process's force token for that task anyway: when the end is forced,
-    /// the task wakes, polls the connection, and this looks at that same token. Only an
+    /// the request's future whenever the connection is polled), and its worker wakes
+    /// that task when the end is forced (`shutdown::Seat`): the task polls the
+    /// connection, and this looks at the process's flag. Only an
     /// HTTP/2 request, which hyper runs in a task of its own, needs a place on a token's
     /// waiter list, and joining and leaving it takes a lock each time: about 400
     /// instructions a request, spared on HTTP/1.1.

@@ -32,6 +32,7 @@ use crate::head_timer::{HeadBytes, HeadTimeout, HeadTimer};
 use crate::headers::ClientInfo;
 use crate::outcome::{ClientConn, Stamped};
 use crate::proxy::{self, ConnContext, Shared};
+use crate::shutdown::{Seat, Stage};
 use bytes::Bytes;
 
 /// Settings of the client-facing listener; changing them needs a restart.
@@ -164,6 +165,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, settings: ServerS
     }
     // Dropping the listener closes the socket: new connections are refused from now on.
     drop(listener);
+    // This worker's connections learn of the drain from it (see `shutdown::Seat`).
+    if lifecycle.is_draining() {
+        crate::shutdown::tell_this_worker(Stage::Draining);
+    }
 }
 
 /// Sets `TCP_NODELAY` on the listening socket, so that every connection accepted from it
@@ -189,7 +194,10 @@ async fn connection(
     }
     let acceptor = shared.tls.load_full();
     let client = Arc::new(ClientConn::default());
-    let mut head_timer = HeadTimer::new(settings.header_read_timeout);
+    let mut waits = Waits {
+        head_timer: HeadTimer::new(settings.header_read_timeout),
+        seat: Seat::new(),
+    };
     let (speaks, first) = match acceptor {
         Some(_) => (Speaks::Unsure, Bytes::new()),
         None => tokio::select! {
@@ -198,11 +206,11 @@ async fn connection(
                 Ok(sniffed) => sniffed,
                 Err(_) => return,
             },
-            cut = std::future::poll_fn(|cx| head_timer.poll(cx, &client)) => {
+            cut = std::future::poll_fn(|cx| waits.head_timer.poll(cx, &client)) => {
                 log_head_timeout(cut);
                 return;
             }
-            _ = shared.lifecycle.draining() => return,
+            _ = std::future::poll_fn(|cx| waits.seat.poll_past(cx, Stage::Serving)) => return,
         },
     };
     let (stream, hook) = Watched::new(stream);
@@ -213,10 +221,15 @@ async fn connection(
         forced: std::sync::OnceLock::new(),
     });
     match acceptor {
-        None => serve_io(stream, speaks, first, head_timer, cx, hook, settings).await,
+        None => serve_io(stream, speaks, first, waits, cx, hook, settings).await,
         // Boxed: a TLS session is kilobytes, which every plain connection's task would
         // otherwise reserve too (a future is as large as its largest branch).
-        Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, cx, hook, settings)).await,
+        Some(acceptor) => {
+            Box::pin(serve_tls(
+                stream, peer, acceptor, waits.seat, cx, hook, settings,
+            ))
+            .await
+        }
     }
 }
 
@@ -224,6 +237,7 @@ async fn serve_tls(
     stream: Watched<TcpStream>,
     peer: SocketAddr,
     acceptor: Arc<tokio_rustls::TlsAcceptor>,
+    mut seat: Seat,
     cx: Arc<ConnContext>,
     hook: Option<Arc<Hook>>,
     settings: &ServerSettings,
@@ -233,7 +247,7 @@ async fn serve_tls(
     let handshake = tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream));
     let tls = tokio::select! {
         r = handshake => r,
-        _ = cx.shared.lifecycle.draining() => return,
+        _ = std::future::poll_fn(|cx| seat.poll_past(cx, Stage::Serving)) => return,
     };
     match tls {
         Ok(Ok(tls)) => {
@@ -241,8 +255,11 @@ async fn serve_tls(
                 Some(b"http/1.1") => Speaks::Http1,
                 _ => Speaks::Unsure,
             };
-            let head_timer = HeadTimer::new(settings.header_read_timeout);
-            serve_io(tls, speaks, Bytes::new(), head_timer, cx, hook, settings).await
+            let waits = Waits {
+                head_timer: HeadTimer::new(settings.header_read_timeout),
+                seat,
+            };
+            serve_io(tls, speaks, Bytes::new(), waits, cx, hook, settings).await
         }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -258,6 +275,14 @@ fn log_head_timeout(cut: HeadTimeout) {
             tracing::debug!("request head not complete within header_read_timeout");
         }
     }
+}
+
+/// What a connection's task watches besides hyper's connection, from its first byte on:
+/// the head timer (`header_read_timeout`, then between requests) and its worker's word on
+/// the shutdown.
+struct Waits {
+    head_timer: HeadTimer,
+    seat: Seat,
 }
 
 /// What a connection speaks, as far as is known before hyper reads it.
@@ -323,7 +348,7 @@ async fn serve_io<I>(
     io: I,
     speaks: Speaks,
     first: Bytes,
-    head_timer: HeadTimer,
+    waits: Waits,
     cx: Arc<ConnContext>,
     hook: Option<Arc<Hook>>,
     settings: &ServerSettings,
@@ -332,7 +357,6 @@ async fn serve_io<I>(
 {
     let client = cx.client.clone();
     let io = TokioIo::new(HeadBytes::new(io, first, client.clone()));
-    let lifecycle = cx.shared.lifecycle.clone();
     let service = service_fn(move |req| {
         cx.client.mark_request(req.version());
         let state = Arc::new(RequestState::default());
@@ -345,11 +369,11 @@ async fn serve_io<I>(
                 None => settings.http1_probing,
             };
             let conn = Box::pin(http1.serve_connection(io, service).with_upgrades());
-            drive(conn, client, hook, lifecycle, head_timer, settings).await;
+            drive(conn, client, hook, waits, settings).await;
         }
         Speaks::Unsure => {
             let conn = Box::pin(settings.builder.serve_connection_with_upgrades(io, service));
-            drive(conn, client, hook, lifecycle, head_timer, settings).await;
+            drive(conn, client, hook, waits, settings).await;
         }
     }
 }
@@ -391,8 +415,7 @@ async fn drive<C, E>(
     conn: Pin<Box<C>>,
     client: Arc<ClientConn>,
     hook: Option<Arc<Hook>>,
-    lifecycle: Arc<crate::shutdown::Lifecycle>,
-    mut head_timer: HeadTimer,
+    waits: Waits,
     settings: &ServerSettings,
 ) where
     C: std::future::Future<Output = Result<(), E>> + GracefulShutdown + Send + 'static,
@@ -413,26 +436,34 @@ async fn drive<C, E>(
     if let Some(hook) = hook {
         hook.attach(Arc::downgrade(&conn) as Weak<dyn OnHangup>);
     }
+    let Waits {
+        mut head_timer,
+        mut seat,
+    } = waits;
     let mut draining = false;
     let mut forced_window = None;
     let mut overdue = None;
-    // Created once, not per wake-up: each of these registers with a shared waiter list,
-    // and re-registering on every poll of a busy connection costs a lock each time.
-    let drain_started = std::pin::pin!(lifecycle.draining());
-    let force_started = std::pin::pin!(lifecycle.forced());
+    // What this connection has learnt of the shutdown, from its worker (see `Seat`).
+    let mut known = Stage::Serving;
+    // Created once, not per wake-up: a timer re-registered on every poll of a busy
+    // connection re-checks its entry each time.
     let idle_check = std::pin::pin!(tokio::time::sleep(settings.keepalive_timeout));
-    let mut drain_started = Gated::new(drain_started);
-    let mut force_started = Gated::new(force_started);
     let mut idle_check = Gated::new(idle_check);
     loop {
         tokio::select! {
-            // The drain comes first: a request read after it began must see the
+            // The shutdown comes first: a request read after the drain began must see the
             // connection closing, not be served as if nothing happened.
             biased;
-            _ = &mut drain_started, if !draining => {
-                // Idle keep-alive connections close now; busy ones after their response.
-                conn.graceful_shutdown();
-                draining = true;
+            stage = std::future::poll_fn(|cx| seat.poll_past(cx, known)), if known < Stage::Forced => {
+                known = stage;
+                if !draining {
+                    // Idle keep-alive connections close now; busy ones after their response.
+                    conn.graceful_shutdown();
+                    draining = true;
+                }
+                if stage == Stage::Forced {
+                    forced_window = Some(Box::pin(tokio::time::sleep(FORCED_WRITE_WINDOW)));
+                }
             }
             r = std::future::poll_fn(|cx| conn.poll(cx)) => {
                 if let Some(Err(e)) = r {
@@ -465,9 +496,6 @@ async fn drive<C, E>(
                         idle_check.rearm().as_mut().reset(tokio::time::Instant::now() + wait);
                     }
                 }
-            }
-            _ = &mut force_started, if forced_window.is_none() => {
-                forced_window = Some(Box::pin(tokio::time::sleep(FORCED_WRITE_WINDOW)));
             }
             _ = async { forced_window.as_mut().expect("guarded").await }, if forced_window.is_some() => {
                 break;

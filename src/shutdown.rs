@@ -9,8 +9,13 @@
 //!    headers answer 503, every other connection task is dropped, which closes its
 //!    upstream connections. Guards dropped after this point record `shutdown`, because
 //!    they ask [`Lifecycle::is_forced`] who cancelled them.
+//!
+//! Client connections do not wait on the tokens themselves: each worker tells its own
+//! connections ([`tell_this_worker`], [`Seat`]).
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -64,6 +69,123 @@ impl Lifecycle {
     }
 }
 
+/// How far the shutdown has gone, as one worker has told its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Stage {
+    #[default]
+    Serving,
+    Draining,
+    Forced,
+}
+
+thread_local! {
+    /// This worker's stage and the wakers of the connection tasks waiting for the next.
+    static BOARD: RefCell<Board> = RefCell::new(Board::default());
+}
+
+/// The shutdown as one worker's connections see it.
+///
+/// Each connection task used to wait on the process's two tokens itself. Each wait is a
+/// place on the token's waiter list, joined and left under a lock: about 700 instructions
+/// for every connection, and a waker registration at every poll of a busy one. But a
+/// worker's connections all run on its thread, and the worker's own loop learns of the
+/// drain and of the forced end anyway. So the worker keeps its connections' wakers here
+/// and wakes them, and a connection only looks at a value of its thread.
+#[derive(Default)]
+struct Board {
+    stage: Stage,
+    waiting: slab::Slab<Waker>,
+}
+
+/// Moves this worker to `stage` (never back) and wakes every connection task waiting
+/// for it. Called by the worker's own loop, on its thread.
+pub fn tell_this_worker(stage: Stage) {
+    let wake: Vec<Waker> = BOARD.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.stage >= stage {
+            return Vec::new();
+        }
+        b.stage = stage;
+        b.waiting.iter().map(|(_, w)| w.clone()).collect()
+    });
+    // Outside the borrow: a waker is free to do anything, even look at the board.
+    for w in wake {
+        w.wake();
+    }
+}
+
+/// A connection task's place on its worker's [`Board`], given up when dropped.
+///
+/// Made, polled and dropped on the worker that runs the task. A task is `Send`, so the
+/// seat must be too; a seat dropped on another thread (which the current-thread workers
+/// never do) leaves its place rather than free another connection's.
+pub struct Seat {
+    key: Option<usize>,
+    /// Which thread's board the place is on (its address), once taken.
+    board: usize,
+}
+
+impl Seat {
+    pub fn new() -> Seat {
+        Seat {
+            key: None,
+            board: 0,
+        }
+    }
+
+    /// Ready with this worker's stage once it is past `known`; until then the task is
+    /// woken when the worker moves on.
+    pub fn poll_past(&mut self, cx: &mut Context<'_>, known: Stage) -> Poll<Stage> {
+        BOARD.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.stage > known {
+                return Poll::Ready(b.stage);
+            }
+            match self.key {
+                Some(key) if self.board == board_id() => {
+                    if let Some(w) = b.waiting.get_mut(key)
+                        && !w.will_wake(cx.waker())
+                    {
+                        w.clone_from(cx.waker());
+                    }
+                }
+                // Polled on another thread than the one it first waited on: its place
+                // stays there.
+                Some(_) => {}
+                None => {
+                    self.key = Some(b.waiting.insert(cx.waker().clone()));
+                    self.board = board_id();
+                }
+            }
+            Poll::Pending
+        })
+    }
+}
+
+impl Default for Seat {
+    fn default() -> Seat {
+        Seat::new()
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        if self.board != board_id() {
+            return;
+        }
+        let _ = BOARD.try_with(|b| {
+            b.borrow_mut().waiting.try_remove(key);
+        });
+    }
+}
+
+fn board_id() -> usize {
+    BOARD
+        .try_with(|b| b as *const RefCell<Board> as usize)
+        .unwrap_or(0)
+}
+
 /// The process's signal streams, registered before the listeners are bound: a signal that
 /// arrives as soon as the proxy says "listening" must find its handler, not the default
 /// action (which would kill the process).
@@ -108,5 +230,106 @@ impl Signals {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn waiting() -> usize {
+        BOARD.with(|b| b.borrow().waiting.len())
+    }
+
+    /// Each cargo test runs on a thread of its own, so each starts with a fresh board.
+    #[test]
+    fn a_worker_wakes_its_waiting_connections_once_per_stage() {
+        let counts: Vec<Arc<Count>> = (0..3).map(|_| Arc::default()).collect();
+        let wakers: Vec<Waker> = counts.iter().map(|c| Waker::from(c.clone())).collect();
+        let mut seats: Vec<Seat> = (0..3).map(|_| Seat::new()).collect();
+        for (seat, w) in seats.iter_mut().zip(&wakers) {
+            let cx = &mut Context::from_waker(w);
+            assert!(seat.poll_past(cx, Stage::Serving).is_pending());
+            // Polled again with the same waker: still one place.
+            assert!(seat.poll_past(cx, Stage::Serving).is_pending());
+        }
+        assert_eq!(waiting(), 3);
+        // A connection that ended gives its place up, and is not woken.
+        drop(seats.pop());
+        assert_eq!(waiting(), 2);
+
+        tell_this_worker(Stage::Draining);
+        let woken = |c: &Arc<Count>| c.0.load(Ordering::Relaxed);
+        assert_eq!(counts.iter().map(woken).collect::<Vec<_>>(), [1, 1, 0]);
+        // Telling the same stage again wakes nobody.
+        tell_this_worker(Stage::Draining);
+        assert_eq!(counts.iter().map(woken).collect::<Vec<_>>(), [1, 1, 0]);
+
+        let cx = &mut Context::from_waker(&wakers[0]);
+        assert_eq!(
+            seats[0].poll_past(cx, Stage::Serving),
+            Poll::Ready(Stage::Draining)
+        );
+        assert!(seats[0].poll_past(cx, Stage::Draining).is_pending());
+        tell_this_worker(Stage::Forced);
+        assert_eq!(
+            seats[0].poll_past(cx, Stage::Draining),
+            Poll::Ready(Stage::Forced)
+        );
+        // Never back.
+        tell_this_worker(Stage::Draining);
+        assert_eq!(
+            seats[1].poll_past(cx, Stage::Serving),
+            Poll::Ready(Stage::Forced)
+        );
+        drop(seats);
+        assert_eq!(waiting(), 0);
+    }
+
+    /// A seat first polled after the worker moved on is ready at once and takes no place.
+    #[test]
+    fn a_connection_opened_after_the_drain_sees_it_at_once() {
+        tell_this_worker(Stage::Draining);
+        let mut seat = Seat::new();
+        let cx = &mut Context::from_waker(Waker::noop());
+        assert_eq!(
+            seat.poll_past(cx, Stage::Serving),
+            Poll::Ready(Stage::Draining)
+        );
+        assert!(seat.poll_past(cx, Stage::Draining).is_pending());
+        assert_eq!(waiting(), 1);
+        drop(seat);
+        assert_eq!(waiting(), 0);
+    }
+
+    /// Boards are per thread: another worker's drain wakes nobody here.
+    #[test]
+    fn another_workers_drain_is_not_this_ones() {
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let mut seat = Seat::new();
+        assert!(
+            seat.poll_past(&mut Context::from_waker(&waker), Stage::Serving)
+                .is_pending()
+        );
+        std::thread::spawn(|| tell_this_worker(Stage::Forced))
+            .join()
+            .expect("the other worker");
+        assert_eq!(count.0.load(Ordering::Relaxed), 0);
+        assert!(
+            seat.poll_past(&mut Context::from_waker(&waker), Stage::Serving)
+                .is_pending()
+        );
     }
 }

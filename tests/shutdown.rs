@@ -468,3 +468,54 @@ async fn sigterm_right_after_startup_drains_instead_of_killing() {
         killed.len()
     );
 }
+
+/// Each worker tells its own connections of the drain and of the forced end
+/// (`shutdown::Seat`). With four workers, twelve idle keep-alive connections all close at
+/// the drain and twelve requests waiting for headers all get a 503 at the grace's end,
+/// their upstream calls closed: none of the workers they landed on missed either step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_tells_its_own_connections() {
+    const EACH: usize = 12;
+    let up = Upstream::start().await;
+    let config = with_grace(&config_with_server("workers = 4", up.addr()), "1s");
+    let mut proxy = Proxy::start(&config).await;
+
+    let mut idle = Vec::new();
+    for i in 0..EACH {
+        let mut c = Client::connect(proxy.addr()).await;
+        c.get(&format!("/delay/idle-{i}?ms=0")).await;
+        assert_eq!(c.read_response(WAIT).await.status, 200);
+        idle.push(c);
+    }
+    let mut waiting = Vec::new();
+    for i in 0..EACH {
+        let mut c = Client::connect(proxy.addr()).await;
+        let path = format!("/delay/held-{i}");
+        c.get(&format!("{path}?ms=30000")).await;
+        waiting.push((c, up.wait_request(&path, WAIT).await));
+    }
+
+    wait_started(&proxy).await;
+    let t0 = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    for (i, c) in idle.iter_mut().enumerate() {
+        assert_ne!(
+            c.wait_closed_by_peer(Duration::from_secs(2)).await,
+            ReadEnd::TimedOut,
+            "idle connection {i} was not closed within 2 s of SIGTERM"
+        );
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "the idle connections closed only {:?} after SIGTERM, near the grace's end",
+        t0.elapsed()
+    );
+    for (i, (c, rec)) in waiting.iter_mut().enumerate() {
+        match c.try_read_head(Duration::from_secs(5)).await {
+            Ok(h) => assert_eq!(h.status, 503, "held request {i}: {h:?}"),
+            Err(end) => panic!("held request {i} got no 503 at the grace's end: {end:?}"),
+        }
+        up.wait_closed(rec.id, WAIT).await;
+    }
+    assert_exits_zero_by(&mut proxy, Instant::now() + WAIT, "after the grace").await;
+}
