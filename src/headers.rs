@@ -162,7 +162,7 @@ pub fn to_upstream(
     // the route preserves it, the endpoint's otherwise (added at dispatch). On a new
     // connection hyper sizes the map to the headers it parsed, and each growth is a new
     // allocation and a copy of every entry (about 800 instructions); a map hyper reuses
-    // has the room already. Asking for four leaves room for a deadline header too.
+    // has the room already.
     parts.headers.reserve(4);
 
     // One lookup for reading and writing; several `X-Forwarded-For` lines join into one.
@@ -289,7 +289,7 @@ mod tests {
     }
 
     /// A map sized as hyper sizes it on a new connection (to the headers parsed) takes
-    /// the rewrite, the endpoint's `Host` and a deadline header without growing again.
+    /// the rewrite and the endpoint's `Host` without growing again.
     #[test]
     fn the_rewrite_makes_room_once() {
         for preserve_host in [false, true] {
@@ -306,10 +306,6 @@ mod tests {
             p.headers
                 .entry(header::HOST)
                 .or_insert(HeaderValue::from_static("upstream.internal"));
-            p.headers.insert(
-                HeaderName::from_static("x-request-timeout-ms"),
-                HeaderValue::from(200u64),
-            );
             assert_eq!(
                 p.headers.capacity(),
                 room,

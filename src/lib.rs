@@ -113,6 +113,7 @@ fn spawn_worker(
                 let Ok(listener) = TcpListener::from_std(std_listener) else {
                     return;
                 };
+                tokio::spawn(shutdown::relay_to_this_worker(shared.lifecycle.clone()));
                 server::serve(listener, shared.clone(), settings).await;
                 // Keep this runtime, and the connections it drives, alive through the
                 // drain; the main thread decides when the process ends.
@@ -121,7 +122,6 @@ fn spawn_worker(
                     _ = shared.tasks.wait() => {}
                     _ = async {
                         lifecycle.forced().await;
-                        shutdown::tell_this_worker(shutdown::Stage::Forced);
                         tokio::time::sleep(FORCED_EXIT_WAIT).await;
                     } => {}
                 }
@@ -148,6 +148,9 @@ const LOG_FLUSH_WAIT: Duration = Duration::from_millis(250);
 /// Serves until `lifecycle` drains, gives in-flight work `shutdown_grace`, then forces
 /// the end (cancelling every upstream call still running) and returns. `reload_signal`
 /// (SIGHUP, registered by the caller) triggers a reload like a change of the file.
+///
+/// Runs on a current-thread runtime, whose thread becomes worker 0: a worker's
+/// connections and the shutdown's word to them stay on its thread (`shutdown::Seat`).
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -155,6 +158,11 @@ pub async fn run(
     lifecycle: Arc<Lifecycle>,
     reload_signal: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), String> {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        != tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        return Err("cutoff::run needs a current-thread tokio runtime".into());
+    }
     // Read before the TLS material is loaded: a renewal saved from here on is seen as a
     // change by the reload watch, never mistaken for what is already serving.
     let applied_certs = reload::cert_bytes(&config);
@@ -201,6 +209,8 @@ pub async fn run(
     for i in 1..workers {
         spawn_worker(i, &listeners.proxy, shared.clone(), settings.clone())?;
     }
+    // This thread is worker 0.
+    tokio::spawn(shutdown::relay_to_this_worker(lifecycle.clone()));
     server::serve(listeners.proxy, shared.clone(), settings).await;
     // Draining: the listener is closed. Wait for in-flight work, at most the grace.
     shared.tasks.close();
@@ -215,8 +225,6 @@ pub async fn run(
         _ = lifecycle.forced() => {}
     }
     if lifecycle.is_forced() {
-        // Worker 0's connections: the other workers tell theirs (`spawn_worker`).
-        shutdown::tell_this_worker(shutdown::Stage::Forced);
         let _ = tokio::time::timeout(FORCED_EXIT_WAIT, shared.tasks.wait()).await;
     }
     reload.abort();

@@ -136,8 +136,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, settings: ServerS
                     // EMFILE and friends: back off rather than spin; the backlog holds the
                     // connection until we can take it.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        _ = &mut draining => break,
+                    }
                 }
             },
             _ = &mut draining => break,
@@ -165,10 +167,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, settings: ServerS
     }
     // Dropping the listener closes the socket: new connections are refused from now on.
     drop(listener);
-    // This worker's connections learn of the drain from it (see `shutdown::Seat`).
-    if lifecycle.is_draining() {
-        crate::shutdown::tell_this_worker(Stage::Draining);
-    }
 }
 
 /// Sets `TCP_NODELAY` on the listening socket, so that every connection accepted from it
@@ -666,10 +664,10 @@ where
 /// A future polled only after its own waker fired.
 ///
 /// A connection task is polled on every socket event, several times per request, and
-/// `select!` then polls each of its branches. All but hyper's connection wait for rare
-/// events (a drain, a forced shutdown, a timer), yet polling them is not free: a cancellation
-/// token's future takes a lock, a timer re-checks its entry. Gated, such a branch costs an
-/// atomic swap per poll, and its future runs only when it asked to be woken.
+/// `select!` then polls each of its branches. The keep-alive timer waits for a rare event,
+/// yet polling it is not free: a timer re-checks its entry. Gated, it costs an atomic swap
+/// per poll, and the timer runs only when it asked to be woken. (The shutdown's branch
+/// needs no gate: it looks at a value of the worker's thread, `shutdown::Seat`.)
 struct Gated<F> {
     inner: F,
     gate: Arc<Gate>,

@@ -10,11 +10,12 @@
 //!    upstream connections. Guards dropped after this point record `shutdown`, because
 //!    they ask [`Lifecycle::is_forced`] who cancelled them.
 //!
-//! Client connections do not wait on the tokens themselves: each worker tells its own
-//! connections ([`tell_this_worker`], [`Seat`]).
+//! Client connections do not wait on the tokens themselves: one task of each worker does,
+//! and tells that worker's connections ([`relay_to_this_worker`], [`Seat`]).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -81,25 +82,46 @@ pub enum Stage {
 thread_local! {
     /// This worker's stage and the wakers of the connection tasks waiting for the next.
     static BOARD: RefCell<Board> = RefCell::new(Board::default());
+    /// Which thread's board this is: a number no other thread gets (an address could be
+    /// reused by a later thread).
+    static BOARD_ID: usize = NEXT_BOARD.fetch_add(1, Ordering::Relaxed);
 }
+
+static NEXT_BOARD: AtomicUsize = AtomicUsize::new(1);
 
 /// The shutdown as one worker's connections see it.
 ///
 /// Each connection task used to wait on the process's two tokens itself. Each wait is a
 /// place on the token's waiter list, joined and left under a lock: about 700 instructions
-/// for every connection, and a waker registration at every poll of a busy one. But a
-/// worker's connections all run on its thread, and the worker's own loop learns of the
-/// drain and of the forced end anyway. So the worker keeps its connections' wakers here
-/// and wakes them, and a connection only looks at a value of its thread.
+/// for every connection. But a worker's connections all run on its thread. So one task
+/// of the worker waits on the tokens ([`relay_to_this_worker`]) and wakes them, and a
+/// connection only looks at a value of its thread.
 #[derive(Default)]
 struct Board {
     stage: Stage,
     waiting: slab::Slab<Waker>,
 }
 
+/// Waits on the process's tokens and tells this worker's connections of each step. To
+/// be spawned once on each worker's runtime, which must run its tasks on its own thread
+/// (a current-thread runtime): the board is that thread's.
+pub async fn relay_to_this_worker(lifecycle: std::sync::Arc<Lifecycle>) {
+    // A board left at the end by an earlier run on this thread, with nobody seated.
+    BOARD.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.waiting.is_empty() {
+            b.stage = Stage::Serving;
+        }
+    });
+    lifecycle.draining().await;
+    tell_this_worker(Stage::Draining);
+    lifecycle.forced().await;
+    tell_this_worker(Stage::Forced);
+}
+
 /// Moves this worker to `stage` (never back) and wakes every connection task waiting
-/// for it. Called by the worker's own loop, on its thread.
-pub fn tell_this_worker(stage: Stage) {
+/// for it.
+fn tell_this_worker(stage: Stage) {
     let wake: Vec<Waker> = BOARD.with(|b| {
         let mut b = b.borrow_mut();
         if b.stage >= stage {
@@ -116,12 +138,14 @@ pub fn tell_this_worker(stage: Stage) {
 
 /// A connection task's place on its worker's [`Board`], given up when dropped.
 ///
-/// Made, polled and dropped on the worker that runs the task. A task is `Send`, so the
-/// seat must be too; a seat dropped on another thread (which the current-thread workers
-/// never do) leaves its place rather than free another connection's.
+/// Polled and dropped on the worker that runs the task. A task is `Send`, so the seat
+/// must be too; a seat polled or dropped on another thread (which the current-thread
+/// workers never do) leaves its place alone rather than touch another connection's.
+/// Wakers replaced or removed are dropped outside the board's borrow: dropping a waker
+/// may free a task, and with it a seat that looks at the board.
 pub struct Seat {
     key: Option<usize>,
-    /// Which thread's board the place is on (its address), once taken.
+    /// Which thread's board the place is on, once taken.
     board: usize,
 }
 
@@ -136,29 +160,31 @@ impl Seat {
     /// Ready with this worker's stage once it is past `known`; until then the task is
     /// woken when the worker moves on.
     pub fn poll_past(&mut self, cx: &mut Context<'_>, known: Stage) -> Poll<Stage> {
-        BOARD.with(|b| {
+        let here = board_id();
+        let (poll, _replaced) = BOARD.with(|b| {
             let mut b = b.borrow_mut();
             if b.stage > known {
-                return Poll::Ready(b.stage);
+                return (Poll::Ready(b.stage), None);
             }
-            match self.key {
-                Some(key) if self.board == board_id() => {
-                    if let Some(w) = b.waiting.get_mut(key)
-                        && !w.will_wake(cx.waker())
-                    {
-                        w.clone_from(cx.waker());
+            let replaced = match self.key {
+                Some(key) if self.board == here => match b.waiting.get_mut(key) {
+                    Some(w) if !w.will_wake(cx.waker()) => {
+                        Some(std::mem::replace(w, cx.waker().clone()))
                     }
-                }
+                    _ => None,
+                },
                 // Polled on another thread than the one it first waited on: its place
                 // stays there.
-                Some(_) => {}
+                Some(_) => None,
                 None => {
                     self.key = Some(b.waiting.insert(cx.waker().clone()));
-                    self.board = board_id();
+                    self.board = here;
+                    None
                 }
-            }
-            Poll::Pending
-        })
+            };
+            (Poll::Pending, replaced)
+        });
+        poll
     }
 }
 
@@ -174,16 +200,15 @@ impl Drop for Seat {
         if self.board != board_id() {
             return;
         }
-        let _ = BOARD.try_with(|b| {
-            b.borrow_mut().waiting.try_remove(key);
-        });
+        let _removed: Option<Waker> = BOARD
+            .try_with(|b| b.try_borrow_mut().ok()?.waiting.try_remove(key))
+            .ok()
+            .flatten();
     }
 }
 
 fn board_id() -> usize {
-    BOARD
-        .try_with(|b| b as *const RefCell<Board> as usize)
-        .unwrap_or(0)
+    BOARD_ID.try_with(|id| *id).unwrap_or(0)
 }
 
 /// The process's signal streams, registered before the listeners are bound: a signal that
@@ -237,7 +262,6 @@ impl Signals {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Default)]
     struct Count(AtomicUsize);

@@ -472,7 +472,8 @@ async fn sigterm_right_after_startup_drains_instead_of_killing() {
 /// Each worker tells its own connections of the drain and of the forced end
 /// (`shutdown::Seat`). With four workers, twelve idle keep-alive connections all close at
 /// the drain and twelve requests waiting for headers all get a 503 at the grace's end,
-/// their upstream calls closed: none of the workers they landed on missed either step.
+/// their upstream calls closed: none of the workers they landed on (at least two, read
+/// from the kernel's epoll sets) missed either step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_worker_tells_its_own_connections() {
     const EACH: usize = 12;
@@ -494,6 +495,14 @@ async fn every_worker_tells_its_own_connections() {
         c.get(&format!("{path}?ms=30000")).await;
         waiting.push((c, up.wait_request(&path, WAIT).await));
     }
+
+    // The test means something only if the connections landed on more than one worker.
+    let spread = proxy.client_connections_per_worker();
+    assert!(
+        spread.len() >= 2 && spread.iter().sum::<usize>() == 2 * EACH,
+        "the {} connections should be spread over the workers: {spread:?}",
+        2 * EACH
+    );
 
     wait_started(&proxy).await;
     let t0 = Instant::now();

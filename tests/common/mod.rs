@@ -624,6 +624,63 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no VmRSS in {path}:\n{status}"))
     }
 
+    /// How many open client connections each worker serves, most first, workers serving
+    /// none left out. Read from the kernel: every client socket is in the hang-up set
+    /// (registered for `EPOLLRDHUP | EPOLLONESHOT`) and in the epoll set of the worker
+    /// whose runtime serves it (`/proc/PID/fdinfo` lists an epoll set's descriptors).
+    pub fn client_connections_per_worker(&self) -> Vec<usize> {
+        const EPOLLRDHUP: u32 = 0x2000;
+        const EPOLLONESHOT: u32 = 1 << 30;
+        let dir = format!("/proc/{}/fd", self.pid);
+        let mut sets: Vec<Vec<(u32, u32)>> = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}")) {
+            let fd = entry.expect("fd entry").file_name();
+            let link = std::fs::read_link(format!("{dir}/{}", fd.to_string_lossy()));
+            if !link.is_ok_and(|l| l.to_string_lossy().contains("eventpoll")) {
+                continue;
+            }
+            let info = format!("/proc/{}/fdinfo/{}", self.pid, fd.to_string_lossy());
+            let Ok(info) = std::fs::read_to_string(&info) else {
+                continue;
+            };
+            // `tfd:       12 events:       19 data: ...`
+            let mut set: Vec<(u32, u32)> = info
+                .lines()
+                .filter_map(|l| {
+                    let mut w = l.split_whitespace();
+                    (w.next()? == "tfd:").then_some(())?;
+                    let tfd = w.next()?.parse().ok()?;
+                    (w.next()? == "events:").then_some(())?;
+                    Some((tfd, u32::from_str_radix(w.next()?, 16).ok()?))
+                })
+                .collect();
+            set.sort_unstable();
+            // Two descriptors of one epoll set list the same.
+            if !sets.contains(&set) {
+                sets.push(set);
+            }
+        }
+        let is_hangup = |set: &Vec<(u32, u32)>| {
+            !set.is_empty()
+                && set
+                    .iter()
+                    .all(|&(_, ev)| ev & (EPOLLRDHUP | EPOLLONESHOT) == EPOLLRDHUP | EPOLLONESHOT)
+        };
+        let clients: Vec<u32> = sets
+            .iter()
+            .filter(|s| is_hangup(s))
+            .flat_map(|s| s.iter().map(|&(fd, _)| fd))
+            .collect();
+        let mut per_worker: Vec<usize> = sets
+            .iter()
+            .filter(|s| !is_hangup(s))
+            .map(|s| s.iter().filter(|(fd, _)| clients.contains(fd)).count())
+            .filter(|&n| n > 0)
+            .collect();
+        per_worker.sort_unstable_by(|a, b| b.cmp(a));
+        per_worker
+    }
+
     /// `GET /metrics` on the admin listener; panics unless it answers 200.
     pub async fn metrics_text(&self) -> String {
         let r = http_get(self.admin_addr(), "/metrics").await;
