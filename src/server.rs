@@ -104,6 +104,11 @@ impl ServerSettings {
     }
 }
 
+/// The most rounds of one poll of hyper's connection (see `Connection::poll_rounds`):
+/// enough for an exchange's own wake-ups, few enough that a connection that keeps waking
+/// itself still yields to the others.
+const POLL_ROUNDS: u32 = 4;
+
 /// How long connections may go on writing the 503s of a forced shutdown before they are
 /// dropped.
 const FORCED_WRITE_WINDOW: Duration = Duration::from_millis(250);
@@ -419,10 +424,7 @@ async fn drive<C, E>(
     C: std::future::Future<Output = Result<(), E>> + GracefulShutdown + Send + 'static,
     E: std::fmt::Display,
 {
-    let gate = Arc::new(TaskGate {
-        gone: AtomicBool::new(false),
-        task: atomic_waker::AtomicWaker::new(),
-    });
+    let gate = Arc::new(TaskGate::new());
     let conn = Arc::new(Connection {
         conn: Mutex::new(Some(conn)),
         waker: std::task::Waker::from(gate.clone()),
@@ -536,6 +538,48 @@ impl<C> Connection<C> {
 }
 
 impl<C: std::future::Future + GracefulShutdown> Connection<C> {
+    /// Polls hyper's connection, again at once while it woke itself during the poll.
+    ///
+    /// An HTTP/1.1 exchange is driven inside this poll, and wakes its own task as it goes:
+    /// the upstream's response handed over through a channel, the body's call for more.
+    /// Each such wake-up used to cost a whole extra poll of the task, scheduled through
+    /// the runtime and polling every branch of the connection's loop, after a poll that
+    /// had already taken what the wake-up announced. Now the poll goes round again only
+    /// while it was woken, at most [`POLL_ROUNDS`] times; a wake-up still pending after
+    /// that, or one that crossed the poll's end, wakes the task as before.
+    fn poll_rounds(
+        &self,
+        mut conn: Pin<&mut C>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<C::Output> {
+        let gate = &self.gate;
+        gate.polling.store(true, Ordering::SeqCst);
+        let mut polled;
+        let mut rounds = 0;
+        loop {
+            gate.rewoken.store(false, Ordering::SeqCst);
+            polled = conn
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&self.waker));
+            rounds += 1;
+            // Not again with the task's budget spent: tokio's resources would only refuse
+            // and wake it once more.
+            if polled.is_ready()
+                || rounds == POLL_ROUNDS
+                || !gate.rewoken.load(Ordering::SeqCst)
+                || gate.gone.load(Ordering::Acquire)
+                || !tokio::task::coop::has_budget_remaining()
+            {
+                break;
+            }
+        }
+        gate.polling.store(false, Ordering::SeqCst);
+        if polled.is_pending() && gate.rewoken.load(Ordering::SeqCst) {
+            cx.waker().wake_by_ref();
+        }
+        polled
+    }
+
     /// `None` once the client hung up. hyper's connection is polled with `gate`'s waker
     /// (the same one every time), never with the task's own.
     fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<C::Output>> {
@@ -547,9 +591,7 @@ impl<C: std::future::Future + GracefulShutdown> Connection<C> {
         let Some(conn) = slot.as_mut() else {
             return std::task::Poll::Ready(None);
         };
-        let polled = conn
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(&self.waker));
+        let polled = self.poll_rounds(conn.as_mut(), cx);
         if let (true, Some(hook)) = (polled.is_ready(), &self.hook) {
             // hyper is done with the socket; after an upgrade it is a tunnel's, whose
             // reads a hang-up handled during this very poll must not end.
@@ -614,6 +656,21 @@ impl<C: Send> OnHangup for Connection<C> {
 struct TaskGate {
     gone: AtomicBool,
     task: atomic_waker::AtomicWaker,
+    /// Set while the task polls hyper's connection.
+    polling: AtomicBool,
+    /// A wake-up came since the poll began: the poll goes round again.
+    rewoken: AtomicBool,
+}
+
+impl TaskGate {
+    fn new() -> TaskGate {
+        TaskGate {
+            gone: AtomicBool::new(false),
+            task: atomic_waker::AtomicWaker::new(),
+            polling: AtomicBool::new(false),
+            rewoken: AtomicBool::new(false),
+        }
+    }
 }
 
 impl std::task::Wake for TaskGate {
@@ -622,9 +679,17 @@ impl std::task::Wake for TaskGate {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if !self.gone.load(Ordering::Acquire) {
-            self.task.wake();
+        if self.gone.load(Ordering::Acquire) {
+            return;
         }
+        // Woken from inside the poll (see `Connection::poll`): the poll itself goes round
+        // again. The poll's end clears `polling` before it looks at `rewoken`, and this
+        // sets `rewoken` before it looks at `polling`: one of the two sees the other.
+        self.rewoken.store(true, Ordering::SeqCst);
+        if self.polling.load(Ordering::SeqCst) {
+            return;
+        }
+        self.task.wake();
     }
 }
 
@@ -798,10 +863,7 @@ mod tests {
     fn a_departing_connection_wakes_its_task_only_after_the_drop() {
         let woken = Arc::new(Count(AtomicUsize::new(0)));
         let task = std::task::Waker::from(woken.clone());
-        let gate = Arc::new(TaskGate {
-            gone: AtomicBool::new(false),
-            task: atomic_waker::AtomicWaker::new(),
-        });
+        let gate = Arc::new(TaskGate::new());
         let inner = std::task::Waker::from(gate.clone());
 
         gate.task.register(&task);
@@ -833,6 +895,86 @@ mod tests {
 
     /// A hyper connection stand-in whose poll blocks until released, as a worker busy
     /// forwarding an upload does while holding the connection.
+    /// Wakes itself in each of its first `wakes` polls (as an exchange does when the
+    /// upstream's response is handed over), then, if `done`, completes.
+    struct SelfWaking {
+        polls: usize,
+        wakes: usize,
+        done: bool,
+    }
+
+    impl std::future::Future for SelfWaking {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+            self.polls += 1;
+            if self.polls <= self.wakes {
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            if self.done {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    impl GracefulShutdown for SelfWaking {
+        fn shutdown_gracefully(self: Pin<&mut Self>) {}
+    }
+
+    fn self_waking(wakes: usize, done: bool) -> Connection<SelfWaking> {
+        let gate = Arc::new(TaskGate::new());
+        Connection {
+            conn: Mutex::new(Some(Box::pin(SelfWaking {
+                polls: 0,
+                wakes,
+                done,
+            }))),
+            waker: std::task::Waker::from(gate.clone()),
+            gate,
+            hook: None,
+            client: Arc::new(ClientConn::default()),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    fn polls(conn: &Connection<SelfWaking>) -> usize {
+        conn.lock().as_ref().map_or(0, |c| c.polls)
+    }
+
+    /// A wake-up from inside the poll makes the poll go round again, without waking the
+    /// task; past `POLL_ROUNDS` rounds the task is woken, once, as before; and a wake-up
+    /// from outside a poll still wakes it.
+    #[tokio::test]
+    async fn wake_ups_from_inside_a_poll_go_round_again_not_through_the_task() {
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let task = std::task::Waker::from(woken.clone());
+        let cx = &mut std::task::Context::from_waker(&task);
+
+        let conn = self_waking(2, true);
+        assert!(conn.poll(cx).is_ready(), "done within one poll of the task");
+        assert_eq!(woken.0.load(Ordering::SeqCst), 0);
+
+        let rounds = POLL_ROUNDS as usize;
+        let conn = self_waking(usize::MAX, false);
+        assert!(conn.poll(cx).is_pending());
+        assert_eq!(polls(&conn), rounds);
+        assert_eq!(
+            woken.0.load(Ordering::SeqCst),
+            1,
+            "woken once past the rounds"
+        );
+
+        let conn = self_waking(0, false);
+        assert!(conn.poll(cx).is_pending());
+        assert_eq!(polls(&conn), 1);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        conn.waker.wake_by_ref();
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2, "a wake-up between polls");
+    }
+
     struct Busy {
         entered: std::sync::mpsc::SyncSender<()>,
         release: std::sync::mpsc::Receiver<()>,
@@ -866,10 +1008,7 @@ mod tests {
         let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
         let (release, release_rx) = std::sync::mpsc::sync_channel(1);
         let dropped = Arc::new(AtomicBool::new(false));
-        let gate = Arc::new(TaskGate {
-            gone: AtomicBool::new(false),
-            task: atomic_waker::AtomicWaker::new(),
-        });
+        let gate = Arc::new(TaskGate::new());
         let conn = Arc::new(Connection {
             conn: Mutex::new(Some(Box::pin(Busy {
                 entered: entered_tx,
