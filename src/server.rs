@@ -107,7 +107,7 @@ impl ServerSettings {
 /// The most rounds of one poll of hyper's connection (see `Connection::poll_rounds`):
 /// enough for an exchange's own wake-ups, few enough that a connection that keeps waking
 /// itself still yields to the others.
-const POLL_ROUNDS: u32 = 4;
+const POLL_ROUNDS: u32 = 2;
 
 /// How long connections may go on writing the 503s of a forced shutdown before they are
 /// dropped.
@@ -553,28 +553,33 @@ impl<C: std::future::Future + GracefulShutdown> Connection<C> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<C::Output> {
         let gate = &self.gate;
+        // Cleared before the poll begins, then taken (swapped) after each round: a wake-up
+        // from another thread is never overwritten, only taken or left for the end.
+        gate.rewoken.store(false, Ordering::SeqCst);
         gate.polling.store(true, Ordering::SeqCst);
-        let mut polled;
+        let mut owed = false;
         let mut rounds = 0;
-        loop {
-            gate.rewoken.store(false, Ordering::SeqCst);
-            polled = conn
+        let polled = loop {
+            let polled = conn
                 .as_mut()
                 .poll(&mut std::task::Context::from_waker(&self.waker));
             rounds += 1;
-            // Not again with the task's budget spent: tokio's resources would only refuse
-            // and wake it once more.
-            if polled.is_ready()
-                || rounds == POLL_ROUNDS
-                || !gate.rewoken.load(Ordering::SeqCst)
+            if polled.is_ready() || !gate.rewoken.swap(false, Ordering::SeqCst) {
+                break polled;
+            }
+            // Woken during this round. Not again past the rounds, for a client that left,
+            // or with the task's budget spent (tokio's resources would only refuse and
+            // wake it once more): the task is woken instead.
+            if rounds == POLL_ROUNDS
                 || gate.gone.load(Ordering::Acquire)
                 || !tokio::task::coop::has_budget_remaining()
             {
-                break;
+                owed = true;
+                break polled;
             }
-        }
+        };
         gate.polling.store(false, Ordering::SeqCst);
-        if polled.is_pending() && gate.rewoken.load(Ordering::SeqCst) {
+        if polled.is_pending() && (owed || gate.rewoken.load(Ordering::SeqCst)) {
             cx.waker().wake_by_ref();
         }
         polled
@@ -653,6 +658,9 @@ impl<C: Send> OnHangup for Connection<C> {
 ///
 /// One waker for the connection's whole life also lets tokio and hyper skip re-storing
 /// it (`will_wake` holds on every poll): about 500 fewer instructions per request.
+///
+/// While the task polls hyper's connection, wake-ups are held back from the task and
+/// make the poll go round again instead (`Connection::poll_rounds`).
 struct TaskGate {
     gone: AtomicBool,
     task: atomic_waker::AtomicWaker,
@@ -682,7 +690,7 @@ impl std::task::Wake for TaskGate {
         if self.gone.load(Ordering::Acquire) {
             return;
         }
-        // Woken from inside the poll (see `Connection::poll`): the poll itself goes round
+        // Woken from inside the poll (see `Connection::poll_rounds`): the poll goes round
         // again. The poll's end clears `polling` before it looks at `rewoken`, and this
         // sets `rewoken` before it looks at `polling`: one of the two sees the other.
         self.rewoken.store(true, Ordering::SeqCst);
@@ -893,14 +901,19 @@ mod tests {
         );
     }
 
-    /// A hyper connection stand-in whose poll blocks until released, as a worker busy
-    /// forwarding an upload does while holding the connection.
     /// Wakes itself in each of its first `wakes` polls (as an exchange does when the
-    /// upstream's response is handed over), then, if `done`, completes.
+    /// upstream's response is handed over), then, if `done`, completes. `from_thread`: the
+    /// wake-up comes from another thread, during the poll. `leaves`: the client is marked
+    /// gone during the first poll, as the hang-up thread does.
+    #[derive(Default)]
     struct SelfWaking {
         polls: usize,
         wakes: usize,
         done: bool,
+        from_thread: bool,
+        leaves: Option<Arc<TaskGate>>,
+        /// Counts the polls where the stand-in itself is dropped before they can be read.
+        seen: Arc<AtomicUsize>,
     }
 
     impl std::future::Future for SelfWaking {
@@ -908,8 +921,17 @@ mod tests {
 
         fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
             self.polls += 1;
+            self.seen.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = self.leaves.take() {
+                gate.gone.store(true, Ordering::Release);
+            }
             if self.polls <= self.wakes {
-                cx.waker().wake_by_ref();
+                if self.from_thread {
+                    let waker = cx.waker().clone();
+                    std::thread::spawn(move || waker.wake()).join().unwrap();
+                } else {
+                    cx.waker().wake_by_ref();
+                }
                 return std::task::Poll::Pending;
             }
             if self.done {
@@ -924,14 +946,11 @@ mod tests {
         fn shutdown_gracefully(self: Pin<&mut Self>) {}
     }
 
-    fn self_waking(wakes: usize, done: bool) -> Connection<SelfWaking> {
+    fn self_waking(stand_in: SelfWaking) -> Connection<SelfWaking> {
         let gate = Arc::new(TaskGate::new());
+        let leaves = stand_in.leaves.is_some().then(|| gate.clone());
         Connection {
-            conn: Mutex::new(Some(Box::pin(SelfWaking {
-                polls: 0,
-                wakes,
-                done,
-            }))),
+            conn: Mutex::new(Some(Box::pin(SelfWaking { leaves, ..stand_in }))),
             waker: std::task::Waker::from(gate.clone()),
             gate,
             hook: None,
@@ -945,36 +964,84 @@ mod tests {
     }
 
     /// A wake-up from inside the poll makes the poll go round again, without waking the
-    /// task; past `POLL_ROUNDS` rounds the task is woken, once, as before; and a wake-up
-    /// from outside a poll still wakes it.
+    /// task, whether it comes from the poll itself or from another thread; past
+    /// `POLL_ROUNDS` rounds the task is woken, once, as before; and a wake-up between
+    /// polls still wakes it.
     #[tokio::test]
     async fn wake_ups_from_inside_a_poll_go_round_again_not_through_the_task() {
         let woken = Arc::new(Count(AtomicUsize::new(0)));
         let task = std::task::Waker::from(woken.clone());
         let cx = &mut std::task::Context::from_waker(&task);
+        let count = || woken.0.load(Ordering::SeqCst);
 
-        let conn = self_waking(2, true);
-        assert!(conn.poll(cx).is_ready(), "done within one poll of the task");
-        assert_eq!(woken.0.load(Ordering::SeqCst), 0);
+        for from_thread in [false, true] {
+            let conn = self_waking(SelfWaking {
+                wakes: POLL_ROUNDS as usize - 1,
+                done: true,
+                from_thread,
+                ..SelfWaking::default()
+            });
+            assert!(conn.poll(cx).is_ready(), "done within one poll of the task");
+            assert_eq!(count(), 0);
+        }
 
-        let rounds = POLL_ROUNDS as usize;
-        let conn = self_waking(usize::MAX, false);
+        let conn = self_waking(SelfWaking {
+            wakes: usize::MAX,
+            ..SelfWaking::default()
+        });
         assert!(conn.poll(cx).is_pending());
-        assert_eq!(polls(&conn), rounds);
-        assert_eq!(
-            woken.0.load(Ordering::SeqCst),
-            1,
-            "woken once past the rounds"
-        );
+        assert_eq!(polls(&conn), POLL_ROUNDS as usize);
+        assert_eq!(count(), 1, "woken once past the rounds");
 
-        let conn = self_waking(0, false);
+        let conn = self_waking(SelfWaking::default());
         assert!(conn.poll(cx).is_pending());
         assert_eq!(polls(&conn), 1);
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count(), 1);
         conn.waker.wake_by_ref();
-        assert_eq!(woken.0.load(Ordering::SeqCst), 2, "a wake-up between polls");
+        assert_eq!(count(), 2, "a wake-up between polls");
     }
 
+    /// No second round for a client that left during the first (the connection is
+    /// over), nor with the task's budget spent (the task is woken instead).
+    #[tokio::test]
+    async fn no_second_round_once_the_client_left_or_the_budget_is_spent() {
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let task = std::task::Waker::from(woken.clone());
+        let cx = &mut std::task::Context::from_waker(&task);
+
+        let seen = Arc::new(AtomicUsize::new(0));
+        let conn = self_waking(SelfWaking {
+            wakes: usize::MAX,
+            leaves: Some(Arc::new(TaskGate::new())),
+            seen: seen.clone(),
+            ..SelfWaking::default()
+        });
+        assert_eq!(conn.poll(cx), std::task::Poll::Ready(None));
+        assert!(conn.lock().is_none(), "dropped: the client left");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "one round");
+
+        std::future::poll_fn(|outer| {
+            // Spends the task's budget, as a busy exchange does.
+            while std::pin::pin!(tokio::task::coop::consume_budget())
+                .poll(outer)
+                .is_ready()
+            {}
+            assert!(!tokio::task::coop::has_budget_remaining());
+            let conn = self_waking(SelfWaking {
+                wakes: usize::MAX,
+                ..SelfWaking::default()
+            });
+            let before = woken.0.load(Ordering::SeqCst);
+            assert!(conn.poll(cx).is_pending());
+            assert_eq!(polls(&conn), 1);
+            assert_eq!(woken.0.load(Ordering::SeqCst), before + 1);
+            std::task::Poll::Ready(())
+        })
+        .await;
+    }
+
+    /// A hyper connection stand-in whose poll blocks until released, as a worker busy
+    /// forwarding an upload does while holding the connection.
     struct Busy {
         entered: std::sync::mpsc::SyncSender<()>,
         release: std::sync::mpsc::Receiver<()>,
