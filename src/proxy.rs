@@ -53,18 +53,6 @@ pub struct ConnContext {
     pub shared: Arc<Shared>,
     pub client: Arc<ClientConn>,
     pub info: ClientInfo,
-    /// The shutdown's force signal, as a token of this connection's own (a child of the
-    /// process's), made for the first HTTP/2 request: the streams of a connection wait on
-    /// it without contending on the process-wide token's lock. HTTP/1.1 never needs it
-    /// (see [`ForcedEnd`]).
-    pub forced: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
-}
-
-impl ConnContext {
-    fn forced(&self) -> &tokio_util::sync::CancellationToken {
-        self.forced
-            .get_or_init(|| self.shared.lifecycle.force_token().child_token())
-    }
 }
 
 /// Serves one request. `state` is created by the caller, which stamps it if hyper drops
@@ -210,28 +198,23 @@ pub(crate) async fn until_headers<T>(
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The shutdown's forced end, as a request waiting for response headers sees it.
-    ///
-    /// An HTTP/1.1 request is polled by its connection's task (hyper's dispatcher polls
-    /// the request's future whenever the connection is polled), and its worker wakes
-    /// that task when the end is forced (`shutdown::Seat`): the task polls the
-    /// connection, and this looks at the process's flag. Only an
-    /// HTTP/2 request, which hyper runs in a task of its own, needs a place on a token's
-    /// waiter list, and joining and leaving it takes a lock each time: about 400
-    /// instructions a request, spared on HTTP/1.1.
-    struct ForcedEnd<'a> {
-        lifecycle: &'a crate::shutdown::Lifecycle,
-        #[pin]
-        wait: Option<tokio_util::sync::WaitForCancellationFuture<'a>>,
-    }
+/// The shutdown's forced end, as a request waiting for response headers sees it.
+///
+/// An HTTP/1.1 request is polled by its connection's task (hyper's dispatcher polls the
+/// request's future whenever the connection is polled), and its worker wakes that task
+/// when the end is forced (`shutdown::Seat`): the task polls the connection, and this
+/// looks at the process's flag. Only an HTTP/2 request, which hyper runs in a task of
+/// its own (on the same worker), takes a seat of its own on the worker's board.
+struct ForcedEnd<'a> {
+    lifecycle: &'a crate::shutdown::Lifecycle,
+    seat: Option<crate::shutdown::Seat>,
 }
 
 impl<'a> ForcedEnd<'a> {
     fn new(cx: &'a ConnContext) -> ForcedEnd<'a> {
         ForcedEnd {
             lifecycle: &cx.shared.lifecycle,
-            wait: cx.client.is_h2().then(|| cx.forced().cancelled()),
+            seat: cx.client.is_h2().then(crate::shutdown::Seat::new),
         }
     }
 }
@@ -243,12 +226,15 @@ impl std::future::Future for ForcedEnd<'_> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
-        let this = self.project();
+        let this = self.get_mut();
         if this.lifecycle.is_forced() {
             return std::task::Poll::Ready(());
         }
-        match this.wait.as_pin_mut() {
-            Some(wait) => wait.poll(cx),
+        // Past the drain is the forced end.
+        match this.seat.as_mut() {
+            Some(seat) => seat
+                .poll_past(cx, crate::shutdown::Stage::Draining)
+                .map(|_| ()),
             None => std::task::Poll::Pending,
         }
     }

@@ -221,7 +221,6 @@ async fn connection(
         shared: shared.clone(),
         client,
         info: ClientInfo::new(peer.ip(), acceptor.is_some()),
-        forced: std::sync::OnceLock::new(),
     });
     match acceptor {
         None => serve_io(stream, speaks, first, waits, cx, hook, settings).await,

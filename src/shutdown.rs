@@ -64,10 +64,6 @@ impl Lifecycle {
     pub fn forced(&self) -> WaitForCancellationFuture<'_> {
         self.force.cancelled()
     }
-
-    pub fn force_token(&self) -> &CancellationToken {
-        &self.force
-    }
 }
 
 /// How far the shutdown has gone, as one worker has told its connections.

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::{
     Client, Proxy, Upstream, WAIT, access_line, assert_access, assert_closed_promptly,
-    config_with_server, http_get, http_url, single_route_config, unique_temp_dir, wait_log_count,
-    within,
+    config_with_server, http_get, http_url, log_path, single_route_config, unique_temp_dir,
+    wait_log_count, within,
 };
 use common_tls::*;
 use http::{HeaderValue, Version};
@@ -628,15 +628,7 @@ async fn h2_streams_waiting_at_the_forced_end_get_503s() {
         assert!(rec.finished.is_none(), "{rec:?}");
     }
     let lines = proxy
-        .wait_for_access_logs(
-            N,
-            |v| {
-                v["path"]
-                    .as_str()
-                    .is_some_and(|p| p.starts_with("/delay/cut-"))
-            },
-            WAIT,
-        )
+        .wait_for_access_logs(N, |v| log_path(v).starts_with("/delay/cut-"), WAIT)
         .await;
     for line in &lines {
         assert_access(line, 503, "shutdown", Some("shutdown"));
@@ -676,15 +668,7 @@ async fn h2_client_closing_its_connection_cancels_every_stream() {
     }
     drop(calls);
     let lines = proxy
-        .wait_for_access_logs(
-            3,
-            |v| {
-                v["path"]
-                    .as_str()
-                    .is_some_and(|p| p.starts_with("/delay/gone-"))
-            },
-            WAIT,
-        )
+        .wait_for_access_logs(3, |v| log_path(v).starts_with("/delay/gone-"), WAIT)
         .await;
     for line in &lines {
         assert_access(line, 499, "client_closed", Some("client"));
@@ -805,11 +789,7 @@ async fn h2_upstream_hundred_calls_half_leave_on_one_connection() {
     );
 
     let lines = proxy
-        .wait_for_access_logs(
-            N,
-            |v| v["path"].as_str().is_some_and(|p| p.starts_with("/hold/")),
-            WAIT,
-        )
+        .wait_for_access_logs(N, |v| log_path(v).starts_with("/hold/"), WAIT)
         .await;
     let outcomes = |o: &str| lines.iter().filter(|v| v["outcome"] == o).count();
     assert_eq!(outcomes("ok"), N / 2, "access log");

@@ -78,7 +78,6 @@ fuzz_target!(|data: &[u8]| {
             shared,
             client: Arc::new(ClientConn::default()),
             info: ClientInfo::new([127, 0, 0, 1].into(), false),
-            forced: std::sync::OnceLock::new(),
         });
         let service = service_fn(move |req| {
             let state = Arc::new(RequestState::default());
