@@ -188,6 +188,10 @@ http {
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; keepalive_requests 1000000; }
   proxy_http_version 1.1;
   proxy_set_header Connection "";
+  # The forwarding headers cutoff adds to every request (see the top-level README).
+  proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+  proxy_set_header X-Forwarded-Proto \$scheme;
+  proxy_set_header X-Forwarded-Host \$http_host;
   server {
     listen 127.0.0.1:${PORT[nginx]} backlog=4096;
     location /c/ {
@@ -225,6 +229,10 @@ defaults
 
 frontend fe
   bind 127.0.0.1:${PORT[haproxy]}
+  # The forwarding headers cutoff adds to every request (see the top-level README).
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
   use_backend be_t if { path_beg /t/ }
   use_backend be_w if { path_beg /w/ }
   default_backend be_c

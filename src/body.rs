@@ -457,13 +457,13 @@ impl UpstreamBody {
     /// that has no body at all (HEAD, 204, 304, `Content-Length: 0`), which hyper may
     /// never poll.
     pub fn complete(&mut self) {
-        self.guard.upstream_completed();
+        let now = self.guard.upstream_completed();
         if let Some(conn) = self.conn.as_mut() {
-            conn.exchanged();
+            conn.exchanged(now);
         }
         self.conn = None;
         self.body = None;
-        self.guard.decide(Outcome::Ok, self.status, None);
+        self.guard.decide_at(Outcome::Ok, self.status, None, now);
         self.finish();
     }
 }

@@ -366,7 +366,13 @@ type Close = Box<dyn FnOnce()>;
 thread_local! {
     /// Client sockets whose closing waits until [`upstreams_first`] is done.
     static DEFERRED: RefCell<Option<Vec<Close>>> = const { RefCell::new(None) };
+    /// The list [`upstreams_first`] used last, emptied, kept for the next call: a new one
+    /// each time cost an allocation, a growth and a free per connection.
+    static SPARE: std::cell::Cell<Vec<Close>> = const { std::cell::Cell::new(Vec::new()) };
 }
+
+/// The longest list [`SPARE`] keeps: past a burst, the memory goes back.
+const SPARE_AT_MOST: usize = 64;
 
 /// Runs `f` (which drops client connections), closing their client sockets only after it
 /// returns. hyper's connection drops its socket before its requests, so closing the
@@ -377,15 +383,21 @@ pub fn upstreams_first<R>(f: impl FnOnce() -> R) -> R {
         // Nested: the outer call closes them.
         return f();
     }
-    DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    let list = SPARE.take();
+    DEFERRED.with(|d| *d.borrow_mut() = Some(list));
     // Closes what was put off even if `f` panics, so that later drops on this thread are
     // not put off forever.
     struct Flush;
     impl Drop for Flush {
         fn drop(&mut self) {
-            let deferred = DEFERRED.with(|d| d.borrow_mut().take());
-            for close in deferred.into_iter().flatten() {
+            let Some(mut list) = DEFERRED.with(|d| d.borrow_mut().take()) else {
+                return;
+            };
+            for close in list.drain(..) {
                 close();
+            }
+            if list.capacity() <= SPARE_AT_MOST {
+                SPARE.set(list);
             }
         }
     }

@@ -143,12 +143,10 @@ impl Call {
             };
             let mut head_closed = std::pin::pin!(head_closed);
             let mut client_left_at = None;
-            let send = route.upstream.send(
-                Box::new(up_req),
-                &mut self.guard,
-                deadline,
-                route.config.deadline_header.as_ref(),
-            );
+            let send =
+                route
+                    .upstream
+                    .send(Box::new(up_req), &mut self.guard, deadline, &route.config);
             let mut send = std::pin::pin!(send);
             let r = loop {
                 tokio::select! {
@@ -296,8 +294,8 @@ impl Call {
         timer: &mut DeadlineTimer,
         status: u16,
     ) {
-        self.guard.upstream_completed();
-        conn.exchanged();
+        let now = self.guard.upstream_completed();
+        conn.exchanged(now);
         drop(conn);
         let still_there = client.is_some();
         drop(client);

@@ -113,23 +113,40 @@ enum Start {
     ),
 }
 
+/// A request the proxy answers itself, before any route: its guard records it as it
+/// goes out of scope.
+fn answered(
+    req: &Request<Incoming>,
+    cx: &ConnContext,
+    lifecycle: Arc<Lifecycle>,
+    outcome: Outcome,
+    resp: Response<ProxyBody>,
+) -> Start {
+    let mut guard = InFlight::new(
+        None,
+        req.method().clone(),
+        req.uri().clone(),
+        cx.client.clone(),
+        lifecycle,
+    );
+    guard.decide(outcome, resp.status().as_u16(), None);
+    Start::Answered(Box::new(resp))
+}
+
 /// Steps 1 to 4: the route, the guard, the deadline, the upstream's request head.
 fn begin(req: Request<Incoming>, cx: &Arc<ConnContext>, state: &Arc<RequestState>) -> Start {
     let table = cx.shared.table.load_full();
     let lifecycle = cx.shared.lifecycle.clone();
+    if headers::more_than_one_host(req.headers()) {
+        let mut resp = local(StatusCode::BAD_REQUEST, "more than one Host header\n");
+        // Closed afterwards, like every request hyper refuses as malformed.
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return answered(&req, cx, lifecycle, Outcome::BadRequest, resp);
+    }
     let Some(route) = table.find(req.uri().path(), req.method()).cloned() else {
-        let mut guard = InFlight::new(
-            None,
-            req.method().clone(),
-            req.uri().clone(),
-            cx.client.clone(),
-            lifecycle,
-        );
-        guard.decide(Outcome::NoRoute, 404, None);
-        return Start::Answered(Box::new(local(
-            StatusCode::NOT_FOUND,
-            "no route matches this request\n",
-        )));
+        let resp = local(StatusCode::NOT_FOUND, "no route matches this request\n");
+        return answered(&req, cx, lifecycle, Outcome::NoRoute, resp);
     };
     // Boxed: it is moved through several futures, then into the response body.
     let mut guard = Box::new(InFlight::new(
@@ -161,11 +178,14 @@ async fn forward(
     upload: Arc<RequestState>,
 ) -> Response<ProxyBody> {
     let mut timer = deadline_timer(deadline);
-    let header = route.config.deadline_header.as_ref();
     let result = {
         // Built in place and pinned where it stands: a future moved through locals and
         // arguments leaves a copy of itself in every frame it passed.
-        let call = std::pin::pin!(route.upstream.send(up_req, &mut guard, deadline, header));
+        let call = std::pin::pin!(
+            route
+                .upstream
+                .send(up_req, &mut guard, deadline, &route.config)
+        );
         until_headers(call, &mut timer, cx).await
     };
     match result {

@@ -60,7 +60,7 @@ pub async fn forward(
     }
     let mut timer = deadline_timer(deadline);
     let result = {
-        let call = std::pin::pin!(route.upstream.upgrade(up_req, &mut guard));
+        let call = std::pin::pin!(route.upstream.upgrade(up_req, &mut guard, &route.config));
         proxy::until_headers(call, &mut timer, cx).await
     };
     let (mut resp, conn) = match result {
@@ -214,8 +214,8 @@ async fn pump<C, U>(
         tokio::join!(client_tx.shutdown(), upstream_tx.shutdown())
     })
     .await;
-    guard.upstream_completed();
-    guard.decide(Outcome::Ok, 101, None);
+    let now = guard.upstream_completed();
+    guard.decide_at(Outcome::Ok, 101, None, now);
 }
 
 /// How long the last shutdowns of a tunnel may take (a TLS close_notify to each side).

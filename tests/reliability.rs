@@ -256,6 +256,21 @@ async fn header_name_with_a_space_is_refused() {
     .await;
 }
 
+/// RFC 9112 section 3.2: more than one `Host` line is a 400. A proxy that forwards one of
+/// them, while a cache or the upstream reads the other, is how Host confusion starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_lines_are_refused() {
+    let reply = malformed_case(
+        "two-hosts",
+        b"GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    )
+    .await;
+    assert!(
+        matches!(reply, Reply::Status(400)),
+        "two Host lines: expected a 400, got {reply}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_different_content_lengths_are_refused() {
     malformed_case(

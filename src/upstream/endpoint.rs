@@ -321,10 +321,11 @@ impl Endpoint {
         }
     }
 
-    pub(super) fn checkin(&self, conn: Idle) {
+    /// `at`: when the connection fell idle (its exchange's end), the start of its idle time.
+    pub(super) fn checkin(&self, conn: Idle, at: Instant) {
         let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.pool_max_idle {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, at));
         }
     }
 

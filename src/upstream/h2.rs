@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -324,7 +324,7 @@ pub(super) const NOT_H2: u16 = 0;
 async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
     let result = match endpoint.connect().await {
         Ok(io) if !io.alpn_h2() && endpoint.negotiates() => {
-            endpoint.checkin(super::endpoint::Idle::Io(io));
+            endpoint.checkin(super::endpoint::Idle::Io(io), Instant::now());
             Err((NOT_H2, "the upstream chose HTTP/1.1".to_string()))
         }
         Ok(io) => handshake(io, endpoint.connect_timeout).await,

@@ -43,7 +43,7 @@ pub use self::endpoint::{Endpoint, UpstreamIo, set_worker_index};
 type H1Conn = http1::Connection<TokioIo<UpstreamIo>, RequestBody>;
 type H1Sender = http1::SendRequest<RequestBody>;
 use crate::body::RequestBody;
-use crate::config::{Scheme, UpstreamConfig};
+use crate::config::{RouteConfig, Scheme, UpstreamConfig};
 use crate::outcome::{InFlight, Phase};
 
 /// Why an upstream call failed, from the upstream's side. Client departures are not here:
@@ -223,7 +223,7 @@ impl Upstream {
         mut req: Box<Request<RequestBody>>,
         guard: &mut InFlight,
         deadline: Option<Instant>,
-        deadline_header: Option<&HeaderName>,
+        route: &RouteConfig,
     ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
         let permit = self.admission.admit(guard).await?;
         guard.set_phase(Phase::Connecting);
@@ -275,16 +275,16 @@ impl Upstream {
             }
         };
 
-        // One lookup: the header rewrite took the client's Host out unless the route
-        // preserves it.
-        req.headers_mut()
-            .entry(header::HOST)
-            .or_insert_with(|| endpoint.host_header.clone());
+        crate::headers::set_host(
+            req.headers_mut(),
+            &endpoint.host_header,
+            route.preserve_host,
+        );
         if !endpoint.config.base_path.is_empty() {
             *req.uri_mut() = crate::headers::with_base_path(req.uri(), &endpoint.config.base_path);
         }
         if let Some(at) = deadline {
-            set_remaining(&mut req, deadline_header, at);
+            set_remaining(&mut req, route.deadline_header.as_ref(), at);
         }
         let phase = if http_body::Body::is_end_stream(req.body()) {
             Phase::AwaitingHeaders
@@ -422,6 +422,7 @@ impl Upstream {
         &self,
         mut req: Request<RequestBody>,
         guard: &mut InFlight,
+        route: &RouteConfig,
     ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
         let permit = self.admission.admit(guard).await?;
         guard.set_phase(Phase::Connecting);
@@ -434,10 +435,11 @@ impl Upstream {
                 return Err(e);
             }
         };
-        if !req.headers().contains_key(header::HOST) {
-            req.headers_mut()
-                .insert(header::HOST, endpoint.host_header.clone());
-        }
+        crate::headers::set_host(
+            req.headers_mut(),
+            &endpoint.host_header,
+            route.preserve_host,
+        );
         if !endpoint.config.base_path.is_empty() {
             *req.uri_mut() = crate::headers::with_base_path(req.uri(), &endpoint.config.base_path);
         }
@@ -724,7 +726,8 @@ impl Conn {
     /// The upstream's response ended cleanly. A connection that agreed to keep-alive goes
     /// back to the endpoint's idle list (with its hyper state), where the check-out makes
     /// sure it is still open and ready for another request; any other is closed politely.
-    pub fn exchanged(&mut self) {
+    /// `at`: when the exchange ended, which starts the connection's idle time.
+    pub fn exchanged(&mut self, at: Instant) {
         self.exchanged = true;
         if self.done {
             return;
@@ -737,7 +740,7 @@ impl Conn {
             (self.reusable, self.sender.take(), self.conn.take())
         {
             self.done = true;
-            self.endpoint.checkin(Idle::Ready(sender, conn));
+            self.endpoint.checkin(Idle::Ready(sender, conn), at);
         }
     }
 
