@@ -142,9 +142,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-/// The `Host` an HTTP/1.1 upstream gets: the endpoint's, replacing the client's in place,
-/// or, on a route that preserves it, the client's (the endpoint's if the client sent
-/// none).
+/// The `Host` the upstream gets (an HTTP/2 upstream as its `:authority`): the endpoint's,
+/// replacing the client's in place, or, on a route that preserves it, the client's (the
+/// endpoint's if the client sent none). Written at dispatch, once the endpoint is known.
 pub fn set_host(headers: &mut HeaderMap, endpoint_host: &HeaderValue, preserve_host: bool) {
     if preserve_host {
         headers
@@ -200,7 +200,9 @@ fn make_room(headers: &mut HeaderMap, additional: usize) {
 /// costs a hash and an insert, about 80 instructions.
 const MOVE_AT_MOST: usize = 12;
 
-/// Rewrites a client request's head for the upstream: path, forwarding headers, `Host`.
+/// Rewrites a client request's head for the upstream: path, forwarding headers, and the
+/// `Host` of a preserving route whose client named its authority in the URI only (every
+/// other `Host` is [`set_host`]'s, at dispatch).
 pub fn to_upstream(
     parts: &mut request::Parts,
     client: &ClientInfo,
@@ -223,11 +225,13 @@ pub fn to_upstream(
             false,
         ),
     };
-    // Room, at once, for the three added below and for a `Host` the client did not send
-    // (the authority's, or the endpoint's at dispatch). Made before the hop-by-hop headers
-    // go: looking `Connection` up by entry reserves room for an insert, and on a full map
-    // that alone grows it.
-    make_room(&mut parts.headers, 3 + usize::from(!sent));
+    // Room, at once, for every write until the head goes out. `HeaderMap` grows a full map
+    // on any insert or entry lookup, even of a name it has, so each write needs a free
+    // slot when it is made: the three added below, the dispatch's `Host` (written or
+    // overwritten), a route's `deadline_header`, and the authority's `Host` on a route that
+    // preserves it. Made before the hop-by-hop headers go, since looking `Connection` up
+    // by entry is such a write too.
+    make_room(&mut parts.headers, 5 + usize::from(!sent && preserve_host));
     strip_hop_by_hop(&mut parts.headers, true);
 
     // One lookup for reading and writing; several `X-Forwarded-For` lines join into one.
@@ -354,31 +358,55 @@ mod tests {
     }
 
     /// A map sized as hyper sizes it on a new connection (to the headers parsed) takes
-    /// the rewrite and the endpoint's `Host` without growing again.
+    /// the rewrite, the endpoint's `Host` and a deadline header without growing again,
+    /// whatever the client sent: with or without `Host` (an absolute-form URI instead),
+    /// with or without a `Connection` line, few headers or many.
     #[test]
     fn the_rewrite_makes_room_once() {
         for preserve_host in [false, true] {
-            let mut p = parts("/x", &[]);
-            p.headers = HeaderMap::new();
-            p.headers.reserve(2);
-            p.headers
-                .insert(header::HOST, HeaderValue::from_static("a.example"));
-            p.headers
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            let client = ClientInfo::new("10.0.0.9".parse().unwrap(), false);
-            p.headers.remove(header::HOST);
-            to_upstream(&mut p, &client, "/", false, preserve_host);
-            let room = p.headers.capacity();
-            set_host(
-                &mut p.headers,
-                &HeaderValue::from_static("upstream.internal"),
-                preserve_host,
-            );
-            assert_eq!(
-                p.headers.capacity(),
-                room,
-                "preserve_host = {preserve_host}"
-            );
+            for host in [true, false] {
+                for connection in [true, false] {
+                    for others in [0, 2, 8, 20] {
+                        let mut names: Vec<(HeaderName, HeaderValue)> = (0..others)
+                            .map(|i| {
+                                let n = format!("x-client-{i}");
+                                (
+                                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                                    HeaderValue::from(i),
+                                )
+                            })
+                            .collect();
+                        if host {
+                            names.push((header::HOST, HeaderValue::from_static("a.example")));
+                        }
+                        if connection {
+                            names.push((header::CONNECTION, HeaderValue::from_static("close")));
+                        }
+                        let mut p = parts("http://a.example/x", &[]);
+                        p.headers = HeaderMap::new();
+                        p.headers.reserve(names.len());
+                        for (k, v) in names {
+                            p.headers.append(k, v);
+                        }
+                        let client = ClientInfo::new("10.0.0.9".parse().unwrap(), false);
+                        to_upstream(&mut p, &client, "/", false, preserve_host);
+                        let room = p.headers.capacity();
+                        set_host(
+                            &mut p.headers,
+                            &HeaderValue::from_static("upstream.internal"),
+                            preserve_host,
+                        );
+                        p.headers
+                            .insert("x-request-timeout-ms", HeaderValue::from_static("100"));
+                        assert_eq!(
+                            p.headers.capacity(),
+                            room,
+                            "preserve_host {preserve_host}, host {host}, \
+                             connection {connection}, {others} others"
+                        );
+                    }
+                }
+            }
         }
     }
 

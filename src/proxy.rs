@@ -1,6 +1,7 @@
 //! The story of one request, top to bottom.
 //!
-//! 1. Match a route in the current table (404 `no_route` if none).
+//! 1. Match a route in the current table (404 `no_route` if none; 400 `bad_request` for a
+//!    head with more than one `Host` line).
 //! 2. Start the [`InFlight`] guard: from here on, however the request ends, it records one
 //!    outcome, its metrics and one access-log line.
 //! 3. Work out the deadline: the route's `timeout`, shortened by the client's deadline
@@ -90,7 +91,8 @@ pub fn handle(
 
 /// Where a request goes once steps 1 to 4 are done.
 enum Start {
-    /// No route: answered already. Boxed, as the rare case: the others are a few words.
+    /// No route, or a head refused: answered already. Boxed, as the rare case: the others
+    /// are a few words.
     Answered(Box<Response<ProxyBody>>),
     Tunnel(
         Box<Request<Incoming>>,
@@ -139,9 +141,12 @@ fn begin(req: Request<Incoming>, cx: &Arc<ConnContext>, state: &Arc<RequestState
     let lifecycle = cx.shared.lifecycle.clone();
     if headers::more_than_one_host(req.headers()) {
         let mut resp = local(StatusCode::BAD_REQUEST, "more than one Host header\n");
-        // Closed afterwards, like every request hyper refuses as malformed.
-        resp.headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        // Closed afterwards, like every request hyper refuses as malformed. (HTTP/2 has no
+        // such header: there the 400 ends the stream alone.)
+        if req.version() <= http::Version::HTTP_11 {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         return answered(&req, cx, lifecycle, Outcome::BadRequest, resp);
     }
     let Some(route) = table.find(req.uri().path(), req.method()).cloned() else {
