@@ -120,7 +120,6 @@ enum Start {
 fn answered(
     req: &Request<Incoming>,
     cx: &ConnContext,
-    lifecycle: Arc<Lifecycle>,
     outcome: Outcome,
     resp: Response<ProxyBody>,
 ) -> Start {
@@ -129,7 +128,7 @@ fn answered(
         req.method().clone(),
         req.uri().clone(),
         cx.client.clone(),
-        lifecycle,
+        cx.shared.lifecycle.clone(),
     );
     guard.decide(outcome, resp.status().as_u16(), None);
     Start::Answered(Box::new(resp))
@@ -138,7 +137,6 @@ fn answered(
 /// Steps 1 to 4: the route, the guard, the deadline, the upstream's request head.
 fn begin(req: Request<Incoming>, cx: &Arc<ConnContext>, state: &Arc<RequestState>) -> Start {
     let table = cx.shared.table.load_full();
-    let lifecycle = cx.shared.lifecycle.clone();
     if headers::more_than_one_host(req.headers()) {
         let mut resp = local(StatusCode::BAD_REQUEST, "more than one Host header\n");
         // Closed afterwards, like every request hyper refuses as malformed. (HTTP/2 has no
@@ -147,11 +145,11 @@ fn begin(req: Request<Incoming>, cx: &Arc<ConnContext>, state: &Arc<RequestState
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        return answered(&req, cx, lifecycle, Outcome::BadRequest, resp);
+        return answered(&req, cx, Outcome::BadRequest, resp);
     }
     let Some(route) = table.find(req.uri().path(), req.method()).cloned() else {
         let resp = local(StatusCode::NOT_FOUND, "no route matches this request\n");
-        return answered(&req, cx, lifecycle, Outcome::NoRoute, resp);
+        return answered(&req, cx, Outcome::NoRoute, resp);
     };
     // Boxed: it is moved through several futures, then into the response body.
     let mut guard = Box::new(InFlight::new(
@@ -159,7 +157,7 @@ fn begin(req: Request<Incoming>, cx: &Arc<ConnContext>, state: &Arc<RequestState
         req.method().clone(),
         req.uri().clone(),
         cx.client.clone(),
-        lifecycle,
+        cx.shared.lifecycle.clone(),
     ));
     guard.watch(state.clone());
     let deadline = deadline(&route, &req, guard.started());
