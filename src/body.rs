@@ -87,6 +87,24 @@ impl RequestState {
         self.upload.load(Ordering::Acquire) == DONE
     }
 
+    /// A request answered without its body being read: nothing is left unread if it
+    /// has none.
+    pub fn answered_early(&self, body: &Incoming) {
+        if body.is_end_stream() {
+            self.set(DONE);
+        }
+    }
+
+    /// Whether the client may still be sending this request's body: it was neither read
+    /// to its end nor cut short by the client's departure. A connection that closes then
+    /// lingers (see `linger.rs`).
+    pub fn left_unread(&self) -> bool {
+        matches!(
+            self.upload.load(Ordering::Acquire),
+            UPLOADING | CLIENT_SLOW | CLIENT_MALFORMED
+        )
+    }
+
     /// The request is being dropped from outside (its client left, or the shutdown forced
     /// the end): called before anything it owns is dropped.
     pub fn stamp_dropped(&self) {

@@ -286,7 +286,13 @@ pub struct Hook {
     /// it (a WebSocket close frame). One atomic, so that a hang-up racing the hand-over
     /// cannot stop the tunnel's reads after the hand-over.
     reads: AtomicU8,
+    /// The socket, kept from closing for a lingering close (see `linger.rs`): put here as
+    /// hyper's connection drops it, taken by the connection's task.
+    parked: Mutex<Option<Parked>>,
 }
+
+/// A client socket handed back for a lingering close: the server knows its type.
+pub type Parked = Box<dyn std::any::Any + Send>;
 
 /// [`Hook::reads`]: hyper's connection owns the socket and reads it.
 const READS_OPEN: u8 = 0;
@@ -295,6 +301,9 @@ const READS_STOPPED: u8 = 1;
 /// hyper's connection is over (an upgrade gave the socket to a tunnel): reads are the
 /// tunnel's, and a hang-up no longer stops them.
 const READS_HANDED_OVER: u8 = 2;
+/// hyper's connection is over and the client may still be sending: the socket, when
+/// dropped, is parked in the hook instead of closed (reads and shutdown as handed over).
+const READS_LINGER: u8 = 3;
 
 impl Hook {
     fn new() -> Hook {
@@ -302,6 +311,7 @@ impl Hook {
             gone: AtomicBool::new(false),
             target: OnceLock::new(),
             reads: AtomicU8::new(READS_OPEN),
+            parked: Mutex::new(None),
         }
     }
 
@@ -331,6 +341,36 @@ impl Hook {
     /// hang-up handled at the same moment did, and whatever one does later.
     pub fn hand_over(&self) {
         self.reads.store(READS_HANDED_OVER, Ordering::Release);
+    }
+
+    /// hyper's connection is over (handed over) with the client possibly still sending:
+    /// when the connection drops the socket, it is parked here instead of closed. Refused
+    /// (false) if the client hung up.
+    pub fn linger_on_close(&self) -> bool {
+        self.reads
+            .compare_exchange(
+                READS_HANDED_OVER,
+                READS_LINGER,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The socket parked since [`Hook::linger_on_close`], if dropping hyper's connection
+    /// dropped it. If not (an upgrade gave it to a tunnel), its reads are the tunnel's
+    /// again, and its drop closes it.
+    pub fn take_parked(&self) -> Option<Parked> {
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if parked.is_none() {
+            let _ = self.reads.compare_exchange(
+                READS_LINGER,
+                READS_HANDED_OVER,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        parked
     }
 
     /// Attaches the connection; if the client already left, tells it now (on the caller's
@@ -469,6 +509,20 @@ impl<T: AsRawFd + Send + 'static> Watched<T> {
 
 impl<T: AsRawFd + Send + 'static> Drop for Watched<T> {
     fn drop(&mut self) {
+        if let Some(hook) = self
+            .hook
+            .take_if(|h| h.reads.load(Ordering::Acquire) == READS_LINGER)
+        {
+            // Not closed: nothing for the upstream calls' resets to wait on. Out of the
+            // hang-up set first: the client's FIN, which the lingering close waits for,
+            // must not wake the hang-up thread (and hyper takes it out only as it shuts
+            // down, which it does not after an error).
+            self.unwatch();
+            // SAFETY: taken once, here, and never used again.
+            let io = unsafe { ManuallyDrop::take(&mut self.io) };
+            *hook.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(io));
+            return;
+        }
         // SAFETY: taken once, here, and never used again.
         let io = unsafe { ManuallyDrop::take(&mut self.io) };
         let key = self.key;

@@ -10,6 +10,7 @@
 //! | `routes` | the route table and longest-prefix matching |
 //! | `server` | accept loop, connection tasks |
 //! | `hangup` | a client's FIN or RST, noticed without reading and acted on at once |
+//! | `linger` | a connection that answered early closes without resetting the answer |
 //! | `head_timer` | `header_read_timeout`: a request head timed from its first bytes |
 //! | `proxy` | the story of one request, top to bottom |
 //! | `protected` | `continue` routes: calls that outlive their client |
@@ -34,6 +35,7 @@ pub mod deadline;
 pub mod hangup;
 pub mod head_timer;
 pub mod headers;
+pub mod linger;
 pub mod logging;
 pub mod metrics;
 pub mod news_api;

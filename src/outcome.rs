@@ -152,6 +152,8 @@ pub struct ClientConn {
     /// hyper then stops polling the response body, whose own timer can only wake the
     /// connection: the connection's task looks here and ends the exchange.
     response_deadline: AtomicU64,
+    /// The last request to end left some of its body unread: see [`Self::body_left`].
+    body_left: AtomicBool,
 }
 
 impl Default for ClientConn {
@@ -165,6 +167,7 @@ impl Default for ClientConn {
             opened: Instant::now(),
             last_ended: AtomicU64::new(0),
             response_deadline: AtomicU64::new(0),
+            body_left: AtomicBool::new(false),
         }
     }
 }
@@ -251,8 +254,17 @@ impl ClientConn {
         }
     }
 
+    /// The last request to end was answered before its body was read to the end, so the
+    /// client may still be sending it: closing now would reset the connection under the
+    /// answer (see `linger.rs`).
+    pub fn body_left(&self) -> bool {
+        self.body_left.load(Ordering::Relaxed)
+    }
+
     /// `now`: the clock was just read by the guard; reading it again costs ~90 instructions.
-    fn request_ended(&self, now: Instant) {
+    /// `body_left`: see [`RequestState::left_unread`].
+    fn request_ended(&self, now: Instant, body_left: bool) {
+        self.body_left.store(body_left, Ordering::Relaxed);
         let now = now.saturating_duration_since(self.opened).as_nanos() as u64;
         self.last_ended.fetch_max(now, Ordering::Relaxed);
         self.active.fetch_sub(1, Ordering::AcqRel);
@@ -568,7 +580,8 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.record();
-        self.client.request_ended(now);
+        let body_left = self.state.as_ref().is_some_and(|s| s.left_unread());
+        self.client.request_ended(now, body_left);
     }
 }
 

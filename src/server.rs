@@ -432,7 +432,7 @@ async fn drive<C, E>(
         client: client.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
-    if let Some(hook) = hook {
+    if let Some(hook) = &hook {
         hook.attach(Arc::downgrade(&conn) as Weak<dyn OnHangup>);
     }
     let Waits {
@@ -442,6 +442,8 @@ async fn drive<C, E>(
     let mut draining = false;
     let mut forced_window = None;
     let mut overdue = None;
+    // hyper ended the connection itself, and whether with an error (a malformed head).
+    let mut ended = None;
     // What this connection has learnt of the shutdown, from its worker (see `Seat`).
     let mut known = Stage::Serving;
     // Created once, not per wake-up: a timer re-registered on every poll of a busy
@@ -465,9 +467,10 @@ async fn drive<C, E>(
                 }
             }
             r = std::future::poll_fn(|cx| conn.poll(cx)) => {
-                if let Some(Err(e)) = r {
+                if let Some(Err(e)) = &r {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
+                ended = r.map(|r| r.is_err());
                 // `None`: the client hung up, and the hang-up thread dropped the rest.
                 break;
             }
@@ -501,6 +504,15 @@ async fn drive<C, E>(
             }
         }
     }
+    // An answer sent before the client finished sending (hyper's to a malformed head, or
+    // one before the request's body was read): the socket is kept from closing as hyper's
+    // connection drops it, to linger (see `linger.rs`).
+    let linger = hook.filter(|hook| {
+        ended.is_some_and(|error| error || client.body_left())
+            && !client.is_h2()
+            && known == Stage::Serving
+            && hook.linger_on_close()
+    });
     // However the connection ended (hyper saw the client leave, a timer, a shutdown), its
     // upstream calls are reset before the client's socket is torn down. Taken out here,
     // on this worker: the hang-up thread may hold the last reference to `conn` a moment
@@ -510,6 +522,13 @@ async fn drive<C, E>(
         drop(inner);
         drop(conn);
     });
+    if let Some(socket) = linger.and_then(|hook| hook.take_parked())
+        && let Ok(socket) = socket.downcast::<TcpStream>()
+    {
+        // Boxed: only a connection that lingers pays for the linger's future.
+        let (ended, bytes) = Box::pin(crate::linger::linger(*socket, &mut seat)).await;
+        tracing::debug!(ended = ended.as_str(), bytes, "lingering close ended");
+    }
 }
 
 /// One client connection, shared with the hang-up thread, which may drop it.

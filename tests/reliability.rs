@@ -3,7 +3,9 @@
 //!
 //! - Bad input: malformed request lines and headers, smuggling attempts, oversized heads.
 //!   Each gets a 4xx or a closed connection (never a 2xx or a 5xx), the connection ends,
-//!   the upstream never sees the request, and the process lives on and serves.
+//!   the upstream never sees the request, and the process lives on and serves. The
+//!   connection ends with a FIN after the client's last byte, never a reset: the same for
+//!   an early 404 or a mid-upload 504 while the client still sends (a lingering close).
 //! - Slow clients: slow headers (slowloris) are cut off by `header_read_timeout`, a stalled
 //!   request body by `body_read_timeout` (408, outcome `timeout`, upstream closed).
 //! - Upstream faults, one raw-TCP [`FaultUpstream`] per behaviour: refused, reset before
@@ -64,14 +66,20 @@ fn config(server_extra: &str, routes: &[RouteSpec<'_>]) -> String {
 
 /// The recording upstream behind route `r` on `/`, with `server_extra` lines.
 async fn single(server_extra: &str) -> (Upstream, Proxy) {
+    single_at(server_extra, "/", "").await
+}
+
+/// The recording upstream behind route `r` on `prefix`, with `server_extra` lines and
+/// `route_extra` lines.
+async fn single_at(server_extra: &str, prefix: &str, route_extra: &str) -> (Upstream, Proxy) {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(
         server_extra,
         &[RouteSpec {
             name: "r",
-            prefix: "/",
+            prefix,
             url: format!("http://{}", up.addr()),
-            extra: "",
+            extra: route_extra,
         }],
     ))
     .await;
@@ -192,10 +200,17 @@ async fn send_bad(proxy: &Proxy, what: &str, raw: &[u8]) -> Reply {
             (400..500).contains(&status),
             "{what}: cutoff answered {status}; only a 4xx or a closed connection is acceptable"
         );
+        // A FIN, not a reset: closing with the rest of the head unread would reset the
+        // connection, and a reset can cost the client the answer (see `linger.rs`).
         let end = client.wait_closed_by_peer(WAIT).await;
         assert!(
-            end != ReadEnd::TimedOut,
-            "{what}: after the {status}, cutoff kept the connection open"
+            end == ReadEnd::Eof,
+            "{what}: after the {status}, cutoff's side did not end with a FIN: {end:?}"
+        );
+        assert_eq!(
+            written,
+            raw.len(),
+            "{what}: the client could not write its whole request"
         );
     }
     reply
@@ -613,6 +628,83 @@ async fn stalled_request_body_times_out_with_408() {
     )
     .await;
     assert_eq!(resp.status, 200);
+}
+
+// ------------------------------------------------------------------------------------------
+// Answers before the body: a lingering close
+// ------------------------------------------------------------------------------------------
+
+/// 16 MiB: more than loopback's socket buffers hold, so the client is still writing when
+/// the answer comes.
+const LARGE_BODY: usize = 16 << 20;
+
+/// A new connection with the head of a POST of [`LARGE_BODY`] bytes to `path` sent.
+async fn large_post(proxy: &Proxy, path: &str) -> Client {
+    let mut client = Client::connect(proxy.addr()).await;
+    let len = LARGE_BODY.to_string();
+    client
+        .send_head("POST", path, &[("Content-Length", &len)])
+        .await;
+    client
+}
+
+/// A client that sends its whole body before it reads, as most HTTP libraries do, posts
+/// 16 MiB to a path no route matches. cutoff answers 404 at once, before the body, and
+/// must then close with a FIN after reading (and dropping) the rest: closed at once, with
+/// bytes unread or still arriving, the socket sends a reset, the client's writes fail, and
+/// the client reports the reset instead of the 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_closes_with_a_fin_after_the_body() {
+    let (up, proxy) = single_at("", "/routed/", "").await;
+    let mut client = large_post(&proxy, "/unrouted").await;
+    let written = send_lenient(&client, &vec![b'b'; LARGE_BODY]).await;
+    let head = client.try_read_head(WAIT).await;
+    let end = client.wait_closed_by_peer(WAIT).await;
+    eprintln!("[reliability] early 404: wrote {written} bytes, got {head:?}, then {end:?}");
+    assert_eq!(
+        written, LARGE_BODY,
+        "the client's writes failed after the 404"
+    );
+    assert_eq!(head.map(|h| h.status).ok(), Some(404));
+    assert_eq!(
+        end,
+        ReadEnd::Eof,
+        "the 404 was followed by a reset, not a FIN"
+    );
+    assert!(up.records().is_empty(), "{}", up.summary());
+    assert_alive(&proxy);
+}
+
+/// The route's timeout fires while the client is still uploading: the 504 comes, the
+/// upstream call is closed, and the client, which goes on sending the rest of its body,
+/// can: the connection ends with a FIN, not with its writes reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_mid_upload_closes_with_a_fin_after_the_body() {
+    let (up, proxy) = single_at("", "/", "timeout = \"300ms\"").await;
+    let mut client = large_post(&proxy, "/sink/slow-upload").await;
+    client.send(&[b'u'; 1000]).await;
+    let rec = up.wait_request("/sink/slow-upload", WAIT).await;
+    let head = client.try_read_head(WAIT).await;
+    assert_eq!(head.as_ref().map(|h| h.status).ok(), Some(504), "{head:?}");
+    up.wait_closed(rec.id, WAIT).await;
+    let written = send_lenient(&client, &vec![b'u'; LARGE_BODY - 1000]).await;
+    let end = client.wait_closed_by_peer(WAIT).await;
+    eprintln!("[reliability] 504 mid-upload: then wrote {written} bytes, then {end:?}");
+    assert_eq!(
+        written,
+        LARGE_BODY - 1000,
+        "the rest of the body was refused"
+    );
+    assert_eq!(
+        end,
+        ReadEnd::Eof,
+        "the 504 was followed by a reset, not a FIN"
+    );
+    let line = proxy
+        .wait_for_access_log(|v| log_path_is(v, "/sink/slow-upload"), WAIT)
+        .await;
+    assert_access(&line, 504, "timeout", Some("timeout"));
+    assert_alive(&proxy);
 }
 
 /// A plain config (no limits given) loads and serves: the defaults (10 s header read, 60 s

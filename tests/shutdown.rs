@@ -2,7 +2,7 @@
 //! says 503, idle keep-alive connections close, in-flight requests (protected ones too)
 //! get `shutdown_grace` to finish; what is left when it runs out is cancelled (the
 //! upstream sees its connection close) and the process exits 0 soon after. A second
-//! signal ends the grace at once.
+//! signal ends the grace at once; the drain ends a lingering close at once.
 //!
 //! What the upstream observed is asserted, not only what the proxy says. Requests are
 //! tagged (`/delay/long?ms=30000`) so that records and log lines are easy to pick out.
@@ -527,4 +527,46 @@ async fn every_worker_tells_its_own_connections() {
         up.wait_closed(rec.id, WAIT).await;
     }
     assert_exits_zero_by(&mut proxy, Instant::now() + WAIT, "after the grace").await;
+}
+
+/// A connection that answered before reading its request's body lingers, reading and
+/// dropping what its client still sends (see `linger.rs`), for up to 5 s of silence. The
+/// drain ends that at once: the answer went out, and a silent client must not hold the
+/// process for the rest of its linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_ends_a_lingering_close() {
+    let up = Upstream::start().await;
+    let config = with_grace(&config_for(up.addr(), ""), "20s").replacen(
+        "level = \"info\"",
+        "level = \"debug\"",
+        1,
+    );
+    let mut proxy = Proxy::start(&config).await;
+    // Two Host lines: a 400 before the body, of which only a part is sent.
+    let mut client = Client::connect(proxy.addr()).await;
+    client
+        .send_head(
+            "POST",
+            "/lingering",
+            &[("Host", "second.example"), ("Content-Length", "1000000")],
+        )
+        .await;
+    client.send(&[b'b'; 1000]).await;
+    let head = client.try_read_head(WAIT).await;
+    assert_eq!(head.map(|h| h.status).ok(), Some(400));
+    // The FIN after the answer: the linger has begun. The client stays, silent.
+    assert_eq!(client.wait_closed_by_peer(WAIT).await, ReadEnd::Eof);
+
+    wait_started(&proxy).await;
+    proxy.signal(libc::SIGTERM);
+    let line = proxy
+        .wait_for_log(
+            |v| v["message"].as_str() == Some("lingering close ended"),
+            WAIT,
+        )
+        .await;
+    assert_eq!(line["ended"], "drain", "{line}");
+    assert_exits_zero_by(&mut proxy, Instant::now() + WAIT, "after the drain").await;
+    assert!(up.records().is_empty(), "{}", up.summary());
+    drop(client);
 }
