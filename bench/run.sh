@@ -11,7 +11,8 @@
 # See bench/README.md for what each number means.
 #
 # Knobs (environment): PROXIES="cutoff nginx haproxy"  SOAK_PROXIES="$PROXIES"
-#   SOAK_N=100000  RSS_HELD=9000  WRK_SECONDS=5  QUICK=1 (a smoke run: few samples)
+#   SOAK_N=100000  RSS_HELD=9000  WRK_SECONDS=5  TIMEOUT_N=1000  QUICK=1 (a smoke run:
+#   few samples)
 #   CUTOFF_BIN=path (skip `cargo build --release` and measure that binary)  KEEP=1 (keep
 #   the temp dir with configs and logs)
 #   SECTIONS="cancel timeout throughput close rss soak" (run only the sections named)
@@ -38,8 +39,9 @@ AWAKE=${AWAKE:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 HELDS="1 100 1000"
 PHASES="headers body upload"
+TIMEOUT_N=${TIMEOUT_N:-1000}
 if [[ "$QUICK" == 1 ]]; then
-  HELDS="1 100"; SOAK_N=5000; RSS_HELD=500; WRK_SECONDS=2
+  HELDS="1 100"; SOAK_N=5000; RSS_HELD=500; WRK_SECONDS=2; TIMEOUT_N=100
 fi
 SUITE_START=$(date +%s)
 
@@ -417,7 +419,7 @@ if section timeout; then
   say "timeout precision (200 ms route timeout)"
   rotate
   for p in "${ORDERED[@]}"; do
-    record "$p" timeout --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --n 100 --concurrency 10 \
+    record "$p" timeout --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --n "$TIMEOUT_N" --concurrency 50 \
       --timeout-ms 200 --label "$p"
     check_alive "$p" "timeout"
   done
