@@ -472,6 +472,42 @@ async fn tls_listener_still_speaks_http1_by_alpn() {
     );
 }
 
+/// Over TLS too, an answer that comes before the body (a 400 for two `Host` lines) closes
+/// with TLS's close and a FIN after the client's last byte, not a reset: the client writes
+/// its whole 16 MiB, then reads the 400 to a clean end (`linger.rs`).
+#[tokio::test]
+async fn tls_answer_before_the_body_closes_cleanly_after_the_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let (pki, proxy) = tls_proxy_for(&http_url(up.addr()), "").await;
+    let mut tls = tls_h1_connect(&proxy, &pki).await;
+    const BODY: usize = 16 << 20;
+    let head =
+        format!("POST /tls-early HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: {BODY}\r\n\r\n");
+    let written = within(
+        Duration::from_secs(30),
+        "writing the whole request",
+        async {
+            tls.write_all(head.as_bytes()).await?;
+            tls.write_all(&vec![b'b'; BODY]).await?;
+            tls.flush().await
+        },
+    )
+    .await;
+    let mut answer = Vec::new();
+    let read = within(
+        WAIT,
+        "reading the answer to its end",
+        tls.read_to_end(&mut answer),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(written.is_ok(), "the client's writes failed: {written:?}");
+    assert!(read.is_ok(), "the answer ended with {read:?}: {text}");
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(up.records().is_empty(), "{}", up.summary());
+}
+
 /// A request with a body, over TLS, slower than `header_read_timeout`, is never cut by it.
 /// Body bytes that hyper reads after announcing the request but before its handler runs
 /// (nothing is in flight yet) could start the head clock; the unit tests in
