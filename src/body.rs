@@ -25,6 +25,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::outcome::ClientConn;
+
 use crate::deadline::Deadline;
 use crate::outcome::{CancelledBy, InFlight, Outcome};
 use crate::upstream::Conn;
@@ -87,24 +89,6 @@ impl RequestState {
         self.upload.load(Ordering::Acquire) == DONE
     }
 
-    /// A request answered without its body being read: nothing is left unread if it
-    /// has none.
-    pub fn answered_early(&self, body: &Incoming) {
-        if body.is_end_stream() {
-            self.set(DONE);
-        }
-    }
-
-    /// Whether the client may still be sending this request's body: it was neither read
-    /// to its end nor cut short by the client's departure. A connection that closes then
-    /// lingers (see `linger.rs`).
-    pub fn left_unread(&self) -> bool {
-        matches!(
-            self.upload.load(Ordering::Acquire),
-            UPLOADING | CLIENT_SLOW | CLIENT_MALFORMED
-        )
-    }
-
     /// The request is being dropped from outside (its client left, or the shutdown forced
     /// the end): called before anything it owns is dropped.
     pub fn stamp_dropped(&self) {
@@ -144,6 +128,8 @@ pub struct RequestBody(Option<Box<Upload>>);
 struct Upload {
     inner: Option<Incoming>,
     upload: Arc<RequestState>,
+    /// Told when the body was read to its end (see [`ClientConn::body_left`]).
+    client: Arc<ClientConn>,
     /// Declared `Content-Length`, to catch an upload that ended short.
     expected: Option<u64>,
     received: u64,
@@ -154,7 +140,12 @@ struct Upload {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, upload: Arc<RequestState>, read_timeout: Duration) -> RequestBody {
+    pub fn new(
+        inner: Incoming,
+        upload: Arc<RequestState>,
+        client: &Arc<ClientConn>,
+        read_timeout: Duration,
+    ) -> RequestBody {
         if inner.is_end_stream() {
             upload.set(DONE);
             return RequestBody(None);
@@ -163,6 +154,7 @@ impl RequestBody {
             expected: inner.size_hint().exact(),
             inner: Some(inner),
             upload,
+            client: client.clone(),
             received: 0,
             read_timeout,
             timer: None,
@@ -177,6 +169,12 @@ impl RequestBody {
 }
 
 impl Upload {
+    fn done(&mut self) {
+        self.upload.set(DONE);
+        self.client.body_read();
+        self.inner = None;
+    }
+
     fn fail(&mut self, state: u8) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.upload.set(state);
         self.inner = None;
@@ -202,12 +200,17 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
                 }
                 this.timer_armed = false;
+                // A body of known length ends with its last byte: hyper's client sees
+                // that (`is_end_stream`) and polls no further, so the end is noted here.
+                if inner.is_end_stream() {
+                    this.done();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             // A body hyper could not decode (a bad chunk size) is the client's malformed
@@ -220,8 +223,7 @@ impl Body for RequestBody {
                 if this.expected.is_some_and(|n| this.received < n) {
                     return this.fail(CLIENT_GONE);
                 }
-                this.upload.set(DONE);
-                this.inner = None;
+                this.done();
                 Poll::Ready(None)
             }
             Poll::Pending => {

@@ -302,7 +302,8 @@ const READS_STOPPED: u8 = 1;
 /// tunnel's, and a hang-up no longer stops them.
 const READS_HANDED_OVER: u8 = 2;
 /// hyper's connection is over and the client may still be sending: the socket, when
-/// dropped, is parked in the hook instead of closed (reads and shutdown as handed over).
+/// dropped, is parked in the hook instead of closed. Set only once hyper is done with the
+/// socket, so nothing reads it or shuts it down meanwhile.
 const READS_LINGER: u8 = 3;
 
 impl Hook {
@@ -345,7 +346,7 @@ impl Hook {
 
     /// hyper's connection is over (handed over) with the client possibly still sending:
     /// when the connection drops the socket, it is parked here instead of closed. Refused
-    /// (false) if the client hung up.
+    /// (false) unless hyper's connection is over and the socket is not a tunnel's.
     pub fn linger_on_close(&self) -> bool {
         self.reads
             .compare_exchange(
@@ -358,10 +359,13 @@ impl Hook {
     }
 
     /// The socket parked since [`Hook::linger_on_close`], if dropping hyper's connection
-    /// dropped it. If not (an upgrade gave it to a tunnel), its reads are the tunnel's
-    /// again, and its drop closes it.
+    /// dropped it. If not (an upgrade gave it to a tunnel, or the hang-up thread holds the
+    /// connection a moment longer), the socket goes back to being closed when dropped.
+    /// Under the slot's lock, which `Watched`'s drop takes to park: a socket is either
+    /// taken here or closed, never parked after this gave up on it.
     pub fn take_parked(&self) -> Option<Parked> {
-        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut slot = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let parked = slot.take();
         if parked.is_none() {
             let _ = self.reads.compare_exchange(
                 READS_LINGER,
@@ -513,15 +517,19 @@ impl<T: AsRawFd + Send + 'static> Drop for Watched<T> {
             .hook
             .take_if(|h| h.reads.load(Ordering::Acquire) == READS_LINGER)
         {
-            // Not closed: nothing for the upstream calls' resets to wait on. Out of the
-            // hang-up set first: the client's FIN, which the lingering close waits for,
-            // must not wake the hang-up thread (and hyper takes it out only as it shuts
-            // down, which it does not after an error).
-            self.unwatch();
-            // SAFETY: taken once, here, and never used again.
-            let io = unsafe { ManuallyDrop::take(&mut self.io) };
-            *hook.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(io));
-            return;
+            // Checked again under the slot's lock: see `Hook::take_parked`.
+            let mut slot = hook.parked.lock().unwrap_or_else(|e| e.into_inner());
+            if hook.reads.load(Ordering::Acquire) == READS_LINGER {
+                // Not closed: nothing for the upstream calls' resets to wait on. Out of
+                // the hang-up set first: the client's FIN, which the lingering close waits
+                // for, must not wake the hang-up thread (hyper takes the socket out as it
+                // shuts down, which it skips after an I/O error).
+                self.unwatch();
+                // SAFETY: taken once, here, and never used again.
+                let io = unsafe { ManuallyDrop::take(&mut self.io) };
+                *slot = Some(Box::new(io));
+                return;
+            }
         }
         // SAFETY: taken once, here, and never used again.
         let io = unsafe { ManuallyDrop::take(&mut self.io) };

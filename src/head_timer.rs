@@ -190,7 +190,7 @@ mod tests {
         let client = ClientConn::default();
         let mut timer = HeadTimer::new(Duration::from_secs(10));
         client.bytes_arrived();
-        client.mark_request(http::Version::HTTP_11);
+        client.mark_request(http::Version::HTTP_11, false);
         assert!(poll(&mut timer, &client).is_pending());
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(poll(&mut timer, &client).is_pending());
@@ -201,7 +201,7 @@ mod tests {
         let client = ClientConn::default();
         let mut timer = HeadTimer::new(Duration::from_secs(10));
         client.bytes_arrived();
-        client.mark_request(http::Version::HTTP_11);
+        client.mark_request(http::Version::HTTP_11, false);
         assert!(poll(&mut timer, &client).is_pending());
         // Quiet for a while, then a second head starts and never ends.
         tokio::time::advance(Duration::from_secs(30)).await;
@@ -220,7 +220,7 @@ mod tests {
         let client = ClientConn::default();
         let mut timer = HeadTimer::new(Duration::from_secs(10));
         client.bytes_arrived();
-        client.mark_request(http::Version::HTTP_11);
+        client.mark_request(http::Version::HTTP_11, false);
         client.bytes_arrived();
         client.request_started();
         assert!(poll(&mut timer, &client).is_pending());
@@ -234,7 +234,7 @@ mod tests {
         let client = ClientConn::default();
         let mut timer = HeadTimer::new(Duration::from_secs(10));
         client.bytes_arrived();
-        client.mark_request(http::Version::HTTP_11);
+        client.mark_request(http::Version::HTTP_11, false);
         client.bytes_arrived();
         assert!(poll(&mut timer, &client).is_pending());
         client.request_started();
@@ -248,7 +248,7 @@ mod tests {
         let client = ClientConn::default();
         let mut timer = HeadTimer::new(Duration::from_secs(10));
         client.bytes_arrived();
-        client.mark_request(http::Version::HTTP_2);
+        client.mark_request(http::Version::HTTP_2, false);
         client.bytes_arrived();
         assert!(poll(&mut timer, &client).is_pending());
         tokio::time::advance(Duration::from_secs(60)).await;

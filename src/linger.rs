@@ -53,7 +53,7 @@ impl Ended {
 
 thread_local! {
     /// What `recv` is given to discard into. With `MSG_TRUNC` a TCP socket writes nothing
-    /// to it; it only has to be valid memory of its length, untouched and so never resident.
+    /// to it; it only has to be valid memory of its length. One per worker thread.
     static SINK: RefCell<Box<[u8]>> = RefCell::new(vec![0; 64 * 1024].into_boxed_slice());
 }
 
@@ -61,10 +61,20 @@ thread_local! {
 /// what the client still sends, until it closes or a bound is reached. Returns how it
 /// ended and the bytes discarded.
 pub async fn linger(stream: TcpStream, seat: &mut Seat) -> (Ended, u64) {
+    linger_within(stream, seat, QUIET, AT_MOST).await
+}
+
+/// [`linger`] with its bounds as arguments, for the tests.
+async fn linger_within(
+    stream: TcpStream,
+    seat: &mut Seat,
+    quiet_for: Duration,
+    at_most: Duration,
+) -> (Ended, u64) {
     let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
     let mut discarded = 0u64;
-    let until = tokio::time::Instant::now() + AT_MOST;
-    let quiet = tokio::time::sleep(QUIET.min(AT_MOST));
+    let until = tokio::time::Instant::now() + at_most;
+    let quiet = tokio::time::sleep(quiet_for.min(at_most));
     let mut quiet = std::pin::pin!(quiet);
     loop {
         tokio::select! {
@@ -77,14 +87,15 @@ pub async fn linger(stream: TcpStream, seat: &mut Seat) -> (Ended, u64) {
                 return (if now >= until { Ended::TooLong } else { Ended::Quiet }, discarded);
             }
             ready = stream.ready(Interest::READABLE) => {
+                // Only if the runtime is going away.
                 if ready.is_err() {
-                    return (Ended::ClientClosed, discarded);
+                    return (Ended::Drain, discarded);
                 }
                 match stream.try_io(Interest::READABLE, || discard(&stream)) {
                     Ok(0) => return (Ended::ClientClosed, discarded),
                     Ok(n) => {
                         discarded += n as u64;
-                        let next = tokio::time::Instant::now() + QUIET;
+                        let next = tokio::time::Instant::now() + quiet_for;
                         quiet.as_mut().reset(next.min(until));
                     }
                     // The readiness was stale; tokio cleared it.
@@ -124,6 +135,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// Long enough never to be what ends a linger on a loaded machine.
+    const NEVER: Duration = Duration::from_secs(60);
+
     /// A connected pair on loopback: (cutoff's side, the client's).
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -134,43 +148,41 @@ mod tests {
         (ours, client)
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_client_sees_a_fin_can_finish_sending_and_ends_it_by_closing() {
         let (ours, mut client) = pair().await;
-        let lingering = tokio::spawn(async move { linger(ours, &mut Seat::new()).await });
+        let lingering =
+            tokio::spawn(async move { linger_within(ours, &mut Seat::new(), NEVER, NEVER).await });
         // The FIN comes first: the answer before it is whole.
         let mut buf = [0u8; 16];
         assert_eq!(client.read(&mut buf).await.expect("read"), 0);
-        client.write_all(&vec![7u8; 300_000]).await.expect("write");
+        // More than the socket buffers hold: written only if the linger reads.
+        client.write_all(&vec![7u8; 16 << 20]).await.expect("write");
         client.shutdown().await.expect("shutdown");
         let (ended, bytes) = lingering.await.expect("join");
-        assert_eq!((ended, bytes), (Ended::ClientClosed, 300_000));
+        assert_eq!((ended, bytes), (Ended::ClientClosed, 16 << 20));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_silent_client_is_left_after_the_quiet_time() {
-        let (ours, client) = pair().await;
-        let started = tokio::time::Instant::now();
-        let (ended, bytes) = linger(ours, &mut Seat::new()).await;
+        let (ours, _client) = pair().await;
+        let quiet = Duration::from_millis(50);
+        let (ended, bytes) = linger_within(ours, &mut Seat::new(), quiet, NEVER).await;
         assert_eq!((ended, bytes), (Ended::Quiet, 0));
-        assert_eq!(started.elapsed(), QUIET);
-        drop(client);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_client_that_never_stops_is_left_after_at_most() {
         let (ours, mut client) = pair().await;
-        let started = tokio::time::Instant::now();
         let trickle = tokio::spawn(async move {
-            // One byte a little more often than the quiet time allows.
             while client.write_all(b"x").await.is_ok() {
-                tokio::time::sleep(QUIET - Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        let (ended, bytes) = linger(ours, &mut Seat::new()).await;
+        let at_most = Duration::from_millis(200);
+        let (ended, bytes) = linger_within(ours, &mut Seat::new(), NEVER, at_most).await;
         assert_eq!(ended, Ended::TooLong);
-        assert_eq!(started.elapsed(), AT_MOST);
-        assert_eq!(bytes, AT_MOST.as_secs().div_ceil(4));
+        assert!(bytes > 0);
         trickle.abort();
     }
 }

@@ -152,7 +152,8 @@ pub struct ClientConn {
     /// hyper then stops polling the response body, whose own timer can only wake the
     /// connection: the connection's task looks here and ends the exchange.
     response_deadline: AtomicU64,
-    /// The last request to end left some of its body unread: see [`Self::body_left`].
+    /// The request now or last on this HTTP/1 connection has a body not yet read to its
+    /// end: see [`Self::body_left`].
     body_left: AtomicBool,
 }
 
@@ -173,11 +174,12 @@ impl Default for ClientConn {
 }
 
 impl ClientConn {
-    /// A request head was read in full.
-    pub fn mark_request(&self, version: http::Version) {
+    /// A request head was read in full; `has_body`: a body follows it.
+    pub fn mark_request(&self, version: http::Version, has_body: bool) {
         if version == http::Version::HTTP_2 {
             self.h2.store(true, Ordering::Relaxed);
         }
+        self.body_left.store(has_body, Ordering::Relaxed);
         self.head_pending.store(false, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -254,17 +256,23 @@ impl ClientConn {
         }
     }
 
-    /// The last request to end was answered before its body was read to the end, so the
-    /// client may still be sending it: closing now would reset the connection under the
-    /// answer (see `linger.rs`).
+    /// The request's body was read to its end (by the upload to the upstream).
+    pub fn body_read(&self) {
+        self.body_left.store(false, Ordering::Relaxed);
+    }
+
+    /// The last request's body was not read to its end: it was answered first (a 404 or
+    /// 400 of cutoff's own, a 504 mid-upload, an upstream's early answer), or its client
+    /// stalled or left. A connection closing now may have the rest of it arriving, and
+    /// lingers (see `linger.rs`). Stale on a connection kept alive after hyper drained a
+    /// small unread body, until the next request: a linger then only reads the client's
+    /// FIN.
     pub fn body_left(&self) -> bool {
         self.body_left.load(Ordering::Relaxed)
     }
 
     /// `now`: the clock was just read by the guard; reading it again costs ~90 instructions.
-    /// `body_left`: see [`RequestState::left_unread`].
-    fn request_ended(&self, now: Instant, body_left: bool) {
-        self.body_left.store(body_left, Ordering::Relaxed);
+    fn request_ended(&self, now: Instant) {
         let now = now.saturating_duration_since(self.opened).as_nanos() as u64;
         self.last_ended.fetch_max(now, Ordering::Relaxed);
         self.active.fetch_sub(1, Ordering::AcqRel);
@@ -580,8 +588,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.record();
-        let body_left = self.state.as_ref().is_some_and(|s| s.left_unread());
-        self.client.request_ended(now, body_left);
+        self.client.request_ended(now);
     }
 }
 

@@ -120,7 +120,6 @@ enum Start {
 fn answered(
     req: &Request<Incoming>,
     cx: &ConnContext,
-    state: &Arc<RequestState>,
     outcome: Outcome,
     resp: Response<ProxyBody>,
 ) -> Start {
@@ -131,8 +130,6 @@ fn answered(
         cx.client.clone(),
         cx.shared.lifecycle.clone(),
     );
-    state.answered_early(req.body());
-    guard.watch(state.clone());
     guard.decide(outcome, resp.status().as_u16(), None);
     Start::Answered(Box::new(resp))
 }
@@ -148,11 +145,11 @@ fn begin(req: Request<Incoming>, cx: &Arc<ConnContext>, state: &Arc<RequestState
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        return answered(&req, cx, state, Outcome::BadRequest, resp);
+        return answered(&req, cx, Outcome::BadRequest, resp);
     }
     let Some(route) = table.find(req.uri().path(), req.method()).cloned() else {
         let resp = local(StatusCode::NOT_FOUND, "no route matches this request\n");
-        return answered(&req, cx, state, Outcome::NoRoute, resp);
+        return answered(&req, cx, Outcome::NoRoute, resp);
     };
     // Boxed: it is moved through several futures, then into the response body.
     let mut guard = Box::new(InFlight::new(
@@ -294,7 +291,7 @@ pub(crate) fn prepare(
         c.strip_prefix,
         c.preserve_host,
     );
-    let body = RequestBody::new(body, state.clone(), cx.shared.body_read_timeout);
+    let body = RequestBody::new(body, state.clone(), &cx.client, cx.shared.body_read_timeout);
     Request::from_parts(parts, body)
 }
 

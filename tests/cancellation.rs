@@ -88,6 +88,20 @@ async fn leave_during_long_call(
     rec
 }
 
+/// Waits for `cutoff_upstream_cancelled_total` of route `r` to count one call cancelled
+/// by its client in `phase`.
+async fn wait_one_cancelled_by_the_client(proxy: &Proxy, phase: &str) {
+    let cancelled = [("route", "r"), ("cancelled_by", "client"), ("phase", phase)];
+    proxy
+        .wait_for_metric(
+            "cutoff_upstream_cancelled_total",
+            &cancelled,
+            |v| v == 1.0,
+            WAIT,
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_fin_while_upstream_works_cancels_it() {
     let (up, proxy) = pair("").await;
@@ -98,19 +112,7 @@ async fn client_fin_while_upstream_works_cancels_it() {
     proxy
         .wait_for_metric("cutoff_requests_total", &client_closed, |v| v == 1.0, WAIT)
         .await;
-    let cancelled = [
-        ("route", "r"),
-        ("cancelled_by", "client"),
-        ("phase", "awaiting_headers"),
-    ];
-    proxy
-        .wait_for_metric(
-            "cutoff_upstream_cancelled_total",
-            &cancelled,
-            |v| v == 1.0,
-            WAIT,
-        )
-        .await;
+    wait_one_cancelled_by_the_client(&proxy, "awaiting_headers").await;
     assert_route_still_serves(&proxy, &up, "after-fin").await;
 }
 
@@ -154,6 +156,35 @@ async fn client_leaving_during_upload_cancels_it() {
     assert!(!rec.body_complete && rec.body_bytes < total, "{rec:?}");
     assert_client_closed_logged(&proxy, "/sink/upload").await;
     assert_route_still_serves(&proxy, &up, "after-upload").await;
+}
+
+/// A client that sent its whole body and leaves while the upstream works left in phase
+/// `awaiting_headers`, not `uploading`: hyper's client stops polling a body of known length
+/// after its last byte, so the upload's end is noted there, not at a poll that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_after_its_whole_upload_is_counted_awaiting_headers() {
+    let (up, proxy) = pair("").await;
+    let mut c = Client::connect(proxy.addr()).await;
+    let path = format!("/delay/posted?ms={LONG_MS}");
+    c.send_head("POST", &path, &[("Content-Length", "1000")])
+        .await;
+    c.send(&[b'p'; 1000]).await;
+    let rec = up
+        .wait_for("the whole body of /delay/posted", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r.path_only() == "/delay/posted" && r.body_bytes == 1000)
+        })
+        .await
+        .into_iter()
+        .find(|r| r.path_only() == "/delay/posted")
+        .unwrap();
+    let left = Instant::now();
+    c.close_fin().await;
+    let rec = up.wait_closed(rec.id, WAIT).await;
+    assert_closed_promptly(&rec, left, PROPAGATION);
+    let line = access_line(&proxy, "/delay/posted").await;
+    assert_eq!(line["phase"], "awaiting_headers", "{line}");
+    wait_one_cancelled_by_the_client(&proxy, "awaiting_headers").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -680,7 +680,7 @@ async fn an_answer_before_the_body_closes_with_a_fin_after_the_body() {
 /// can: the connection ends with a FIN, not with its writes reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_mid_upload_closes_with_a_fin_after_the_body() {
-    let (up, proxy) = single_at("", "/", "timeout = \"300ms\"").await;
+    let (up, proxy) = single_at("", "/", "timeout = \"1s\"").await;
     let mut client = large_post(&proxy, "/sink/slow-upload").await;
     client.send(&[b'u'; 1000]).await;
     let rec = up.wait_request("/sink/slow-upload", WAIT).await;
@@ -704,6 +704,57 @@ async fn a_timeout_mid_upload_closes_with_a_fin_after_the_body() {
         .wait_for_access_log(|v| log_path_is(v, "/sink/slow-upload"), WAIT)
         .await;
     assert_access(&line, 504, "timeout", Some("timeout"));
+    assert_alive(&proxy);
+}
+
+/// The other side of the lingering close: a request whose body was read to its end (the
+/// upload forwarded whole) closes at once after its `Connection: close` response. One
+/// worker, debug logs: the connection after it, which answers before its body and does
+/// linger, logs the only `lingering close ended` line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_read_to_its_end_closes_without_lingering() {
+    let up = Upstream::start().await;
+    let text = config(
+        "workers = 1",
+        &[RouteSpec {
+            name: "r",
+            prefix: "/",
+            url: format!("http://{}", up.addr()),
+            extra: "",
+        }],
+    );
+    let proxy = Proxy::start(&with_debug_logs(&text)).await;
+
+    let mut whole = Client::connect(proxy.addr()).await;
+    whole
+        .send_head(
+            "POST",
+            "/sink/whole",
+            &[("Content-Length", "100000"), ("Connection", "close")],
+        )
+        .await;
+    whole.send(&[b'w'; 100_000]).await;
+    let resp = whole.read_response(WAIT).await;
+    assert_eq!((resp.status, resp.text()), (200, "100000".to_string()));
+    assert_eq!(whole.wait_closed_by_peer(WAIT).await, ReadEnd::Eof);
+    drop(whole);
+
+    let early = answered_before_its_body(proxy.addr(), "/early", 1000, 1000).await;
+    drop(early);
+
+    // The early answer's linger ends after its access line; one of the first connection
+    // would end before it (one worker, whose client closed before the second connected).
+    let lingered = |v: &Value| v["message"].as_str() == Some("lingering close ended");
+    poll_until(WAIT, "the early answer's lingering close to end", || {
+        let logs = proxy.logs();
+        logs.iter()
+            .position(|v| is_access_log(v) && log_path_is(v, "/early"))
+            .is_some_and(|at| logs[at..].iter().any(lingered))
+    })
+    .await;
+    let lines: Vec<Value> = proxy.logs().into_iter().filter(lingered).collect();
+    assert_eq!(lines.len(), 1, "only the early answer lingers: {lines:?}");
+    assert_eq!(lines[0]["ended"], "client_closed", "{lines:?}");
     assert_alive(&proxy);
 }
 

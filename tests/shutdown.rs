@@ -536,26 +536,10 @@ async fn every_worker_tells_its_own_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_ends_a_lingering_close() {
     let up = Upstream::start().await;
-    let config = with_grace(&config_for(up.addr(), ""), "20s").replacen(
-        "level = \"info\"",
-        "level = \"debug\"",
-        1,
-    );
+    let config = with_debug_logs(&with_grace(&config_for(up.addr(), ""), "20s"));
     let mut proxy = Proxy::start(&config).await;
-    // Two Host lines: a 400 before the body, of which only a part is sent.
-    let mut client = Client::connect(proxy.addr()).await;
-    client
-        .send_head(
-            "POST",
-            "/lingering",
-            &[("Host", "second.example"), ("Content-Length", "1000000")],
-        )
-        .await;
-    client.send(&[b'b'; 1000]).await;
-    let head = client.try_read_head(WAIT).await;
-    assert_eq!(head.map(|h| h.status).ok(), Some(400));
-    // The FIN after the answer: the linger has begun. The client stays, silent.
-    assert_eq!(client.wait_closed_by_peer(WAIT).await, ReadEnd::Eof);
+    // Only a part of the body is sent; the client then stays, silent.
+    let client = answered_before_its_body(proxy.addr(), "/lingering", 1_000_000, 1000).await;
 
     wait_started(&proxy).await;
     proxy.signal(libc::SIGTERM);

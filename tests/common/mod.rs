@@ -125,6 +125,42 @@ level = "info"
     )
 }
 
+/// `config` with its logs at DEBUG instead of INFO (`lingering close ended`, say).
+pub fn with_debug_logs(config: &str) -> String {
+    let out = config.replacen("level = \"info\"", "level = \"debug\"", 1);
+    assert_ne!(out, config, "the config has no `level = \"info\"` line");
+    out
+}
+
+/// A connection that posts to `path` with a second `Host` line, announcing `announced`
+/// body bytes and sending `sent` of them: cutoff answers 400 before the body, then shuts
+/// its side down (the FIN, read here) and lingers. Returns the connection, still open.
+pub async fn answered_before_its_body(
+    addr: SocketAddr,
+    path: &str,
+    announced: usize,
+    sent: usize,
+) -> Client {
+    let mut client = Client::connect(addr).await;
+    let len = announced.to_string();
+    client
+        .send_head(
+            "POST",
+            path,
+            &[("Host", "second.example"), ("Content-Length", &len)],
+        )
+        .await;
+    client.send(&vec![b'b'; sent]).await;
+    let head = client.try_read_head(WAIT).await;
+    assert_eq!(head.map(|h| h.status).ok(), Some(400), "{path}");
+    assert_eq!(
+        client.wait_closed_by_peer(WAIT).await,
+        ReadEnd::Eof,
+        "{path}: the 400 was not followed by a FIN"
+    );
+    client
+}
+
 /// [`config_head_on`] with the proxy on port 0, as in almost every test.
 pub fn config_head(server_extra: &str) -> String {
     config_head_on("127.0.0.1:0", server_extra)
