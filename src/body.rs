@@ -76,6 +76,8 @@ pub struct StreamTimeout(pub &'static str);
 pub struct RequestState {
     upload: AtomicU8,
     dropped_at: std::sync::OnceLock<Instant>,
+    /// The request's number on its connection (see [`ClientConn::mark_request`]).
+    number: u64,
 }
 
 const UPLOADING: u8 = 0;
@@ -85,6 +87,14 @@ const CLIENT_SLOW: u8 = 3;
 const CLIENT_MALFORMED: u8 = 4;
 
 impl RequestState {
+    /// The state of request `number` of its connection.
+    pub fn new(number: u64) -> RequestState {
+        RequestState {
+            number,
+            ..RequestState::default()
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.upload.load(Ordering::Acquire) == DONE
     }
@@ -171,7 +181,7 @@ impl RequestBody {
 impl Upload {
     fn done(&mut self) {
         self.upload.set(DONE);
-        self.client.body_read();
+        self.client.body_read(self.upload.number);
         self.inner = None;
     }
 

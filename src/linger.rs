@@ -82,10 +82,8 @@ async fn linger_within(
             _ = std::future::poll_fn(|cx| seat.poll_past(cx, Stage::Serving)) => {
                 return (Ended::Drain, discarded);
             }
-            _ = &mut quiet => {
-                let now = tokio::time::Instant::now();
-                return (if now >= until { Ended::TooLong } else { Ended::Quiet }, discarded);
-            }
+            // Before the timer: bytes that came while this task waited to run mean the
+            // client was not quiet.
             ready = stream.ready(Interest::READABLE) => {
                 // Only if the runtime is going away.
                 if ready.is_err() {
@@ -95,14 +93,21 @@ async fn linger_within(
                     Ok(0) => return (Ended::ClientClosed, discarded),
                     Ok(n) => {
                         discarded += n as u64;
-                        let next = tokio::time::Instant::now() + quiet_for;
-                        quiet.as_mut().reset(next.min(until));
+                        let now = tokio::time::Instant::now();
+                        if now >= until {
+                            return (Ended::TooLong, discarded);
+                        }
+                        quiet.as_mut().reset((now + quiet_for).min(until));
                     }
                     // The readiness was stale; tokio cleared it.
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     // A reset.
                     Err(_) => return (Ended::ClientClosed, discarded),
                 }
+            }
+            _ = &mut quiet => {
+                let now = tokio::time::Instant::now();
+                return (if now >= until { Ended::TooLong } else { Ended::Quiet }, discarded);
             }
         }
     }
@@ -179,8 +184,9 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        let at_most = Duration::from_millis(200);
-        let (ended, bytes) = linger_within(ours, &mut Seat::new(), NEVER, at_most).await;
+        // A quiet time the trickle keeps resetting, and a bound that ends it anyway.
+        let (quiet, at_most) = (Duration::from_millis(500), Duration::from_millis(1500));
+        let (ended, bytes) = linger_within(ours, &mut Seat::new(), quiet, at_most).await;
         assert_eq!(ended, Ended::TooLong);
         assert!(bytes > 0);
         trickle.abort();

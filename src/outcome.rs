@@ -152,9 +152,11 @@ pub struct ClientConn {
     /// hyper then stops polling the response body, whose own timer can only wake the
     /// connection: the connection's task looks here and ends the exchange.
     response_deadline: AtomicU64,
-    /// The request now or last on this HTTP/1 connection has a body not yet read to its
-    /// end: see [`Self::body_left`].
-    body_left: AtomicBool,
+    /// The number (from 1, see `requests`) of the request now or last on this HTTP/1
+    /// connection if its body was not yet read to its end, else 0: see
+    /// [`Self::body_left`]. A number, not a flag: an upload can end after its response,
+    /// when the next request already arrived, and must not clear that one's.
+    body_left: AtomicU64,
 }
 
 impl Default for ClientConn {
@@ -168,20 +170,23 @@ impl Default for ClientConn {
             opened: Instant::now(),
             last_ended: AtomicU64::new(0),
             response_deadline: AtomicU64::new(0),
-            body_left: AtomicBool::new(false),
+            body_left: AtomicU64::new(0),
         }
     }
 }
 
 impl ClientConn {
-    /// A request head was read in full; `has_body`: a body follows it.
-    pub fn mark_request(&self, version: http::Version, has_body: bool) {
+    /// A request head was read in full; `has_body`: a body follows it. Returns the
+    /// request's number on this connection, from 1.
+    pub fn mark_request(&self, version: http::Version, has_body: bool) -> u64 {
         if version == http::Version::HTTP_2 {
             self.h2.store(true, Ordering::Relaxed);
         }
-        self.body_left.store(has_body, Ordering::Relaxed);
         self.head_pending.store(false, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        self.body_left
+            .store(if has_body { n } else { 0 }, Ordering::Release);
+        n
     }
 
     /// An HTTP/2 connection: its requests run in tasks of their own, one per stream.
@@ -256,9 +261,12 @@ impl ClientConn {
         }
     }
 
-    /// The request's body was read to its end (by the upload to the upstream).
-    pub fn body_read(&self) {
-        self.body_left.store(false, Ordering::Relaxed);
+    /// Request `n`'s body was read to its end (by the upload to the upstream, which may
+    /// run on another thread).
+    pub fn body_read(&self, n: u64) {
+        let _ = self
+            .body_left
+            .compare_exchange(n, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// The last request's body was not read to its end: it was answered first (a 404 or
@@ -268,7 +276,7 @@ impl ClientConn {
     /// small unread body, until the next request: a linger then only reads the client's
     /// FIN.
     pub fn body_left(&self) -> bool {
-        self.body_left.load(Ordering::Relaxed)
+        self.body_left.load(Ordering::Acquire) != 0
     }
 
     /// `now`: the clock was just read by the guard; reading it again costs ~90 instructions.

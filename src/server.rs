@@ -360,9 +360,10 @@ async fn serve_io<I>(
     let client = cx.client.clone();
     let io = TokioIo::new(HeadBytes::new(io, first, client.clone()));
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        cx.client
+        let number = cx
+            .client
             .mark_request(req.version(), !http_body::Body::is_end_stream(req.body()));
-        let state = Arc::new(RequestState::default());
+        let state = Arc::new(RequestState::new(number));
         Stamped::new(proxy::handle(req, cx.clone(), state.clone()), state)
     });
     match speaks {
@@ -508,14 +509,13 @@ async fn drive<C, E>(
     // An answer sent before the client finished sending (hyper's to a malformed head, or
     // one before the request's body was read): the socket is kept from closing as hyper's
     // connection drops it, to linger (see `linger.rs`).
-    // Not after an idle close or the drain's (hyper closes only between requests then,
-    // when nothing is unread), nor once the client is known gone.
+    // Not after an idle close (hyper closes only between requests then, when nothing is
+    // unread, whatever a stale flag says), nor in the drain, which ends a linger at once.
     let linger = hook.filter(|hook| {
         ended.is_some_and(|error| error || client.body_left())
             && !client.is_h2()
             && !draining
             && known == Stage::Serving
-            && client.gone_at().is_none()
             && hook.linger_on_close()
     });
     // However the connection ended (hyper saw the client leave, a timer, a shutdown), its

@@ -742,8 +742,9 @@ async fn a_request_read_to_its_end_closes_without_lingering() {
     let early = answered_before_its_body(proxy.addr(), "/early", 1000, 1000).await;
     drop(early);
 
-    // The early answer's linger ends after its access line; one of the first connection
-    // would end before it (one worker, whose client closed before the second connected).
+    // The early answer's linger ends after its access line. One of the first connection
+    // would end before that line: with one worker, the first client's FIN (sent before
+    // the second connected) wakes its task before the second connection is accepted.
     let lingered = |v: &Value| v["message"].as_str() == Some("lingering close ended");
     poll_until(WAIT, "the early answer's lingering close to end", || {
         let logs = proxy.logs();
