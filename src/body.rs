@@ -25,10 +25,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use crate::outcome::ClientConn;
-
 use crate::deadline::Deadline;
-use crate::outcome::{CancelledBy, InFlight, Outcome};
+use crate::outcome::{CancelledBy, ClientConn, InFlight, Outcome};
 use crate::upstream::Conn;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;

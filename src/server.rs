@@ -510,12 +510,12 @@ async fn drive<C, E>(
     // one before the request's body was read): the socket is kept from closing as hyper's
     // connection drops it, to linger (see `linger.rs`).
     // Not after an idle close (hyper closes only between requests then, when nothing is
-    // unread, whatever a stale flag says), nor in the drain, which ends a linger at once.
+    // unread, whatever a stale flag says), nor in the drain, which ends a linger at once:
+    // both set `draining`.
     let linger = hook.filter(|hook| {
         ended.is_some_and(|error| error || client.body_left())
             && !client.is_h2()
             && !draining
-            && known == Stage::Serving
             && hook.linger_on_close()
     });
     // However the connection ended (hyper saw the client leave, a timer, a shutdown), its

@@ -139,14 +139,12 @@ async fn client_leaving_during_upload_cancels_it() {
     // Part of the body, which the upstream reads as it comes.
     c.send(&vec![b'u'; 1024 * 1024]).await;
     let rec = up
-        .wait_for("the first body bytes of /sink/upload", WAIT, |rs| {
-            rs.iter()
-                .any(|r| r.path_only() == "/sink/upload" && r.body_bytes > 0)
-        })
-        .await
-        .into_iter()
-        .find(|r| r.path_only() == "/sink/upload")
-        .unwrap();
+        .wait_record(
+            "/sink/upload",
+            "the first body bytes of /sink/upload",
+            |r| r.body_bytes > 0,
+        )
+        .await;
 
     let left = Instant::now();
     c.close_fin().await;
@@ -170,14 +168,10 @@ async fn client_leaving_after_its_whole_upload_is_counted_awaiting_headers() {
         .await;
     c.send(&[b'p'; 1000]).await;
     let rec = up
-        .wait_for("the whole body of /delay/posted", WAIT, |rs| {
-            rs.iter()
-                .any(|r| r.path_only() == "/delay/posted" && r.body_bytes == 1000)
+        .wait_record("/delay/posted", "the whole body of /delay/posted", |r| {
+            r.body_bytes == 1000
         })
-        .await
-        .into_iter()
-        .find(|r| r.path_only() == "/delay/posted")
-        .unwrap();
+        .await;
     let left = Instant::now();
     c.close_fin().await;
     let rec = up.wait_closed(rec.id, WAIT).await;

@@ -1229,6 +1229,22 @@ impl Upstream {
             .collect()
     }
 
+    /// Waits until a record whose path (without its query) is `path` satisfies `pred`;
+    /// returns the first such record. Panics on timeout with `what` and the records.
+    pub async fn wait_record(
+        &self,
+        path: &str,
+        what: &str,
+        pred: impl Fn(&RequestRecord) -> bool,
+    ) -> RequestRecord {
+        let is = |r: &RequestRecord| r.path_only() == path && pred(r);
+        self.wait_for(what, WAIT, |rs| rs.iter().any(is))
+            .await
+            .into_iter()
+            .find(is)
+            .expect("the record the wait found")
+    }
+
     /// Waits until `pred` holds over the records, woken at every change; returns the
     /// records it held over. Panics on timeout with `what` and the records.
     pub async fn wait_for(
