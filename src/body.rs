@@ -487,7 +487,7 @@ impl UpstreamBody {
     pub fn complete(&mut self) {
         let now = self.guard.upstream_completed();
         if let Some(conn) = self.conn.as_mut() {
-            conn.exchanged(now);
+            conn.exchanged(now, self.guard.upload_finished());
         }
         self.conn = None;
         self.body = None;

@@ -92,16 +92,28 @@ impl HeadTimer {
 /// A client stream that tells its [`ClientConn`] when bytes arrive.
 ///
 /// It also hands hyper the connection's first bytes, read before hyper was there (to
-/// tell HTTP/1 from HTTP/2, see `server::sniff`), at its first read.
+/// tell HTTP/1 from HTTP/2, see `server::sniff`), at its first read, and caps the reads of
+/// an HTTP/1 connection (see `read_cap.rs`).
 pub struct HeadBytes<T> {
     io: T,
     first: Bytes,
     client: std::sync::Arc<ClientConn>,
+    capped: bool,
 }
 
 impl<T> HeadBytes<T> {
-    pub fn new(io: T, first: Bytes, client: std::sync::Arc<ClientConn>) -> HeadBytes<T> {
-        HeadBytes { io, first, client }
+    pub fn new(
+        io: T,
+        first: Bytes,
+        client: std::sync::Arc<ClientConn>,
+        capped: bool,
+    ) -> HeadBytes<T> {
+        HeadBytes {
+            io,
+            first,
+            client,
+            capped,
+        }
     }
 }
 
@@ -129,7 +141,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
             self.first = Bytes::new();
         }
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let capped = self.capped;
+        let io = Pin::new(&mut self.io);
+        let polled = if capped {
+            crate::read_cap::poll_capped(buf, |buf| io.poll_read(cx, buf))
+        } else {
+            io.poll_read(cx, buf)
+        };
         if buf.filled().len() > before {
             self.client.bytes_arrived();
         }

@@ -42,6 +42,7 @@ pub mod news_api;
 pub mod outcome;
 pub mod protected;
 pub mod proxy;
+pub mod read_cap;
 pub mod reload;
 pub mod routes;
 pub mod server;

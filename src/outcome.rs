@@ -414,6 +414,11 @@ impl InFlight {
         }
     }
 
+    /// Whether the client's upload was read to its end (or there was none).
+    pub fn upload_finished(&self) -> bool {
+        self.state.as_ref().is_none_or(|s| s.is_done())
+    }
+
     /// The phase as of now: an upload that finished means the call awaits headers.
     fn current_phase(&self) -> Phase {
         match (&self.state, self.phase) {

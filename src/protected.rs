@@ -295,7 +295,7 @@ impl Call {
         status: u16,
     ) {
         let now = self.guard.upstream_completed();
-        conn.exchanged(now);
+        conn.exchanged(now, self.guard.upload_finished());
         drop(conn);
         let still_there = client.is_some();
         drop(client);

@@ -322,8 +322,9 @@ async fn sniff(stream: &mut TcpStream) -> std::io::Result<(Speaks, Bytes)> {
     Ok((speaks, first))
 }
 
-/// hyper's first read size (its initial read buffer).
-const FIRST_READ: usize = 8192;
+/// As large as any later read (see `read_cap.rs`): handed to hyper as its first read, a
+/// full 8 KiB would double its buffer for the rest of the connection.
+const FIRST_READ: usize = crate::read_cap::MAX_READ;
 
 /// Reads what has arrived into a buffer on this call's stack, not in the connection's
 /// future, which would carry it for the connection's whole life, and keeps only the
@@ -358,7 +359,8 @@ async fn serve_io<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let client = cx.client.clone();
-    let io = TokioIo::new(HeadBytes::new(io, first, client.clone()));
+    let capped = matches!(speaks, Speaks::Http1);
+    let io = TokioIo::new(HeadBytes::new(io, first, client.clone(), capped));
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let number = cx
             .client

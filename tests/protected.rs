@@ -14,9 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use socket2::SockRef;
 
-/// How soon after its cause the upstream must see a cancelled call's connection close.
-const PROPAGATION: Duration = Duration::from_secs(1);
-
 /// A config with a protected route `pay` (`/pay/`, prefix stripped, `timeout`) and a plain
 /// route `plain` (`/`, default `cancel`), both to `upstream`.
 fn protected_config(upstream: std::net::SocketAddr, timeout: &str) -> String {

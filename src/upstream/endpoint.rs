@@ -73,16 +73,29 @@ impl UpstreamIo {
     }
 }
 
+impl UpstreamIo {
+    /// A read as large as `buf`: for HTTP/2, whose reads are not capped (see `read_cap.rs`).
+    pub fn poll_read_uncapped(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+/// Capped: hyper's HTTP/1 client reads through this (see `read_cap.rs`).
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        let this = self.get_mut();
+        crate::read_cap::poll_capped(buf, |buf| this.poll_read_uncapped(cx, buf))
     }
 }
 

@@ -420,7 +420,7 @@ impl AsyncRead for WatchedIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        let r = this.io.poll_read_uncapped(cx, buf);
         if !this.streams.going_away() {
             let seen = this.frames.read(&buf.filled()[before..]);
             if let Some(max) = seen.max_streams {

@@ -727,9 +727,17 @@ impl Conn {
     /// back to the endpoint's idle list (with its hyper state), where the check-out makes
     /// sure it is still open and ready for another request; any other is closed politely.
     /// `at`: when the exchange ended, which starts the connection's idle time.
-    pub fn exchanged(&mut self, at: Instant) {
+    ///
+    /// `body_sent`: the request's body was read to its end. An upstream may answer before
+    /// it has the whole body (nginx's `return`, an early 413): the rest of the upload is
+    /// then still on its way through hyper's connection, and an idle connection is polled
+    /// by nobody. Checked in, it held the client's upload until its next use: measured, a
+    /// 1 GiB upload that got its 200 at once stalled for 4 s, the client's window shut.
+    /// Such a connection is closed instead, which ends the upload: the client connection
+    /// closes after its answer and discards the rest (a lingering close, see `linger.rs`).
+    pub fn exchanged(&mut self, at: Instant, body_sent: bool) {
         self.exchanged = true;
-        if self.done {
+        if self.done || !body_sent {
             return;
         }
         // Checked in without another poll: the check-out polls it anyway (to notice a

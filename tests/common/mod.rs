@@ -65,6 +65,11 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// 2-core machine never fails a correct build, short enough that a broken one fails fast.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// How soon after its cause (the client leaving, a timer firing, an answer that frees an
+/// upload) the upstream or the client must see its effect. Propagation is event-driven and
+/// takes milliseconds; the bound is generous for a loaded 2-core machine.
+pub const PROPAGATION: Duration = Duration::from_secs(1);
+
 // ------------------------------------------------------------------------------------------
 // Bounded waits
 // ------------------------------------------------------------------------------------------
@@ -1748,6 +1753,13 @@ impl Conn {
             "sink" => {
                 let n = self.drain_body(id, &mut dec).await?;
                 self.respond(n.to_string().as_bytes()).await
+            }
+            // Answers before reading the body, then reads and drops it, as nginx's
+            // `return` does: an upstream that needs none of the upload.
+            "early" => {
+                self.respond(b"early").await?;
+                self.drain_body(id, &mut dec).await?;
+                Ok(())
             }
             "hold-body" => {
                 self.pause(Duration::from_millis(q("ms", 0)), false).await?;

@@ -60,6 +60,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let bound = args.ms("bound-ms", 2000)?;
     let budget = Duration::from_secs(args.num("budget-s", Some(20))?);
     let label = args.str("label", "proxy");
+    // Diagnosis: print the slowest N samples with where they fell (round, departure).
+    let slowest: usize = args.num("slowest", Some(0))?;
     if held == 0 || held > 20_000 || rounds == 0 || rounds > 100_000 {
         return Err("--held 1..20000, --rounds 1..100000".into());
     }
@@ -74,6 +76,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let end = started + budget;
 
     let mut lat_us: Vec<f64> = Vec::new();
+    // (latency µs, round, departure index in its round), for --slowest.
+    let mut placed: Vec<(f64, usize, usize)> = Vec::new();
     // Per connection: connect + request written (+ first chunk received, body phase).
     let mut open_us: Vec<f64> = Vec::new();
     let (mut departed, mut never, mut not_arrived, mut open_failed, mut early, mut no_first) =
@@ -153,7 +157,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         .await;
 
         let mut round_cancelled = 0;
-        for (id, t0) in &t0s {
+        for (i, (id, t0)) in t0s.iter().enumerate() {
             let rec = up.get(*id);
             if rec.arrived.is_none() {
                 not_arrived += 1;
@@ -164,6 +168,9 @@ pub async fn run(args: &Args) -> Result<(), String> {
                 Some(t1) if t1 < *t0 => early += 1,
                 Some(t1) if t1 - *t0 <= bound => {
                     lat_us.push((t1 - *t0).as_secs_f64() * 1e6);
+                    if slowest > 0 {
+                        placed.push(((t1 - *t0).as_secs_f64() * 1e6, rounds_run, i));
+                    }
                     round_cancelled += 1;
                 }
                 _ => never += 1,
@@ -186,6 +193,12 @@ pub async fn run(args: &Args) -> Result<(), String> {
         }
     }
 
+    if slowest > 0 {
+        placed.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (us, round, i) in placed.iter().take(slowest) {
+            eprintln!("slow: {us:.0} µs, round {round}, departure {i}");
+        }
+    }
     let s = stats::summarize(&lat_us);
     let cancelled = lat_us.len();
     let share = if departed > 0 {
