@@ -15,7 +15,8 @@
 #   few samples)
 #   CUTOFF_BIN=path (skip `cargo build --release` and measure that binary)  KEEP=1 (keep
 #   the temp dir with configs and logs)
-#   SECTIONS="cancel timeout throughput close rss soak" (run only the sections named)
+#   SECTIONS="cancel timeout throughput close bulk rss soak" (run only the sections named)
+#   RSS_UPLOAD_HELD=1000  RSS_DOWNLOAD_HELD=200  BULK_GIB=1
 #   AWAKE=1 (the default; 0 turns it off): during the cancellation and timeout sections a
 #   nice-19 busy loop keeps the proxy's core from halting between departures, so that
 #   what is measured is the proxy, not how long an idle core of this VM takes to wake
@@ -34,7 +35,10 @@ SOAK_N=${SOAK_N:-100000}
 RSS_HELD=${RSS_HELD:-9000}
 WRK_SECONDS=${WRK_SECONDS:-5}
 QUICK=${QUICK:-0}
-SECTIONS=${SECTIONS:-"cancel timeout throughput close rss soak"}
+SECTIONS=${SECTIONS:-"cancel timeout throughput close bulk rss soak"}
+RSS_UPLOAD_HELD=${RSS_UPLOAD_HELD:-1000}
+RSS_DOWNLOAD_HELD=${RSS_DOWNLOAD_HELD:-200}
+BULK_GIB=${BULK_GIB:-1}
 AWAKE=${AWAKE:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 HELDS="1 100 1000"
@@ -42,6 +46,7 @@ PHASES="headers body upload"
 TIMEOUT_N=${TIMEOUT_N:-1000}
 if [[ "$QUICK" == 1 ]]; then
   HELDS="1 100"; SOAK_N=5000; RSS_HELD=500; WRK_SECONDS=2; TIMEOUT_N=100
+  RSS_UPLOAD_HELD=100; RSS_DOWNLOAD_HELD=50
 fi
 SUITE_START=$(date +%s)
 
@@ -482,21 +487,46 @@ if section close; then
   wrk_passes close "$PROXIES"
 fi
 
+if section bulk; then
+  say "bulk transfer: $BULK_GIB GiB up, then down, through each (and direct)"
+  record direct bulk --proxy "$UP" --upstream "$UP" --gib "$BULK_GIB" --label direct
+  rotate
+  for p in "${ORDERED[@]}"; do
+    record "$p" bulk --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" \
+      --pid "$(measured_pid "$p")" --gib "$BULK_GIB" --label "$p"
+    check_alive "$p" "bulk"
+  done
+fi
+
 for p in $PROXIES; do stop "$p"; done
 
 # --- B: memory per held request (a fresh process each) --------------------------------------
-if section rss; then
-  say "memory per held request ($RSS_HELD held)"
-  # hyper-floor (the baseline) forwards the /c/ requests unchanged to the loadgen upstream.
-  FLOOR_UP=$UP
+# One rss round: each proxy and hyper-floor in a fresh process, holding $1 requests;
+# $2 names the round in events, the rest goes to `loadgen rss`.
+rss_round() {
+  local held=$1 what=$2
+  shift 2
   rotate "$PROXIES hyper-floor"
   for p in "${ORDERED[@]}"; do
-    start "$p" || { event "$p" "did not start for rss"; continue; }
+    start "$p" || { event "$p" "did not start for $what"; continue; }
     record "$p" rss --proxy "127.0.0.1:${PORT[$p]}" --upstream "$UP" --pid "$(measured_pid "$p")" \
-      --held "$RSS_HELD" --label "$p"
-    check_alive "$p" "rss"
+      --held "$held" "$@" --label "$p"
+    check_alive "$p" "$what"
     stop "$p"
   done
+}
+
+if section rss; then
+  # hyper-floor (the baseline) forwards the /c/ requests unchanged to the loadgen upstream.
+  FLOOR_UP=$UP
+  say "memory per held request ($RSS_HELD held)"
+  rss_round "$RSS_HELD" "rss"
+  # The same with a body in each direction: requests held after a 64 KiB upload, and
+  # downloads whose clients read nothing (what a proxy keeps for a slow client).
+  say "memory per held request after a 64 KiB upload ($RSS_UPLOAD_HELD held)"
+  rss_round "$RSS_UPLOAD_HELD" "rss (upload)" --upload 65536
+  say "memory per stalled download ($RSS_DOWNLOAD_HELD held)"
+  rss_round "$RSS_DOWNLOAD_HELD" "rss (download)" --download 1
 fi
 
 # --- C: soak (a fresh process each) -----------------------------------------------------------

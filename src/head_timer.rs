@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::outcome::ClientConn;
+use crate::read_cap::Cap;
 
 /// What cut a connection off.
 #[derive(Debug, PartialEq, Eq)]
@@ -93,26 +94,22 @@ impl HeadTimer {
 ///
 /// It also hands hyper the connection's first bytes, read before hyper was there (to
 /// tell HTTP/1 from HTTP/2, see `server::sniff`), at its first read, and caps the reads of
-/// an HTTP/1 connection (see `read_cap.rs`).
+/// an HTTP/1 connection (see `read_cap.rs`), telling it by those bytes where the
+/// protocol was not known before.
 pub struct HeadBytes<T> {
     io: T,
     first: Bytes,
     client: std::sync::Arc<ClientConn>,
-    capped: bool,
+    cap: Cap,
 }
 
 impl<T> HeadBytes<T> {
-    pub fn new(
-        io: T,
-        first: Bytes,
-        client: std::sync::Arc<ClientConn>,
-        capped: bool,
-    ) -> HeadBytes<T> {
+    pub fn new(io: T, first: Bytes, client: std::sync::Arc<ClientConn>, cap: Cap) -> HeadBytes<T> {
         HeadBytes {
             io,
             first,
             client,
-            capped,
+            cap,
         }
     }
 }
@@ -129,6 +126,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
             if self.client.gone_at().is_none() {
                 let n = self.first.len().min(buf.remaining());
                 buf.put_slice(&self.first[..n]);
+                let this = &mut *self;
+                this.cap.saw(&this.first[..n]);
                 if n == self.first.len() {
                     // Freed now, not kept with the connection.
                     self.first = Bytes::new();
@@ -141,14 +140,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
             self.first = Bytes::new();
         }
         let before = buf.filled().len();
-        let capped = self.capped;
+        let cap = self.cap;
         let io = Pin::new(&mut self.io);
-        let polled = if capped {
+        let polled = if cap == Cap::On {
             crate::read_cap::poll_capped(buf, |buf| io.poll_read(cx, buf))
         } else {
             io.poll_read(cx, buf)
         };
         if buf.filled().len() > before {
+            if let Cap::Undecided(_) = cap {
+                self.cap.saw(&buf.filled()[before..]);
+            }
             self.client.bytes_arrived();
         }
         polled

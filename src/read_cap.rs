@@ -16,10 +16,13 @@
 //! A read one byte short of a power of two never fills the buffer's next step, so hyper's
 //! buffer stays at its first size, 8 KiB. A head larger than that still arrives whole: hyper
 //! reads on until the head is complete or `max_buf_size` is reached. What it costs is a
-//! system call per 8 KiB of a large body instead of per 64 KiB; nginx reads unbuffered
+//! system call per 8 KiB of a large body instead of per 64 KiB (1 MiB upstream); nginx reads unbuffered
 //! bodies 16 KiB at a time and unbuffered responses 4 KiB at a time.
 //!
-//! HTTP/2 is read without a cap: the h2 crate sizes its buffer by frame, not by read.
+//! HTTP/2 is read without a cap: the h2 crate sizes its buffer by frame, not by read. A
+//! client connection whose protocol is not known before its first bytes (TLS without
+//! ALPN, or a cleartext one whose first bytes may begin the HTTP/2 preface) is capped
+//! from the first byte that is not the preface's ([`Cap::Undecided`]).
 
 use std::io;
 use std::task::Poll;
@@ -29,8 +32,46 @@ use tokio::io::ReadBuf;
 /// One byte short of hyper's first buffer size (8 KiB), so that hyper never doubles it.
 pub const MAX_READ: usize = 8 * 1024 - 1;
 
+/// The HTTP/2 connection preface (RFC 9113, 3.4): what an h2c client with prior knowledge
+/// sends first, and any HTTP/2 client after its TLS handshake.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a client connection's reads are capped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// HTTP/1: capped.
+    On,
+    /// HTTP/2: not capped.
+    Off,
+    /// Not known yet: this many bytes read so far, all of them the preface's. Reads are
+    /// not capped until a byte differs (HTTP/1, [`Cap::On`]) or the whole preface has
+    /// arrived ([`Cap::Off`]); hyper-util reads those first bytes 24 at most at a time.
+    Undecided(u8),
+}
+
+impl Cap {
+    /// Takes note of bytes just read.
+    pub fn saw(&mut self, bytes: &[u8]) {
+        let Cap::Undecided(seen) = *self else {
+            return;
+        };
+        let seen = usize::from(seen);
+        let n = bytes.len().min(H2_PREFACE.len() - seen);
+        *self = if bytes[..n] != H2_PREFACE[seen..seen + n] {
+            Cap::On
+        } else if seen + n == H2_PREFACE.len() {
+            Cap::Off
+        } else {
+            // Below the preface's 24 bytes, so it fits.
+            Cap::Undecided((seen + n) as u8)
+        };
+    }
+}
+
 /// Runs `read` on at most [`MAX_READ`] bytes of `buf`'s unfilled part, and counts what it
-/// filled as filled in `buf`.
+/// filled as filled in `buf`. Inlined: hyper polls an upstream connection's reads about
+/// seven times per exchange, most finding nothing.
+#[inline]
 pub fn poll_capped(
     buf: &mut ReadBuf<'_>,
     read: impl FnOnce(&mut ReadBuf<'_>) -> Poll<io::Result<()>>,
@@ -83,6 +124,32 @@ mod tests {
             Poll::Ready(Ok(()))
         });
         assert_eq!(buf.filled(), b"abc");
+    }
+
+    #[test]
+    fn http1_is_capped_from_its_first_byte_that_is_not_the_prefaces() {
+        let mut cap = Cap::Undecided(0);
+        cap.saw(b"P");
+        assert_eq!(cap, Cap::Undecided(1));
+        cap.saw(b"RI * HTTP/1.1\r\n");
+        assert_eq!(cap, Cap::On);
+        let mut cap = Cap::Undecided(0);
+        cap.saw(b"GET / HTTP/1.1\r\n");
+        assert_eq!(cap, Cap::On);
+    }
+
+    #[test]
+    fn http2_is_not_capped() {
+        let mut cap = Cap::Undecided(0);
+        cap.saw(&H2_PREFACE[..5]);
+        cap.saw(&H2_PREFACE[5..]);
+        assert_eq!(cap, Cap::Off);
+        let mut cap = Cap::Undecided(0);
+        // The preface and the first frame in one read.
+        cap.saw(&[H2_PREFACE, &[0, 0, 18, 4]].concat());
+        assert_eq!(cap, Cap::Off);
+        cap.saw(b"GET");
+        assert_eq!(cap, Cap::Off);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::head_timer::{HeadBytes, HeadTimeout, HeadTimer};
 use crate::headers::ClientInfo;
 use crate::outcome::{ClientConn, Stamped};
 use crate::proxy::{self, ConnContext, Shared};
+use crate::read_cap::{Cap, H2_PREFACE};
 use crate::shutdown::{Seat, Stage};
 use bytes::Bytes;
 
@@ -296,10 +297,6 @@ enum Speaks {
     Unsure,
 }
 
-/// The HTTP/2 connection preface (RFC 9113, 3.4): what an h2c client with prior knowledge
-/// sends first.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// Tells a cleartext HTTP/1 connection by its first bytes, read here and handed to hyper
 /// with [`HeadBytes`] at its first read.
 ///
@@ -359,8 +356,11 @@ async fn serve_io<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let client = cx.client.clone();
-    let capped = matches!(speaks, Speaks::Http1);
-    let io = TokioIo::new(HeadBytes::new(io, first, client.clone(), capped));
+    let cap = match speaks {
+        Speaks::Http1 => Cap::On,
+        Speaks::Unsure => Cap::Undecided(0),
+    };
+    let io = TokioIo::new(HeadBytes::new(io, first, client.clone(), cap));
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let number = cx
             .client

@@ -236,7 +236,8 @@ where
     W: tokio::io::AsyncWrite + Unpin,
 {
     let to_side = from_side.other();
-    let mut buf = vec![0u8; 16 * 1024];
+    // As large as a read of either side can be (see `read_cap.rs`).
+    let mut buf = vec![0u8; crate::read_cap::MAX_READ];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) => break,

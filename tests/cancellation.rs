@@ -682,7 +682,13 @@ async fn held_uploads_keep_little_memory_each() {
     const N: usize = 200;
     const SENT: usize = 64 * 1024;
     const PER_REQUEST_KIB: u64 = 64;
-    let (up, proxy) = pair(r#"timeout = "off""#).await;
+    let up = Upstream::start().await;
+    let config = config_for_url(
+        &http_url(up.addr()),
+        BURST_CONNECT_TIMEOUT,
+        r#"timeout = "off""#,
+    );
+    let proxy = Proxy::start(&config).await;
     let base = rss_baseline(&proxy).await;
     let body = vec![b'u'; SENT];
     let declared = (SENT + 1).to_string();

@@ -75,6 +75,7 @@ impl UpstreamIo {
 
 impl UpstreamIo {
     /// A read as large as `buf`: for HTTP/2, whose reads are not capped (see `read_cap.rs`).
+    #[inline]
     pub fn poll_read_uncapped(
         &mut self,
         cx: &mut Context<'_>,

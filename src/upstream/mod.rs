@@ -728,16 +728,23 @@ impl Conn {
     /// sure it is still open and ready for another request; any other is closed politely.
     /// `at`: when the exchange ended, which starts the connection's idle time.
     ///
-    /// `body_sent`: the request's body was read to its end. An upstream may answer before
-    /// it has the whole body (nginx's `return`, an early 413): the rest of the upload is
-    /// then still on its way through hyper's connection, and an idle connection is polled
-    /// by nobody. Checked in, it held the client's upload until its next use: measured, a
-    /// 1 GiB upload that got its 200 at once stalled for 4 s, the client's window shut.
-    /// Such a connection is closed instead, which ends the upload: the client connection
-    /// closes after its answer and discards the rest (a lingering close, see `linger.rs`).
-    pub fn exchanged(&mut self, at: Instant, body_sent: bool) {
+    /// `upload_read`: the request's body was read from the client to its end (what hyper
+    /// still has of it goes out before the connection is ready for another request). An
+    /// upstream may answer before it has the whole body (nginx's `return`, an early 413):
+    /// the rest of the upload is then still on its way through hyper's connection, and an
+    /// idle connection is polled by nobody. Checked in, it held the client's upload until
+    /// the next use or the pool's sweep: measured, a 1 GiB upload that got its 200 at
+    /// once stalled for 4 to 5 s, the client's window shut. Such a connection is reset
+    /// instead (its upstream gets no truncated body it could take for a whole one), which
+    /// ends the upload: an HTTP/1 client connection closes after its answer and discards
+    /// the rest (a lingering close, see `linger.rs`).
+    pub fn exchanged(&mut self, at: Instant, upload_read: bool) {
+        if !upload_read {
+            // Dropped unexchanged: reset.
+            return;
+        }
         self.exchanged = true;
-        if self.done || !body_sent {
+        if self.done {
             return;
         }
         // Checked in without another poll: the check-out polls it anyway (to notice a

@@ -52,6 +52,16 @@ pub fn parse_head(head: &[u8]) -> Option<Head> {
     Some(h)
 }
 
+/// A request head's `Content-Length`, 0 without one.
+pub fn request_content_length(head: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(head);
+    text.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Reads until `buf` holds a complete head; returns the head's length (including the
 /// blank line). `Ok(None)` on EOF first.
 pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {

@@ -12,6 +12,7 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod bulk;
 mod cancel;
 mod floor;
 mod http;
@@ -38,7 +39,11 @@ loadgen SUBCOMMAND [--flag value ...]
           [--settle-ms 0] [--label NAME]
   timeout --proxy ADDR --upstream ADDR --n N [--concurrency 10] [--timeout-ms 200]
           [--label NAME]
-  rss     --proxy ADDR --upstream ADDR --pid PID --held N [--label NAME]
+  rss     --proxy ADDR --upstream ADDR --pid PID --held N [--upload BYTES | --download 1]
+          [--label NAME]
+  bulk    --proxy ADDR --upstream ADDR [--pid PID] [--gib 1] [--label NAME]
+                                  one large upload, then one large download (--proxy the
+                                  upstream's own ADDR, without --pid: the direct baseline)
   soak    --proxy ADDR --upstream ADDR --pid PID --n 100000 --concurrency 64
           [--delay-ms 10] [--budget-s 60] [--label NAME]
   floor   --listen ADDR --upstream ADDR
@@ -144,6 +149,7 @@ fn main() -> ExitCode {
             "cancel" => cancel::run(&args).await,
             "timeout" => timeout::run(&args).await,
             "rss" => rss::run(&args).await,
+            "bulk" => bulk::run(&args).await,
             "soak" => soak::run(&args).await,
             "floor" => floor::run(&args).await,
             "wrk-parse" => report::wrk_parse(&args),

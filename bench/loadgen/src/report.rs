@@ -119,7 +119,21 @@ pub fn render(args: &Args) -> Result<(), String> {
         wrk.into_iter().partition(|r| r["mode"] == "close");
     wrk_table(&mut out, &keepalive, WrkMode::KeepAlive);
     wrk_table(&mut out, &close, WrkMode::Close);
-    rss_table(&mut out, &of("rss"));
+    let rss = of("rss");
+    // Runs before `kind` existed held bodiless requests.
+    let kind_of = |r: &Value| r["kind"].as_str().unwrap_or("bodiless").to_string();
+    let mut kinds: Vec<String> = Vec::new();
+    for r in &rss {
+        let k = kind_of(r);
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    for k in &kinds {
+        let rows: Vec<&Value> = rss.iter().copied().filter(|r| kind_of(r) == *k).collect();
+        rss_table(&mut out, &rows, k);
+    }
+    bulk_table(&mut out, &of("bulk"));
     soak_table(&mut out, &of("soak"));
 
     let events = of("event");
@@ -452,12 +466,24 @@ fn mib(v: &Value) -> String {
     f(v).map_or("—".into(), |x| format!("{:.1}", x / 1024.0))
 }
 
-fn rss_table(out: &mut String, rows: &[&Value]) {
+fn rss_table(out: &mut String, rows: &[&Value], kind: &str) {
     if rows.is_empty() {
         return;
     }
     let rows = sorted(rows.to_vec());
-    out.push_str("## Memory per held request (upstream never answers)\n\n");
+    match kind {
+        "bodiless" => out.push_str("## Memory per held request (upstream never answers)\n\n"),
+        "stalled download" => out.push_str(
+            "## Memory per stalled download (the upstream sends an endless body, the client \
+             reads none of it)\n\n",
+        ),
+        other => {
+            let _ = write!(
+                out,
+                "## Memory per held request, {other} (the upstream never answers)\n\n"
+            );
+        }
+    }
     out.push_str(
         "VmRSS of the proxy process (nginx: its one worker) before and while holding the \
          requests; KiB per held request = (held − before) ÷ requests that reached the \
@@ -493,6 +519,54 @@ fn rss_table(out: &mut String, rows: &[&Value]) {
         );
     }
     floor_note(out, &rows, "kib_per_request", "KiB per held request");
+    out.push('\n');
+}
+
+fn bulk_table(out: &mut String, rows: &[&Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    let rows = sorted(rows.to_vec());
+    out.push_str("## Bulk transfer (one large upload, then one large download, each alone)\n\n");
+    out.push_str(
+        "The upload goes to the loadgen upstream, which reads it whole before it answers; \
+         the download comes from it, as fast as the proxy takes it. GiB/s is wall-clock \
+         (direct: no proxy); CPU s/GiB is the proxy process's own \
+         CPU time (user + system) per GiB moved. Ratios: cutoff ÷ the leaner incumbent \
+         (below 1× is better).\n\n",
+    );
+    out.push_str("| proxy | GiB | upload GiB/s | upload CPU s/GiB | vs best | download GiB/s | download CPU s/GiB | vs best |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let best = |key: &str| {
+        incumbents(&rows)
+            .into_iter()
+            .filter_map(|r| f(&r[key]))
+            .min_by(|a, b| a.total_cmp(b))
+    };
+    let (best_up, best_down) = (best("upload_cpu_s_per_gib"), best("download_cpu_s_per_gib"));
+    let two = |v: &Value| f(v).map_or("—".into(), |x| format!("{x:.2}"));
+    for r in &rows {
+        let candidate = r["proxy"] == CANDIDATE;
+        let vs = |key: &str, best: Option<f64>| {
+            if candidate {
+                ratio(f(&r[key]), best)
+            } else {
+                "—".into()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            s(&r["proxy"]),
+            s(&r["upload_gib"]),
+            two(&r["upload_gib_per_s"]),
+            two(&r["upload_cpu_s_per_gib"]),
+            vs("upload_cpu_s_per_gib", best_up),
+            two(&r["download_gib_per_s"]),
+            two(&r["download_cpu_s_per_gib"]),
+            vs("download_cpu_s_per_gib", best_down),
+        );
+    }
     out.push('\n');
 }
 

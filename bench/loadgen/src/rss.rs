@@ -1,6 +1,10 @@
 //! `rss`: memory per held request. Read the proxy's VmRSS and open descriptors, hold
 //! `held` requests that the upstream never answers, read them again once every request
 //! has reached the upstream, and report the difference per held request.
+//!
+//! `--upload BYTES`: each request is a POST that sends BYTES of its body (one byte short of
+//! what it declares), then holds. `--download 1`: the upstream answers at once with an
+//! endless body, which the client never reads: a download stalled by its client.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,14 +26,25 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let pid: u32 = args.num("pid", None)?;
     let held: u64 = args.num("held", None)?;
     let label = args.str("label", "proxy");
+    let upload: usize = args.num("upload", Some(0))?;
+    let download = args.num::<u8>("download", Some(0))? == 1;
     if held == 0 || held > 20_000 {
         return Err("--held 1..20000".into());
     }
-    let up = Upstream::start(up_addr, Mode::Hold).await?;
+    if upload > 0 && download {
+        return Err("--upload or --download, not both".into());
+    }
+    let kind = match (upload, download) {
+        (0, false) => "bodiless".to_string(),
+        (0, true) => "stalled download".to_string(),
+        (n, _) => format!("after a {} KiB upload", n / 1024),
+    };
+    let mode = if download { Mode::Flood } else { Mode::Hold };
+    let up = Upstream::start(up_addr, mode).await?;
     let started = Instant::now();
 
     // Warm-up: a few held-and-released requests, so lazily built state is in the baseline.
-    let warm = hold(proxy, 1_000_000, 50).await;
+    let warm = hold(proxy, 1_000_000, 50, upload).await;
     let warm_ids: Vec<u64> = warm.iter().map(|(id, _)| *id).collect();
     up.wait_arrived(&warm_ids, Instant::now() + Duration::from_secs(5))
         .await;
@@ -40,7 +55,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let rss0 = http::rss_kib(pid)?;
     let fd0 = http::fd_count(pid)?;
     let t_open = Instant::now();
-    let conns = hold(proxy, 1, held).await;
+    let conns = hold(proxy, 1, held, upload).await;
     let ids: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
     let arrived = up
         .wait_arrived(&ids, Instant::now() + Duration::from_secs(20))
@@ -51,6 +66,14 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let fd1 = http::fd_count(pid)?;
     let n = conns.len() as u64;
     drop(conns);
+    // The proxy closes the calls of the clients that left; only then does the upstream let
+    // go of the rest. Released first, a download would end under a proxy still sending
+    // it, which the proxy rightly logs as the upstream's failure.
+    up.wait_until(Instant::now() + Duration::from_secs(3), |r| {
+        ids.iter()
+            .all(|id| r.get(id).is_none_or(|x| x.closed.is_some()))
+    })
+    .await;
     up.release_all();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let rss2 = http::rss_kib(pid).unwrap_or(0);
@@ -69,6 +92,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     emit(json!({
         "bench": "rss",
         "proxy": label,
+        "kind": kind,
         "held": held,
         "held_ok": arrived,
         "rss_before_kib": rss0,
@@ -84,21 +108,34 @@ pub async fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `n` connections with one unanswered GET each, ids from `first`.
-async fn hold(proxy: std::net::SocketAddr, first: u64, n: u64) -> Vec<(u64, TcpStream)> {
+/// Opens `n` connections with one unanswered request each, ids from `first`: a GET, or a
+/// POST that sends `upload` bytes of its body and holds before the last one.
+async fn hold(
+    proxy: std::net::SocketAddr,
+    first: u64,
+    n: u64,
+    upload: usize,
+) -> Vec<(u64, TcpStream)> {
+    let body: Arc<[u8]> = vec![b'u'; upload].into();
     let sem = Arc::new(Semaphore::new(OPEN_PARALLEL));
     let mut set = JoinSet::new();
     for id in first..first + n {
         let sem = sem.clone();
+        let body = body.clone();
         set.spawn(async move {
             let _p = sem.acquire_owned().await;
             let r = tokio::time::timeout(Duration::from_secs(5), async {
                 let mut s = http::connect(proxy).await?;
-                http::write_all(
-                    &mut s,
-                    format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
-                )
-                .await?;
+                let head = if body.is_empty() {
+                    format!("GET /c/{id} HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+                } else {
+                    let declared = body.len() + 1;
+                    format!(
+                        "POST /c/{id} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {declared}\r\n\r\n"
+                    )
+                };
+                http::write_all(&mut s, head.as_bytes()).await?;
+                http::write_all(&mut s, &body).await?;
                 Ok::<_, std::io::Error>(s)
             })
             .await;

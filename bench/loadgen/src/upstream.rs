@@ -27,6 +27,12 @@ pub enum Mode {
     /// Answer `200` with a small body after `delay` (keep-alive), unless the connection
     /// closes first.
     Respond { delay: Duration },
+    /// Read the whole body (its `Content-Length`), then answer `200` (keep-alive); a
+    /// request whose target ends in `?bytes=N` is answered with a body of N bytes instead.
+    Sink,
+    /// Answer `200` with a 1 TiB `Content-Length` and send until the proxy stops taking
+    /// it (its client does not read), then hold.
+    Flood,
 }
 
 pub const FIRST_CHUNK: &[u8] = b"first-chunk\n";
@@ -220,10 +226,48 @@ async fn serve(
             _ = release.changed() => return Ok(()),
         };
         let id = request_id(&buf[..head_len]);
-        buf.drain(..head_len);
+        let body_len = crate::http::request_content_length(&buf[..head_len]);
+        let head: Vec<u8> = buf.drain(..head_len).collect();
         up.arrive(id);
         match up.mode {
             Mode::Hold => {}
+            Mode::Sink => {
+                let queued = buf.len().min(body_len);
+                buf.drain(..queued);
+                discard(&fd, body_len - queued).await?;
+                match asked_bytes(&head) {
+                    Some(n) => {
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
+                        );
+                        write_all(&fd, resp.as_bytes()).await?;
+                        let block = vec![b'd'; 256 * 1024];
+                        let mut left = n;
+                        while left > 0 {
+                            let k = left.min(block.len());
+                            write_all(&fd, &block[..k]).await?;
+                            left -= k;
+                        }
+                    }
+                    None => {
+                        let resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
+                        write_all(&fd, resp).await?;
+                    }
+                }
+                up.responded(id);
+                continue;
+            }
+            Mode::Flood => {
+                let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1099511627776\r\n\r\n";
+                write_all(&fd, head).await?;
+                let block = vec![b'f'; 256 * 1024];
+                tokio::select! {
+                    at = wait_closed(&fd) => up.closed(id, at),
+                    _ = release.changed() => {}
+                    _ = async { loop { if write_all(&fd, &block).await.is_err() { break; } } } => {}
+                }
+                return Ok(());
+            }
             Mode::BodyHold => {
                 let mut resp = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
                 resp.extend_from_slice(format!("{:x}\r\n", FIRST_CHUNK.len()).as_bytes());
@@ -293,6 +337,31 @@ async fn read_head(fd: &AsyncFd<TcpStream>, buf: &mut Vec<u8>) -> io::Result<Opt
         }
     }
     Err(io::Error::other("request head too large or too slow"))
+}
+
+/// N from a request line whose target ends in `?bytes=N`.
+fn asked_bytes(head: &[u8]) -> Option<usize> {
+    let line = head.split(|&b| b == b'\r').next()?;
+    let target = line.split(|&b| b == b' ').nth(1)?;
+    let n = std::str::from_utf8(target).ok()?.split_once("?bytes=")?.1;
+    n.parse().ok()
+}
+
+/// Reads and drops `n` bytes.
+async fn discard(fd: &AsyncFd<TcpStream>, mut n: usize) -> io::Result<()> {
+    let mut tmp = vec![0u8; 256 * 1024];
+    while n > 0 {
+        let mut g = fd.readable().await?;
+        let want = n.min(tmp.len());
+        match g.try_io(|s| s.get_ref().read(&mut tmp[..want])) {
+            Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(k)) => n -= k,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
+        }
+    }
+    Ok(())
 }
 
 async fn write_all(fd: &AsyncFd<TcpStream>, mut data: &[u8]) -> io::Result<()> {
