@@ -323,16 +323,18 @@ impl Endpoint {
             .map(|io| (Idle::Io(io), false))
     }
 
-    /// Closes idle connections that the upstream closed or that outlived
+    /// Closes this worker's idle connections that the upstream closed or that outlived
     /// `pool_idle_timeout`, so that the pool never holds a dead connection for long (and
-    /// no descriptor lingers in CLOSE_WAIT). Run periodically.
-    pub fn sweep(&self) {
-        for shard in &self.idle {
-            let mut idle = shard.lock().unwrap_or_else(|e| e.into_inner());
-            idle.retain_mut(|(conn, since)| {
-                since.elapsed() < self.pool_idle_timeout && conn.still_open()
-            });
+    /// no descriptor lingers in CLOSE_WAIT). Run by each worker, every second.
+    pub fn sweep_here(&self) {
+        let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
+        if idle.is_empty() {
+            return;
         }
+        let now = Instant::now();
+        idle.retain_mut(|(conn, since)| {
+            now.saturating_duration_since(*since) < self.pool_idle_timeout && conn.still_open()
+        });
     }
 
     /// `at`: when the connection fell idle (its exchange's end), the start of its idle time.
