@@ -390,6 +390,17 @@ impl Body for UpstreamBody {
         {
             return this.abort_timeout("route timeout fired while streaming the response");
         }
+        let client = this.guard.client();
+        let gated = !client.is_h2();
+        if gated && client.writes().poll_room(cx).is_pending() {
+            // The client's socket is behind: the next chunk waits in the upstream's socket
+            // (see `write_gate.rs`). The upstream is not silent meanwhile, only unread:
+            // its silence is counted afresh once the client takes writes again.
+            if let Some(idle) = this.idle.as_mut() {
+                idle.waiting = false;
+            }
+            return Poll::Pending;
+        }
         if let Some(idle) = this.idle.as_mut()
             && !idle.waiting
         {
@@ -409,6 +420,9 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.guard.add_bytes_out(data.len() as u64);
+                    if gated {
+                        this.guard.client().writes().handed(data.len());
+                    }
                 }
                 if let Some(idle) = this.idle.as_mut() {
                     idle.waiting = false;

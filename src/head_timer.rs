@@ -163,7 +163,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadBytes<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.client.writes().wrote(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -171,7 +173,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadBytes<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.client.writes().wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -50,6 +50,7 @@ pub mod shutdown;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod write_gate;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -26,6 +26,7 @@ use crate::access_log::{self, AccessRecord};
 use crate::body::RequestState;
 use crate::metrics::RouteMetrics;
 use crate::shutdown::Lifecycle;
+use crate::write_gate::WriteGate;
 
 /// How a request ended. The discriminant indexes the per-route metric handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +158,8 @@ pub struct ClientConn {
     /// [`Self::body_left`]. A number, not a flag: an upload can end after its response,
     /// when the next request already arrived, and must not clear that one's.
     body_left: AtomicU64,
+    /// Closed while the client's socket is full (see `write_gate.rs`).
+    writes: WriteGate,
 }
 
 impl Default for ClientConn {
@@ -171,6 +174,7 @@ impl Default for ClientConn {
             last_ended: AtomicU64::new(0),
             response_deadline: AtomicU64::new(0),
             body_left: AtomicU64::new(0),
+            writes: WriteGate::default(),
         }
     }
 }
@@ -190,6 +194,10 @@ impl ClientConn {
     }
 
     /// An HTTP/2 connection: its requests run in tasks of their own, one per stream.
+    pub fn writes(&self) -> &WriteGate {
+        &self.writes
+    }
+
     pub fn is_h2(&self) -> bool {
         self.h2.load(Ordering::Relaxed)
     }
