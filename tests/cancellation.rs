@@ -677,6 +677,16 @@ async fn one_gib_download_streams_through_in_bounded_memory() {
     );
 }
 
+/// The proxy's memory grew by less than `per_kib` for each of `n` requests.
+fn assert_little_memory_each(grown_kib: u64, n: usize, per_kib: u64, what: &str) {
+    let each = grown_kib / n as u64;
+    eprintln!("{n} {what}: {grown_kib} KiB, {each} KiB each");
+    assert!(
+        grown_kib < per_kib * n as u64,
+        "the proxy's RSS grew by {grown_kib} KiB for {n} {what}: {each} KiB each"
+    );
+}
+
 /// Requests held after an upload keep little memory each. hyper's read buffer doubles
 /// after every read that fills it, up to the head limit (64 KiB here), and an upload on
 /// loopback fills every read: 107 KiB of memory per request held after a 64 KiB upload,
@@ -719,15 +729,7 @@ async fn held_uploads_keep_little_memory_each() {
     })
     .await;
     let grown = proxy.rss_kib().saturating_sub(base);
-    eprintln!(
-        "{N} held uploads: {grown} KiB, {} KiB each",
-        grown / N as u64
-    );
-    assert!(
-        grown < PER_REQUEST_KIB * N as u64,
-        "the proxy's RSS grew by {grown} KiB for {N} held uploads of {SENT} bytes: {} KiB each",
-        grown / N as u64
-    );
+    assert_little_memory_each(grown, N, PER_REQUEST_KIB, "held uploads of 64 KiB");
     drop(clients);
 }
 
@@ -829,15 +831,7 @@ async fn stalled_downloads_keep_little_memory_each() {
     })
     .await;
     let grown = settled.saturating_sub(base);
-    eprintln!(
-        "{N} stalled downloads: {grown} KiB, {} KiB each",
-        grown / N as u64
-    );
-    assert!(
-        grown < PER_REQUEST_KIB * N as u64,
-        "the proxy's RSS grew by {grown} KiB for {N} stalled downloads: {} KiB each",
-        grown / N as u64
-    );
+    assert_little_memory_each(grown, N, PER_REQUEST_KIB, "stalled downloads");
     drop(clients);
 }
 
