@@ -323,9 +323,11 @@ impl UpstreamBody {
     ) -> UpstreamBody {
         // Watched by the connection too: a client that stops reading stops hyper from
         // polling this body, and with it this body's own check of the deadline.
-        guard
-            .client()
-            .streaming_until(deadline.as_ref().map(Deadline::at));
+        let client = guard.client();
+        client.streaming_until(deadline.as_ref().map(Deadline::at));
+        if !client.is_h2() {
+            client.writes().restart();
+        }
         let idle = idle_timeout.map(|limit| Idle {
             limit,
             sleep: Box::pin(tokio::time::sleep(limit)),
@@ -388,7 +390,20 @@ impl Body for UpstreamBody {
         if let Some(d) = this.deadline.as_mut()
             && d.poll_fired(cx).is_ready()
         {
-            return this.abort_timeout("route timeout fired while streaming the response");
+            let what = if this.guard.client().writes().is_behind() {
+                "route timeout fired while the client was not reading"
+            } else {
+                "route timeout fired while streaming the response"
+            };
+            return this.abort_timeout(what);
+        }
+        if let Some(conn) = this.conn.as_mut() {
+            // An error here surfaces through the body below, with more context. Driven
+            // even while the client is behind: the rest of an upload still goes out (an
+            // upstream that streams its answer as it reads, a client that reads only
+            // once it has sent everything), and hyper reads the response only as fast
+            // as this body asks for it.
+            let _ = conn.poll_drive(cx);
         }
         let client = this.guard.client();
         let gated = !client.is_h2();
@@ -408,10 +423,6 @@ impl Body for UpstreamBody {
                 .as_mut()
                 .reset(tokio::time::Instant::now() + idle.limit);
             idle.waiting = true;
-        }
-        if let Some(conn) = this.conn.as_mut() {
-            // An error here surfaces through the body below, with more context.
-            let _ = conn.poll_drive(cx);
         }
         let Some(body) = this.body.as_mut() else {
             return Poll::Ready(None);

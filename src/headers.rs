@@ -69,7 +69,7 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // One pass over the names first: most messages carry none of these, or only
     // `Connection`, and every lookup or removal by name costs a hash.
-    let (mut connection, mut te, mut others) = (false, false, false);
+    let (mut connection, mut te, mut others, mut transfer_encoding) = (false, false, false, false);
     for name in headers.keys() {
         // By length first: one compare rules out nearly every name a message carries,
         // where matching each against all seven names cost ~60 instructions per header.
@@ -80,8 +80,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
             connection = true;
         } else if name == header::TE {
             te = true;
-        } else if name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            others = true;
+        } else if name == header::UPGRADE
             || name == header::PROXY_AUTHENTICATE
             || name == KEEP_ALIVE
             || name == PROXY_CONNECTION
@@ -128,6 +130,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         headers.remove(header::TRANSFER_ENCODING);
         headers.remove(header::UPGRADE);
         headers.remove(header::PROXY_AUTHENTICATE);
+    }
+    if transfer_encoding {
+        // RFC 9112, 6.3: Transfer-Encoding overrides Content-Length, and a message that
+        // came with both must lose the latter before it is forwarded. Kept, it would frame
+        // the body for the next hop differently from how it was read here: hyper would
+        // cut a response to the stale length and keep the connection for the next one.
+        headers.remove(header::CONTENT_LENGTH);
     }
     if te && let Some(v) = headers.get(header::TE) {
         let trailers_only = v.to_str().is_ok_and(|v| {
@@ -523,8 +532,30 @@ mod tests {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
             strip_hop_by_hop(&mut h, false);
             assert!(!h.contains_key(name), "{name} was kept");
-            assert!(h.contains_key(header::CONTENT_LENGTH));
+            // A Content-Length beside a Transfer-Encoding goes too (RFC 9112, 6.3).
+            assert_eq!(
+                h.contains_key(header::CONTENT_LENGTH),
+                name != "transfer-encoding",
+                "Content-Length beside {name}"
+            );
         }
+    }
+
+    #[test]
+    fn a_content_length_beside_a_transfer_encoding_is_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        // Also when `Connection` names it.
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("transfer-encoding"),
+        );
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -193,11 +193,12 @@ impl ClientConn {
         n
     }
 
-    /// An HTTP/2 connection: its requests run in tasks of their own, one per stream.
+    /// How far the response body now streaming is ahead of the client's socket (HTTP/1).
     pub fn writes(&self) -> &WriteGate {
         &self.writes
     }
 
+    /// An HTTP/2 connection: its requests run in tasks of their own, one per stream.
     pub fn is_h2(&self) -> bool {
         self.h2.load(Ordering::Relaxed)
     }

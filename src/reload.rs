@@ -205,10 +205,8 @@ pub fn cert_bytes(config: &Config) -> Option<Vec<u8>> {
 }
 
 fn apply(shared: &Shared, old: &Config, new: &Config) -> Result<(), String> {
-    let table = {
-        let previous = shared.table.load();
-        RouteTable::build(new, Some(&previous))?
-    };
+    let previous = shared.table.load_full();
+    let table = RouteTable::build(new, Some(&previous))?;
     // Certificates reload with the config (a renewed cert keeps its file name). Enabling
     // or disabling TLS changes the listener, which needs a restart.
     let acceptor = match (&old.server.tls, &new.server.tls) {
@@ -218,7 +216,17 @@ fn apply(shared: &Shared, old: &Config, new: &Config) -> Result<(), String> {
         _ => None,
     };
     let routes = table.routes().len();
+    let replaced: Vec<_> = previous
+        .upstreams
+        .values()
+        .filter(|u| !table.upstreams.values().any(|n| Arc::ptr_eq(u, n)))
+        .cloned()
+        .collect();
     shared.table.store(Arc::new(table));
+    drop(previous);
+    for upstream in replaced {
+        upstream.retire();
+    }
     if let Some(a) = acceptor {
         shared.tls.store(Some(a));
     }

@@ -253,7 +253,12 @@ async fn serve_tls(
         _ = std::future::poll_fn(|cx| seat.poll_past(cx, Stage::Serving)) => return,
     };
     match tls {
-        Ok(Ok(tls)) => {
+        Ok(Ok(mut tls)) => {
+            // rustls keeps up to 64 KiB of records for a socket that is full; the write
+            // gate (see `write_gate.rs`) counts what rustls took, so that would be on top.
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(crate::write_gate::AHEAD));
             let speaks = match tls.get_ref().1.alpn_protocol() {
                 Some(b"http/1.1") => Speaks::Http1,
                 _ => Speaks::Unsure,

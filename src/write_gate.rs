@@ -16,18 +16,21 @@
 //! chunks from the body before it flushes any: a gate that closed only when a write
 //! blocked would close with hyper's queue already full.
 //!
-//! HTTP/1 only: an HTTP/2 connection carries many streams, and h2's flow control bounds
-//! each of them already.
+//! HTTP/1 clients only: an HTTP/2 connection carries many streams, and h2's flow control
+//! bounds each of them already. Over TLS the count is of what rustls took, so rustls's
+//! own buffer of records is limited to [`AHEAD`] too (`server.rs`). Protected routes
+//! (`protected.rs`) hand their frames through a channel of their own and are not gated.
 
 use std::io;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 
-/// How far a response body may be ahead of the client's socket. A read from the upstream
-/// is at most 8 KiB (see `read_cap.rs`), so hyper holds at most about 24 KiB of a
-/// response; when the client keeps up, the body waits once per 16 KiB, for the flush that
-/// follows.
+/// How far a response body may be ahead of the client's socket. A read from an HTTP/1
+/// upstream is at most 8 KiB (see `read_cap.rs`), so hyper holds at most about 24 KiB of
+/// a response (an HTTP/2 upstream's frames are up to 16 KiB: 32 KiB; its connection
+/// reads on into the stream's window, which bounds that side instead). When the client
+/// keeps up, the body waits once per 16 to 24 KiB, for the flush that follows.
 pub const AHEAD: usize = 16 * 1024;
 
 #[derive(Default)]
@@ -41,10 +44,20 @@ pub struct WriteGate {
 }
 
 impl WriteGate {
-    /// A response body handed hyper `n` bytes.
+    /// A response body handed hyper `n` bytes. (Only the connection's own task counts,
+    /// so a load and a store do: no read-modify-write.)
     #[inline]
     pub fn handed(&self, n: usize) {
-        self.queued.fetch_add(n, Ordering::Relaxed);
+        let queued = self.queued.load(Ordering::Relaxed);
+        self.queued.store(queued + n, Ordering::Relaxed);
+    }
+
+    /// A new response starts: whatever the count says of the last one is forgotten. If
+    /// hyper dropped bytes of it unwritten (a body longer than the length it was framed
+    /// by), they would otherwise count against every later response of the connection.
+    /// What is forgotten of a tail still queued errs towards zero.
+    pub fn restart(&self) {
+        self.queued.store(0, Ordering::Relaxed);
     }
 
     /// Takes note of a write to the client.
@@ -71,6 +84,11 @@ impl WriteGate {
                 w.wake();
             }
         }
+    }
+
+    /// The body is more than [`AHEAD`] ahead: the client is not taking what it is sent.
+    pub fn is_behind(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) > AHEAD
     }
 
     /// Ready while the body is within [`AHEAD`] of the client's socket; otherwise `cx` is

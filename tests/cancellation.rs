@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 /// A long upstream call that only a cancellation can end within a test's lifetime.
@@ -745,13 +745,8 @@ async fn flooding_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
         while let Ok((mut s, _)) = listener.accept().await {
             let blocked = counted.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
+                if !read_until_head_end(&mut s, &mut Vec::new()).await {
+                    return;
                 }
                 let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n";
                 if s.write_all(answer).await.is_err() {

@@ -510,14 +510,12 @@ async fn a_large_response_head_is_relayed() {
     let answer = format!("HTTP/1.1 200 OK\r\nX-Pad: {pad}\r\nContent-Length: 2\r\n\r\nok");
     let upstream = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.expect("accept");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut byte).await.expect("read the request");
-            assert!(n > 0, "the proxy closed before its request's head ended");
-            head.extend_from_slice(&byte[..n]);
-        }
+        assert!(
+            read_until_head_end(&mut stream, &mut Vec::new()).await,
+            "the proxy closed before its request's head ended"
+        );
         stream.write_all(answer.as_bytes()).await.expect("answer");
+        let mut byte = [0u8; 1024];
         // Held open: the exchange ends by its length, not by a close.
         let _ = stream.read(&mut byte).await;
     });
@@ -1589,6 +1587,51 @@ async fn upstream_closing_idle_connections_never_poisons_the_pool() {
     );
 }
 
+/// An upstream response with both `Content-Length` and `Transfer-Encoding: chunked`:
+/// the chunks frame it (RFC 9112, 6.3), and the proxy must not pass the stale length on,
+/// or the client would get the body cut to it and then read the rest as the next
+/// response. The client gets the whole body, and its next request on the connection is
+/// answered on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_content_length_beside_chunked_is_not_passed_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("upstream address");
+    let proxy = Proxy::start(&config_for(addr, "")).await;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                loop {
+                    if !read_until_head_end(&mut s, &mut pending).await {
+                        return;
+                    }
+                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    pending.drain(..end);
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\
+                        Transfer-Encoding: chunked\r\n\r\n14\r\nabcdefghijklmnopqrst\r\n0\r\n\r\n";
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut client = Client::connect(proxy.addr()).await;
+    for i in 0..2 {
+        client.send_head("GET", &format!("/both-{i}"), &[]).await;
+        let head = client.read_head(WAIT).await;
+        let (body, end) = client.read_body_until_end(&head, WAIT).await;
+        assert_eq!(
+            (head.status, body.as_slice()),
+            (200, &b"abcdefghijklmnopqrst"[..]),
+            "response {i}: {:?} {end:?}",
+            head.headers
+        );
+        assert!(end.is_ok(), "response {i} ended {end:?}");
+    }
+    assert_alive(&proxy);
+}
+
 /// An upstream that closes an idle keep-alive connection (its keep-alive timeout) gets the
 /// proxy's close back within about a second: each worker sweeps its idle lists every
 /// second, so the proxy's descriptor does not sit in CLOSE_WAIT. The upstream half-closes
@@ -1604,13 +1647,10 @@ async fn an_idle_connection_the_upstream_closed_is_closed_within_a_sweep() {
     let proxy = Proxy::start(&config_for(addr, "")).await;
     let upstream = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.expect("read the request");
-            assert!(n > 0, "the proxy closed before its request was whole");
-            head.extend_from_slice(&buf[..n]);
-        }
+        assert!(
+            read_until_head_end(&mut s, &mut Vec::new()).await,
+            "the proxy closed before its request was whole"
+        );
         s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             .await
             .expect("respond");

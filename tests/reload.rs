@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// A reload takes the watcher's settle time (150 ms) plus parsing; bounded generously.
 const RELOAD_WAIT: Duration = Duration::from_secs(10);
@@ -786,4 +788,71 @@ async fn the_proxys_own_log_beside_the_config_does_not_keep_the_watch_busy() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reload that replaces an upstream (its settings changed) closes the old pool's idle
+/// connections at once, even while a long response (a stream of hours, a tunnel) still
+/// holds the old upstream: nothing else would, since the pool's sweep looks at the current
+/// table only. The long response itself goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_upstreams_idle_connections_are_closed_at_the_reload() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("upstream address");
+    // The first path each upstream connection carried, sent when the proxy closes it.
+    let (tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut first = None;
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                while read_until_head_end(&mut s, &mut pending).await {
+                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head: Vec<u8> = pending.drain(..end).collect();
+                    let text = String::from_utf8_lossy(&head);
+                    let path = text.split(' ').nth(1).unwrap_or("").to_string();
+                    first.get_or_insert(path.clone());
+                    if path.contains("stream") {
+                        // Held until the proxy closes it.
+                        let head =
+                            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                        if s.write_all(head.as_bytes()).await.is_ok() {
+                            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                        }
+                        break;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = tx.send(first.unwrap_or_default());
+            });
+        }
+    });
+    let listen = "127.0.0.1:0";
+    let one = route("one", "");
+    let proxy = Proxy::start(&config_with(listen, addr, &one)).await;
+    let path = proxy.config_path().to_path_buf();
+    wait_started(&proxy).await;
+    // A long response holds the route, and with it the upstream and its pool.
+    let mut stream = Client::connect(proxy.addr()).await;
+    stream.send_head("GET", "/one/stream", &[]).await;
+    let head = stream.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    // A second connection upstream, which goes back to the pool, idle.
+    assert_eq!(get(&proxy, "/one/idle").await.status, 200);
+    // A changed setting of the upstream: the reload builds a new pool.
+    let changed = format!("pool_idle_timeout = \"59s\"\n{one}");
+    save_by_rename(&path, &config_with(listen, addr, &changed));
+    wait_reloads(&proxy, 1).await;
+    let first = within(WAIT, "the old pool's idle connection closed", closed.recv()).await;
+    assert_eq!(first.as_deref(), Some("/idle"));
+    assert!(
+        closed.try_recv().is_err(),
+        "the long response's upstream call was closed by the reload"
+    );
+    assert_eq!(get(&proxy, "/one/after").await.status, 200);
+    drop(stream);
 }

@@ -190,6 +190,8 @@ pub struct Endpoint {
     epoch: Instant,
     pub(super) metrics: EndpointMetrics,
     upstream: String,
+    /// Replaced by a reload: its idle connections are closed, and no more are kept.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Endpoint {
@@ -232,6 +234,7 @@ impl Endpoint {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             epoch: Instant::now(),
+            retired: std::sync::atomic::AtomicBool::new(false),
             config,
         })
     }
@@ -339,9 +342,25 @@ impl Endpoint {
 
     /// `at`: when the connection fell idle (its exchange's end), the start of its idle time.
     pub(super) fn checkin(&self, conn: Idle, at: Instant) {
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.pool_max_idle {
             idle.push((conn, at));
+        }
+    }
+
+    /// A reload replaced this endpoint (its upstream's config changed). Calls still in
+    /// flight on it finish, but the sweep no longer sees it, and whatever holds it (a
+    /// tunnel, a stream of hours) would keep its idle connections open as long: they are
+    /// closed now, and later check-ins close theirs.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        for shard in &self.idle {
+            let idle = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
+            // Closed outside the lock.
+            drop(idle);
         }
     }
 

@@ -179,6 +179,13 @@ impl Upstream {
         &self.endpoints
     }
 
+    /// A reload replaced this upstream: see [`Endpoint::retire`].
+    pub fn retire(&self) {
+        for e in &self.endpoints {
+            e.retire();
+        }
+    }
+
     /// Power of two choices among endpoints not ejected (and not `avoid`); if every one is
     /// ejected, the one whose ejection ends first: a guess beats refusing every request.
     fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
