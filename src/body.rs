@@ -300,6 +300,9 @@ pub struct UpstreamBody {
     guard: Box<InFlight>,
     status: u16,
     finished: bool,
+    /// Held to the client's pace by its connection's write gate: HTTP/1 clients (see
+    /// `write_gate.rs`). Known from the response's start.
+    gated: bool,
 }
 
 /// `idle_timeout`: the upstream's silence, counted from when the client asks for more,
@@ -325,7 +328,8 @@ impl UpstreamBody {
         // polling this body, and with it this body's own check of the deadline.
         let client = guard.client();
         client.streaming_until(deadline.as_ref().map(Deadline::at));
-        if !client.is_h2() {
+        let gated = !client.is_h2();
+        if gated {
             client.writes().restart();
         }
         let idle = idle_timeout.map(|limit| Idle {
@@ -341,6 +345,7 @@ impl UpstreamBody {
             guard,
             status,
             finished: false,
+            gated,
         }
     }
 
@@ -405,9 +410,7 @@ impl Body for UpstreamBody {
             // as this body asks for it.
             let _ = conn.poll_drive(cx);
         }
-        let client = this.guard.client();
-        let gated = !client.is_h2();
-        if gated && client.writes().poll_room(cx).is_pending() {
+        if this.gated && this.guard.client().writes().poll_room(cx).is_pending() {
             // The client's socket is behind: the next chunk waits in the upstream's socket
             // (see `write_gate.rs`). The upstream is not silent meanwhile, only unread:
             // its silence is counted afresh once the client takes writes again.
@@ -431,7 +434,7 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.guard.add_bytes_out(data.len() as u64);
-                    if gated {
+                    if this.gated {
                         this.guard.client().writes().handed(data.len());
                     }
                 }

@@ -83,8 +83,8 @@ const POOL_SWEEP: Duration = Duration::from_secs(1);
 /// sits in CLOSE_WAIT. Every 5 s from one task, as before, the soak's descriptors took
 /// 4.2 s to come back, against 0.1 s for nginx and HAProxy, which watch idle connections.
 /// Each worker sweeps its own lists, under locks nobody else takes (up to 8 workers, see
-/// `POOL_SHARDS`), so a sweep never holds up another worker's check-out; a second's sweep of 256 idle connections costs
-/// about 0.2 million instructions.
+/// `POOL_SHARDS`), so a sweep never holds up another worker's check-out; a second's sweep
+/// of 256 idle connections costs about 0.2 million instructions.
 async fn sweep_pools(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(POOL_SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -16,8 +16,8 @@
 //! A read one byte short of a power of two never fills the buffer's next step, so hyper's
 //! buffer stays at its first size, 8 KiB. A head larger than that still arrives whole: hyper
 //! reads on until the head is complete or `max_buf_size` is reached. What it costs is a
-//! system call per 8 KiB of a large body instead of per 64 KiB (1 MiB upstream); nginx reads unbuffered
-//! bodies 16 KiB at a time and unbuffered responses 4 KiB at a time.
+//! system call per 8 KiB of a large body instead of per 64 KiB (1 MiB upstream); nginx
+//! reads unbuffered bodies 16 KiB at a time and unbuffered responses 4 KiB at a time.
 //!
 //! HTTP/2 is read without a cap: the h2 crate sizes its buffer by frame, not by read. A
 //! client connection whose protocol is not known before its first bytes (TLS without

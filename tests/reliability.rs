@@ -511,7 +511,7 @@ async fn a_large_response_head_is_relayed() {
     let upstream = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.expect("accept");
         assert!(
-            read_until_head_end(&mut stream, &mut Vec::new()).await,
+            read_raw_head(&mut stream, &mut Vec::new()).await.is_some(),
             "the proxy closed before its request's head ended"
         );
         stream.write_all(answer.as_bytes()).await.expect("answer");
@@ -1602,11 +1602,9 @@ async fn a_stale_content_length_beside_chunked_is_not_passed_on() {
             tokio::spawn(async move {
                 let mut pending = Vec::new();
                 loop {
-                    if !read_until_head_end(&mut s, &mut pending).await {
+                    if read_raw_head(&mut s, &mut pending).await.is_none() {
                         return;
                     }
-                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    pending.drain(..end);
                     let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\
                         Transfer-Encoding: chunked\r\n\r\n14\r\nabcdefghijklmnopqrst\r\n0\r\n\r\n";
                     if s.write_all(answer).await.is_err() {
@@ -1648,7 +1646,7 @@ async fn an_idle_connection_the_upstream_closed_is_closed_within_a_sweep() {
     let upstream = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
         assert!(
-            read_until_head_end(&mut s, &mut Vec::new()).await,
+            read_raw_head(&mut s, &mut Vec::new()).await.is_some(),
             "the proxy closed before its request was whole"
         );
         s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")

@@ -807,9 +807,7 @@ async fn a_replaced_upstreams_idle_connections_are_closed_at_the_reload() {
                 let mut first = None;
                 let mut pending = Vec::new();
                 let mut buf = vec![0u8; 4096];
-                while read_until_head_end(&mut s, &mut pending).await {
-                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head: Vec<u8> = pending.drain(..end).collect();
+                while let Some(head) = read_raw_head(&mut s, &mut pending).await {
                     let text = String::from_utf8_lossy(&head);
                     let path = text.split(' ').nth(1).unwrap_or("").to_string();
                     first.get_or_insert(path.clone());

@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -191,7 +191,7 @@ pub struct Endpoint {
     pub(super) metrics: EndpointMetrics,
     upstream: String,
     /// Replaced by a reload: its idle connections are closed, and no more are kept.
-    retired: std::sync::atomic::AtomicBool,
+    retired: AtomicBool,
 }
 
 impl Endpoint {
@@ -234,7 +234,7 @@ impl Endpoint {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             epoch: Instant::now(),
-            retired: std::sync::atomic::AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             config,
         })
     }

@@ -1830,18 +1830,24 @@ impl Response {
     }
 }
 
-/// Reads from `io` until `buf` holds a whole head, up to its blank line (and maybe bytes
-/// after it); false if the peer closed or failed first. For the raw peers of tests: an
-/// upstream reading a request, a client reading a response.
-pub async fn read_until_head_end<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> bool {
+/// Reads from `io` until `pending` holds a whole head, up to its blank line, and takes
+/// that head out of it (what follows stays, for the next one); None if the peer closed or
+/// failed first. For the raw peers of tests: an upstream reading a request, a client
+/// reading a response.
+pub async fn read_raw_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    pending: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
     let mut chunk = [0u8; 4096];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(pending.drain(..i + 4).collect());
+        }
         match io.read(&mut chunk).await {
-            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return false,
+            Ok(n) if n > 0 => pending.extend_from_slice(&chunk[..n]),
+            _ => return None,
         }
     }
-    true
 }
 
 /// A raw HTTP/1.1 client connection.
