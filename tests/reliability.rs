@@ -14,6 +14,11 @@
 //!   length. Each ends in the documented status and outcome, and the next request through
 //!   the same proxy works. Upstreams that close keep-alive connections (after every
 //!   response, or after 50 ms idle) never poison the pool.
+//! - A storm: all of those faults at once, with clients that leave, 200 requests over one
+//!   upstream's shared connections. Each client gets what its fault should give, each
+//!   call left hanging is closed at the upstream, each request has the right access-log
+//!   line, and afterwards the proxy holds no descriptor beyond its idle upstream
+//!   connections (a census of /proc) and serves 50 requests in a row.
 //! - Limits: `max_connections` holds extra connections in the kernel backlog (served once
 //!   a slot frees, descriptors bounded), and `max_header_bytes` below its minimum is a
 //!   config error naming the key.
@@ -22,6 +27,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -949,11 +955,7 @@ async fn max_header_bytes_below_the_minimum_is_a_config_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_extra_connections_in_the_backlog() {
     let (up, proxy) = single("max_connections = 4").await;
-    let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    };
+    let fds = || proxy.open_fds();
     let baseline = fds();
 
     let mut slow = JoinSet::new();
@@ -1089,6 +1091,29 @@ enum Fault {
     /// and closes (FIN) without a byte of answer: an idle timeout that crossed the
     /// request on the wire.
     CloseOnSecond,
+    /// A healthy keep-alive `200 ok`.
+    Healthy,
+    /// No answer, ever: the connection is held until the proxy closes it.
+    Hold,
+    /// The fault the request's path names in its second segment (`/storm/KIND/...`, see
+    /// [`Fault::named`]), chosen again for each request of a connection.
+    ByPath,
+}
+
+impl Fault {
+    /// The fault `/storm/KIND/...` asks for.
+    fn named(path: &str) -> Fault {
+        match path.split('/').nth(2).unwrap_or("") {
+            "hold" => Fault::Hold,
+            "reset" => Fault::ResetBeforeHeaders,
+            "midreset" => Fault::ResetMidBody,
+            "garbage" => Fault::Garbage,
+            "hang" => Fault::HeadersNeverFinish,
+            "short" => Fault::ShortBodyThenFin,
+            "close" => Fault::CloseAfterEach,
+            _ => Fault::Healthy,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1097,6 +1122,11 @@ struct FaultCounts {
     requests: usize,
     /// When the proxy closed a connection the upstream was holding open.
     peer_closed: Vec<Instant>,
+    /// The targets of the request heads read.
+    arrived: HashSet<String>,
+    /// The targets of the requests whose connection the proxy closed while the upstream
+    /// held it open.
+    closed: HashSet<String>,
 }
 
 /// A raw-TCP upstream with one fault. Counts connections and requests, and notes when the
@@ -1104,6 +1134,7 @@ struct FaultCounts {
 struct FaultUpstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     counts: Arc<Mutex<FaultCounts>>,
     changed: watch::Sender<u64>,
     task: JoinHandle<()>,
@@ -1114,9 +1145,15 @@ impl FaultUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let counts = Arc::new(Mutex::new(FaultCounts::default()));
         let (changed, _) = watch::channel(0);
-        let (a, c, ch) = (accepted.clone(), counts.clone(), changed.clone());
+        let (a, o, c, ch) = (
+            accepted.clone(),
+            open.clone(),
+            counts.clone(),
+            changed.clone(),
+        );
         let task = tokio::spawn(async move {
             let mut conns = JoinSet::new();
             loop {
@@ -1125,7 +1162,12 @@ impl FaultUpstream {
                         let Ok((stream, _)) = r else { continue };
                         let _ = stream.set_nodelay(true);
                         a.fetch_add(1, Ordering::SeqCst);
-                        conns.spawn(fault_conn(stream, fault, c.clone(), ch.clone()));
+                        o.fetch_add(1, Ordering::SeqCst);
+                        let (o, conn) = (o.clone(), fault_conn(stream, fault, c.clone(), ch.clone()));
+                        conns.spawn(async move {
+                            conn.await;
+                            o.fetch_sub(1, Ordering::SeqCst);
+                        });
                     }
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 }
@@ -1134,6 +1176,7 @@ impl FaultUpstream {
         FaultUpstream {
             addr,
             accepted,
+            open,
             counts,
             changed,
             task,
@@ -1152,25 +1195,37 @@ impl FaultUpstream {
         self.counts.lock().expect("counts").requests
     }
 
+    /// Connections accepted and not yet ended on the upstream's side.
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `done` finds what it looks for in the counts.
+    async fn wait_counts<T>(
+        &self,
+        timeout: Duration,
+        what: impl std::fmt::Display,
+        done: impl Fn(&FaultCounts) -> Option<T>,
+    ) -> T {
+        let mut rx = self.changed.subscribe();
+        within(timeout, what, async {
+            loop {
+                rx.mark_unchanged();
+                if let Some(t) = done(&self.counts.lock().expect("counts")) {
+                    return t;
+                }
+                let _ = rx.changed().await;
+            }
+        })
+        .await
+    }
+
     /// Waits until the proxy has closed `n` connections the upstream held open.
     async fn wait_peer_closed(&self, n: usize, timeout: Duration) -> Vec<Instant> {
-        let mut rx = self.changed.subscribe();
-        within(
-            timeout,
-            format!("{n} connections closed by the proxy"),
-            async {
-                loop {
-                    rx.mark_unchanged();
-                    {
-                        let c = self.counts.lock().expect("counts");
-                        if c.peer_closed.len() >= n {
-                            return c.peer_closed.clone();
-                        }
-                    }
-                    let _ = rx.changed().await;
-                }
-            },
-        )
+        let what = format!("{n} connections closed by the proxy");
+        self.wait_counts(timeout, what, |c| {
+            (c.peer_closed.len() >= n).then(|| c.peer_closed.clone())
+        })
         .await
     }
 }
@@ -1182,7 +1237,8 @@ impl Drop for FaultUpstream {
 }
 
 enum HeadRead {
-    Head,
+    /// A whole head, with its request target.
+    Head(String),
     Closed,
     Idle,
 }
@@ -1197,6 +1253,7 @@ async fn read_request_head(
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let target = head.split(' ').nth(1).unwrap_or("").to_string();
             buf.advance(end + 4);
             let len: usize = head
                 .lines()
@@ -1210,7 +1267,7 @@ async fn read_request_head(
                 }
             }
             buf.advance(len);
-            return HeadRead::Head;
+            return HeadRead::Head(target);
         }
         let waiting = buf.is_empty();
         let read = stream.read_buf(buf);
@@ -1247,18 +1304,26 @@ async fn fault_conn(
             Fault::IdleClose(d) => Some(d),
             _ => None,
         };
-        match read_request_head(&mut stream, &mut buf, idle).await {
-            HeadRead::Head => {}
+        let target = match read_request_head(&mut stream, &mut buf, idle).await {
+            HeadRead::Head(target) => target,
             HeadRead::Closed => return,
             HeadRead::Idle => {
                 let _ = stream.shutdown().await;
                 return;
             }
+        };
+        {
+            let mut c = counts.lock().expect("counts");
+            c.requests += 1;
+            c.arrived.insert(target.clone());
         }
-        counts.lock().expect("counts").requests += 1;
         bump();
         served += 1;
-        let hold_open = match fault {
+        let this = match fault {
+            Fault::ByPath => Fault::named(&target),
+            f => f,
+        };
+        let hold_open = match this {
             Fault::ResetBeforeHeaders => return reset(stream),
             Fault::ResetMidBody => {
                 let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
@@ -1294,12 +1359,13 @@ async fn fault_conn(
                 let _ = stream.shutdown().await;
                 return;
             }
-            Fault::IdleClose(_) => {
+            Fault::IdleClose(_) | Fault::Healthy => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     .await;
                 continue;
             }
+            Fault::Hold => true,
             Fault::CloseOnSecond if served == 1 => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -1307,6 +1373,7 @@ async fn fault_conn(
                 continue;
             }
             Fault::CloseOnSecond => return,
+            Fault::ByPath => unreachable!("resolved above"),
         };
         // Hold the connection until the proxy closes it (bounded: 30 s).
         let mut sink = [0u8; 4096];
@@ -1314,11 +1381,10 @@ async fn fault_conn(
             match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut sink)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     if hold_open {
-                        counts
-                            .lock()
-                            .expect("counts")
-                            .peer_closed
-                            .push(Instant::now());
+                        let mut c = counts.lock().expect("counts");
+                        c.peer_closed.push(Instant::now());
+                        c.closed.insert(target);
+                        drop(c);
                         bump();
                     }
                     return;
@@ -1724,5 +1790,325 @@ async fn post_crossing_an_idle_close_is_never_sent_twice() {
         (conns, requests),
         (1, 2),
         "connections and request heads upstream"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// A storm: every fault at once, with departures, over shared pooled connections
+// ------------------------------------------------------------------------------------------
+
+/// The kinds of storm request, by the fault their path names ([`Fault::named`]): `ok` is
+/// healthy; `hold` is answered never, and its client leaves.
+const STORM_KINDS: [&str; 8] = [
+    "ok", "close", "reset", "garbage", "hang", "short", "midreset", "hold",
+];
+
+/// One storm client: `GET /storm/KIND/I` on a connection of its own, and what it got, if
+/// that is not what the kind should give.
+async fn storm_client(
+    addr: SocketAddr,
+    up: &FaultUpstream,
+    kind: &str,
+    i: usize,
+) -> Result<(), String> {
+    let path = format!("/storm/{kind}/{i}");
+    let t = Duration::from_secs(10);
+    let mut c = Client::connect(addr).await;
+    c.get(&path).await;
+    match kind {
+        "hold" => {
+            let what = format!("{path} at the upstream");
+            up.wait_counts(t, what, |c| c.arrived.contains(&path).then_some(()))
+                .await;
+            if i.is_multiple_of(2) {
+                c.close_fin().await;
+            } else {
+                c.close_rst();
+            }
+            Ok(())
+        }
+        "ok" | "close" => {
+            let r = c.read_response(t).await;
+            match (r.status, r.text()) {
+                (200, body) if body == "ok" => Ok(()),
+                (status, body) => Err(format!("{status} {body:?} instead of 200 \"ok\"")),
+            }
+        }
+        "short" | "midreset" => match c.try_read_head(t).await {
+            Ok(head) if head.status == 200 => match c.read_body_until_end(&head, t).await {
+                (_, Err(_)) => Ok(()),
+                (body, Ok(())) => Err(format!("a whole body ({} bytes) of a cut one", body.len())),
+            },
+            Ok(head) => Err(format!("{} instead of the upstream's 200", head.status)),
+            // The exchange failed before hyper flushed the head: cut short too.
+            Err(ReadEnd::Eof | ReadEnd::Reset) => Ok(()),
+            Err(ReadEnd::TimedOut) => Err("no head and no close within 10 s".into()),
+        },
+        _ => {
+            let want = if kind == "hang" { 504 } else { 502 };
+            match c.try_read_head(t).await {
+                Ok(head) if head.status == want => Ok(()),
+                Ok(head) => Err(format!("{} instead of {want}", head.status)),
+                Err(end) => Err(format!("no head ({end:?}) instead of {want}")),
+            }
+        }
+    }
+}
+
+/// The proxy's descriptors by kind, read from /proc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FdCensus {
+    /// Listening TCP sockets.
+    listening: usize,
+    /// TCP connections, in any state the kernel still lists.
+    tcp: usize,
+    /// Sockets in no table: TCP connections the kernel has closed (reset) whose
+    /// descriptor the proxy still holds.
+    dead: usize,
+    /// The rest: unix and UDP sockets, epoll sets, eventfds, pipes, files.
+    other: usize,
+}
+
+/// The kernel's sockets by inode: (TCP state in hex, or "unix"/"udp"; local port; remote
+/// port).
+fn socket_tables() -> std::collections::HashMap<String, (String, u16, u16)> {
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).unwrap_or(0);
+    let mut out = std::collections::HashMap::new();
+    for (table, kind) in [
+        ("tcp", None),
+        ("tcp6", None),
+        ("udp", Some("udp")),
+        ("udp6", Some("udp")),
+    ] {
+        let text = std::fs::read_to_string(format!("/proc/net/{table}")).unwrap_or_default();
+        for row in text.lines().skip(1) {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            if f.len() > 9 {
+                let state = kind.unwrap_or(f[3]).to_string();
+                out.insert(f[9].to_string(), (state, port(f[1]), port(f[2])));
+            }
+        }
+    }
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    for row in unix.lines().skip(1) {
+        if let Some(inode) = row.split_whitespace().nth(6) {
+            out.insert(inode.to_string(), ("unix".to_string(), 0, 0));
+        }
+    }
+    out
+}
+
+/// The proxy's descriptors as (fd, what it is).
+fn proxy_fds(proxy: &Proxy) -> Vec<(String, String)> {
+    let dir = format!("/proc/{}/fd", proxy.pid());
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {dir}: {e}"))
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let link = std::fs::read_link(e.path()).ok()?; // None: closed meanwhile
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                link.to_string_lossy().into_owned(),
+            ))
+        })
+        .collect()
+}
+
+impl FdCensus {
+    fn of(proxy: &Proxy) -> FdCensus {
+        let tables = socket_tables();
+        let mut census = FdCensus {
+            listening: 0,
+            tcp: 0,
+            dead: 0,
+            other: 0,
+        };
+        for (_, link) in proxy_fds(proxy) {
+            let inode = link
+                .strip_prefix("socket:[")
+                .and_then(|l| l.strip_suffix(']'));
+            match inode.map(|i| tables.get(i).map(|(state, ..)| state.as_str())) {
+                Some(Some("0A")) => census.listening += 1,
+                Some(Some("unix" | "udp")) | None => census.other += 1,
+                Some(Some(_)) => census.tcp += 1,
+                Some(None) => census.dead += 1,
+            }
+        }
+        census
+    }
+
+    /// The proxy's TCP connections and dead sockets, for a failure message.
+    fn connections(proxy: &Proxy) -> String {
+        let tables = socket_tables();
+        let mut out = Vec::new();
+        for (fd, link) in proxy_fds(proxy) {
+            let Some(inode) = link
+                .strip_prefix("socket:[")
+                .and_then(|l| l.strip_suffix(']'))
+            else {
+                continue;
+            };
+            match tables.get(inode) {
+                Some((state, l, r)) if !matches!(state.as_str(), "0A" | "unix" | "udp") => {
+                    out.push(format!("fd {fd}: port {l} -> {r}, TCP state {state}"))
+                }
+                Some(_) => {}
+                None => out.push(format!("fd {fd}: a socket in no table (inode {inode})")),
+            }
+        }
+        out.join("; ")
+    }
+}
+
+/// 200 requests, 25 of each kind above in a shuffled order, 32 at a time, through one
+/// proxy to one upstream whose kept connections they all share: healthy answers, answers
+/// with `Connection: close`, resets before and inside the body, garbage, heads that never
+/// end (a 400 ms route), short bodies, and clients that leave (FIN or RST) once the
+/// upstream has their request. Each client gets what its kind should. Every upstream
+/// connection left hanging (a departed client, a timeout, garbage) is closed at the
+/// upstream. Every request has one access-log line with the right status, outcome and
+/// canceller. Afterwards the proxy holds no descriptor beyond the upstream connections
+/// it keeps idle, and 50 requests in a row over the same pool are all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_faults_and_departures_leaves_nothing_behind() {
+    let up = Arc::new(FaultUpstream::start(Fault::ByPath).await);
+    let route = |name, prefix, extra| RouteSpec {
+        name,
+        prefix,
+        url: up.url(),
+        extra,
+    };
+    let proxy = Proxy::start(&config(
+        "",
+        &[
+            route("storm", "/storm/", ""),
+            route("hang", "/storm/hang/", "timeout = \"400ms\""),
+        ],
+    ))
+    .await;
+    // What the proxy holds with no connection open: measured once a few exchanges have
+    // made whatever it opens lazily.
+    for i in 0..3 {
+        let r = http_get(proxy.addr(), &format!("/storm/ok/warm-{i}")).await;
+        assert_eq!(r.status, 200, "warm-up: {}", r.text());
+    }
+    // What the proxy holds between requests: counted once the warm-up's client
+    // connections are gone, and every upstream connection it holds is one the upstream
+    // holds too.
+    let mut before = FdCensus::of(&proxy);
+    poll_until(WAIT, "the warm-up's client connections closed", || {
+        before = FdCensus::of(&proxy);
+        before.dead == 0 && before.tcp == up.open()
+    })
+    .await;
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut plan: Vec<(usize, &'static str)> = (0..200)
+        .map(|i| (i, STORM_KINDS[i % STORM_KINDS.len()]))
+        .collect();
+    rng.shuffle(&mut plan);
+    let slots = Arc::new(tokio::sync::Semaphore::new(32));
+    let wrong = within(Duration::from_secs(60), "the storm's 200 clients", async {
+        let mut clients = JoinSet::new();
+        for &(i, kind) in &plan {
+            let slot = slots.clone().acquire_owned().await.expect("semaphore");
+            let (addr, up) = (proxy.addr(), up.clone());
+            clients.spawn(async move {
+                let _slot = slot;
+                (i, kind, storm_client(addr, &up, kind, i).await)
+            });
+        }
+        let mut wrong = Vec::new();
+        while let Some(done) = clients.join_next().await {
+            if let (i, kind, Err(e)) = done.expect("a storm client panicked") {
+                wrong.push(format!("/storm/{kind}/{i}: {e}"));
+            }
+        }
+        wrong
+    })
+    .await;
+    assert!(
+        wrong.is_empty(),
+        "seed {seed}: {} of 200 clients got the wrong answer:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    // Cancellation as the upstream saw it: each connection left hanging was closed.
+    let hanging: Vec<String> = plan
+        .iter()
+        .filter(|(_, kind)| matches!(*kind, "hold" | "hang" | "garbage"))
+        .map(|(i, kind)| format!("/storm/{kind}/{i}"))
+        .collect();
+    let what = format!("the {} hanging upstream connections closed", hanging.len());
+    up.wait_counts(Duration::from_secs(10), what, |c| {
+        hanging.iter().all(|p| c.closed.contains(p)).then_some(())
+    })
+    .await;
+
+    let lines = proxy
+        .wait_for_access_logs(
+            200,
+            |v| log_path(v).starts_with("/storm/") && !log_path(v).contains("/warm-"),
+            Duration::from_secs(10),
+        )
+        .await;
+    let mut seen = HashSet::new();
+    for line in &lines {
+        let path = log_path(line);
+        assert!(
+            seen.insert(path.to_string()),
+            "two access-log lines for {path}"
+        );
+        match Fault::named(path) {
+            Fault::Healthy | Fault::CloseAfterEach => assert_access(line, 200, "ok", None),
+            Fault::HeadersNeverFinish => assert_access(line, 504, "timeout", Some("timeout")),
+            Fault::Hold => assert_access(line, 499, "client_closed", Some("client")),
+            _ => assert_access(line, 502, "upstream_error", None),
+        }
+    }
+
+    // Descriptors: no client connection left, and no upstream connection but those the
+    // upstream still holds open too (idle in the pool): none half-closed or reset.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let expected = |open| FdCensus {
+        tcp: open,
+        ..before
+    };
+    loop {
+        let (now, open) = (FdCensus::of(&proxy), up.open());
+        if now == expected(open) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: 10 s after the storm the proxy's descriptors are {now:?}, not \
+             {:?} (before it, with the upstream holding {open} connections open); the \
+             proxy's port is {}, the upstream's {}; its connections: {}",
+            expected(open),
+            proxy.addr().port(),
+            up.addr.port(),
+            FdCensus::connections(&proxy)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut client = Client::connect(proxy.addr()).await;
+    for i in 0..50 {
+        client.get(&format!("/storm/ok/after-{i}")).await;
+        let r = client.read_response(Duration::from_secs(10)).await;
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "ok".to_string()),
+            "request {i} after the storm"
+        );
+    }
+    assert_alive(&proxy);
+    eprintln!(
+        "[reliability] storm (seed {seed}): 200 clients as expected, {} hanging upstream \
+         connections closed, {} upstream connections accepted, {} open after",
+        hanging.len(),
+        up.accepted(),
+        up.open()
     );
 }

@@ -665,6 +665,14 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no VmRSS in {path}:\n{status}"))
     }
 
+    /// How many descriptors the proxy has open (/proc/PID/fd).
+    pub fn open_fds(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.pid);
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read {dir}: {e}"))
+            .count()
+    }
+
     /// How many open client connections each worker serves, most first, workers serving
     /// none left out. Read from the kernel: every client socket is in the hang-up set
     /// (registered for `EPOLLRDHUP | EPOLLONESHOT`) and in the epoll set of the worker

@@ -1,6 +1,7 @@
 //! `rss`: memory per held request. Read the proxy's VmRSS and open descriptors, hold
 //! `held` requests that the upstream never answers, read them again once every request
-//! has reached the upstream, and report the difference per held request.
+//! has reached the upstream and the memory has stopped moving, and report the difference
+//! per held request.
 //!
 //! `--upload BYTES`: each request is a POST that sends BYTES of its body (one byte short of
 //! what it declares), then holds. `--download 1`: the upstream answers at once with an
@@ -61,8 +62,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         .wait_arrived(&ids, Instant::now() + Duration::from_secs(20))
         .await;
     let open_s = t_open.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss1 = http::rss_kib(pid)?;
+    let (rss1, settle_s) = settled_rss(pid).await?;
     let fd1 = http::fd_count(pid)?;
     let n = conns.len() as u64;
     drop(conns);
@@ -86,8 +86,9 @@ pub async fn run(args: &Args) -> Result<(), String> {
     };
     println!(
         "rss {label} pid={pid}: held {arrived}/{held} (opened {n} in {open_s:.1}s); \
-         VmRSS {rss0} → {rss1} KiB = {per:.2} KiB per held request; fds {fd0} → {fd1}; \
-         after release: VmRSS {rss2} KiB, fds {fd2}"
+         VmRSS {rss0} → {rss1} KiB (settled {settle_s:.1}s after the last arrival) = \
+         {per:.2} KiB per held request; fds {fd0} → {fd1}; after release: VmRSS {rss2} KiB, \
+         fds {fd2}"
     );
     emit(json!({
         "bench": "rss",
@@ -103,9 +104,32 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "fds_held": fd1,
         "fds_after": fd2,
         "open_s": crate::stats::round1(open_s),
+        "settle_s": crate::stats::round1(settle_s),
         "seconds": crate::stats::round1(started.elapsed().as_secs_f64()),
     }));
     Ok(())
+}
+
+/// The proxy's VmRSS once it stops moving, and how long that took: read every 100 ms
+/// until three readings in a row are within 64 KiB of the one before (at most 5 s). A
+/// request's arrival at the upstream does not end what the proxy does for it: a stalled
+/// download goes on filling buffers until the proxy stops reading, and a fixed pause read
+/// that at a different point in different runs.
+async fn settled_rss(pid: u32) -> Result<(u64, f64), String> {
+    let start = Instant::now();
+    let mut last = http::rss_kib(pid)?;
+    let mut same = 0;
+    while same < 3 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = http::rss_kib(pid)?;
+        same = if now.abs_diff(last) <= 64 {
+            same + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    Ok((last, start.elapsed().as_secs_f64()))
 }
 
 /// Opens `n` connections with one unanswered request each, ids from `first`: a GET, or a
