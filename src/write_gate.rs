@@ -31,6 +31,12 @@ use std::task::{Context, Poll, Waker};
 /// a response (an HTTP/2 upstream's frames are up to 16 KiB: 32 KiB; its connection
 /// reads on into the stream's window, which bounds that side instead). When the client
 /// keeps up, the body waits once per 16 to 24 KiB, for the flush that follows.
+///
+/// Measured and not taken (2026-12-07, 200 stalled downloads, six alternating 1 GiB
+/// downloads per build): 8 KiB took 55 → 47 KiB per stalled download, at 15 % more CPU per
+/// GiB downloaded (0.73 → 0.84 s: half the batch per write). Holding the body back, once
+/// a write found the socket full, until hyper's queue was empty saved as much at 9 % more
+/// (0.68 → 0.74 s: more waits while a fast client's socket fills and empties).
 pub const AHEAD: usize = 16 * 1024;
 
 #[derive(Default)]

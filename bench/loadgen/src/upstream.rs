@@ -59,7 +59,15 @@ pub struct Upstream {
     pub closed_unanswered: AtomicU64,
     /// Responses written.
     pub responded: AtomicU64,
+    /// Flood connections whose writes have blocked for [`STALLED_AFTER`]: the proxy has
+    /// stopped reading them (counted once per connection).
+    pub stalled: AtomicU64,
 }
+
+/// How long a flood's write must wait for room before its connection counts as stalled.
+/// A proxy busy with its other connections can leave one unread for a moment, so a
+/// stall is no proof on its own: `rss` also waits for the memory to stop moving.
+pub const STALLED_AFTER: Duration = Duration::from_millis(200);
 
 impl Upstream {
     pub async fn start(addr: SocketAddr, mode: Mode) -> Result<Arc<Upstream>, String> {
@@ -74,6 +82,7 @@ impl Upstream {
             requests: AtomicU64::new(0),
             closed_unanswered: AtomicU64::new(0),
             responded: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
         });
         let u = up.clone();
         // Lives as long as the subcommand (which is bounded in time).
@@ -264,7 +273,7 @@ async fn serve(
                 tokio::select! {
                     at = wait_closed(&fd) => up.closed(id, at),
                     _ = release.changed() => {}
-                    _ = async { loop { if write_all(&fd, &block).await.is_err() { break; } } } => {}
+                    _ = flood(&up, &fd, &block) => {}
                 }
                 return Ok(());
             }
@@ -362,6 +371,26 @@ async fn discard(fd: &AsyncFd<TcpStream>, mut n: usize) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `block` after `block` until the connection fails; counts the connection in
+/// `stalled` the first time a write waits [`STALLED_AFTER`] for room. (A block cut short
+/// by that wait is not resumed: what a flood sends does not matter, only that it never
+/// stops.)
+async fn flood(up: &Upstream, fd: &AsyncFd<TcpStream>, block: &[u8]) {
+    let mut counted = false;
+    loop {
+        match tokio::time::timeout(STALLED_AFTER, write_all(fd, block)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) if !counted => {
+                counted = true;
+                up.stalled.fetch_add(1, Ordering::Relaxed);
+                up.changed.notify_waiters();
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 async fn write_all(fd: &AsyncFd<TcpStream>, mut data: &[u8]) -> io::Result<()> {
