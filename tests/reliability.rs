@@ -18,7 +18,9 @@
 //!   upstream's shared connections. Each client gets what its fault should give, each
 //!   call left hanging is closed at the upstream, each request has the right access-log
 //!   line, and afterwards the proxy holds no descriptor beyond its idle upstream
-//!   connections (a census of /proc) and serves 50 requests in a row.
+//!   connections (a census of /proc) and serves 50 requests in a row. Once from HTTP/1.1
+//!   clients, once from streams of HTTP/2 connections (the leaving ones reset their
+//!   stream).
 //! - Limits: `max_connections` holds extra connections in the kernel backlog (served once
 //!   a slot frees, descriptors bounded), and `max_header_bytes` below its minimum is a
 //!   config error naming the key.
@@ -26,8 +28,10 @@
 //! Every wait is bounded; time bounds are generous for a loaded 2-core machine.
 
 mod common;
+mod common_tls;
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1803,23 +1807,45 @@ const STORM_KINDS: [&str; 8] = [
     "ok", "close", "reset", "garbage", "hang", "short", "midreset", "hold",
 ];
 
-/// One storm client: `GET /storm/KIND/I` on a connection of its own, and what it got, if
-/// that is not what the kind should give.
-async fn storm_client(
+/// How a storm client reaches the proxy.
+enum Via {
+    /// A new HTTP/1.1 connection of its own.
+    Http1(SocketAddr),
+    /// A stream of a shared HTTP/2 connection.
+    Http2(common_tls::H2Sender),
+}
+
+/// One storm client: `GET /storm/KIND/I`, and what it got, if that is not what the kind
+/// should give.
+async fn storm_client(via: Via, up: &FaultUpstream, kind: &str, i: usize) -> Result<(), String> {
+    let path = format!("/storm/{kind}/{i}");
+    // A `hold` client leaves once the upstream has its request.
+    let arrived = async {
+        let what = format!("{path} at the upstream");
+        let t = Duration::from_secs(10);
+        up.wait_counts(t, what, |c| c.arrived.contains(&path).then_some(()))
+            .await
+    };
+    match via {
+        Via::Http1(addr) => storm_client_h1(addr, arrived, kind, &path, i).await,
+        Via::Http2(sender) => storm_client_h2(sender, arrived, kind, &path).await,
+    }
+}
+
+/// Over HTTP/1.1: `hold` leaves by FIN or RST, by turns.
+async fn storm_client_h1(
     addr: SocketAddr,
-    up: &FaultUpstream,
+    arrived: impl Future<Output = ()>,
     kind: &str,
+    path: &str,
     i: usize,
 ) -> Result<(), String> {
-    let path = format!("/storm/{kind}/{i}");
     let t = Duration::from_secs(10);
     let mut c = Client::connect(addr).await;
-    c.get(&path).await;
+    c.get(path).await;
     match kind {
         "hold" => {
-            let what = format!("{path} at the upstream");
-            up.wait_counts(t, what, |c| c.arrived.contains(&path).then_some(()))
-                .await;
+            arrived.await;
             if i.is_multiple_of(2) {
                 c.close_fin().await;
             } else {
@@ -1852,6 +1878,49 @@ async fn storm_client(
                 Err(end) => Err(format!("no head ({end:?}) instead of {want}")),
             }
         }
+    }
+}
+
+/// Over a stream of a shared HTTP/2 connection: `hold` leaves by resetting its stream
+/// (hyper sends `RST_STREAM` when the response is dropped), and a cut body shows as the
+/// stream's error.
+async fn storm_client_h2(
+    mut sender: common_tls::H2Sender,
+    arrived: impl Future<Output = ()>,
+    kind: &str,
+    path: &str,
+) -> Result<(), String> {
+    let t = Duration::from_secs(10);
+    let req = common_tls::h2_req("GET", "http", path, bytes::Bytes::new());
+    let resp = sender.send_request(req);
+    if kind == "hold" {
+        tokio::pin!(resp);
+        tokio::select! {
+            _ = arrived => {}
+            r = &mut resp => return Err(format!("an answer to a call the upstream holds: {r:?}")),
+        }
+        return Ok(());
+    }
+    let resp = match tokio::time::timeout(t, resp).await {
+        Err(_) => return Err("no response head within 10 s".into()),
+        // The exchange failed before the head went out: a cut body too.
+        Ok(Err(_)) if matches!(kind, "short" | "midreset") => return Ok(()),
+        Ok(Err(e)) => return Err(format!("the stream failed before a head: {e}")),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(t, http_body_util::BodyExt::collect(resp.into_body())).await;
+    let body = match body {
+        Err(_) => return Err(format!("{status}, and no end of its body within 10 s")),
+        Ok(b) => b.map(|b| b.to_bytes()),
+    };
+    match (kind, status, body) {
+        ("ok" | "close", 200, Ok(b)) if b == "ok" => Ok(()),
+        ("short" | "midreset", 200, Err(_)) => Ok(()),
+        ("hang", 504, _) => Ok(()),
+        ("reset" | "garbage", 502, _) => Ok(()),
+        (_, status, Ok(b)) => Err(format!("{status} with a whole body of {} bytes", b.len())),
+        (_, status, Err(e)) => Err(format!("{status}, its body failed: {e}")),
     }
 }
 
@@ -1971,6 +2040,19 @@ impl FdCensus {
 /// it keeps idle, and 50 requests in a row over the same pool are all served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_faults_and_departures_leaves_nothing_behind() {
+    storm(false).await;
+}
+
+/// The same storm from HTTP/2 clients: four cleartext connections carry the 200 requests
+/// as streams, and the clients that leave reset their stream, not their connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_over_http2_streams_leaves_nothing_behind() {
+    storm(true).await;
+}
+
+/// The storm of [`a_storm_of_faults_and_departures_leaves_nothing_behind`], its clients on
+/// HTTP/1.1 connections of their own, or (`h2`) streams of four HTTP/2 connections.
+async fn storm(h2: bool) {
     let up = Arc::new(FaultUpstream::start(Fault::ByPath).await);
     let route = |name, prefix, extra| RouteSpec {
         name,
@@ -2007,15 +2089,26 @@ async fn a_storm_of_faults_and_departures_leaves_nothing_behind() {
         .map(|i| (i, STORM_KINDS[i % STORM_KINDS.len()]))
         .collect();
     rng.shuffle(&mut plan);
+    let mut h2_conns = Vec::new();
+    if h2 {
+        for _ in 0..4 {
+            h2_conns.push(common_tls::h2c_connect(proxy.addr()).await);
+        }
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(32));
     let wrong = within(Duration::from_secs(60), "the storm's 200 clients", async {
         let mut clients = JoinSet::new();
         for &(i, kind) in &plan {
             let slot = slots.clone().acquire_owned().await.expect("semaphore");
             let (addr, up) = (proxy.addr(), up.clone());
+            let sender = h2_conns.get(i % 4).cloned();
             clients.spawn(async move {
                 let _slot = slot;
-                (i, kind, storm_client(addr, &up, kind, i).await)
+                let via = match sender {
+                    Some(sender) => Via::Http2(sender),
+                    None => Via::Http1(addr),
+                };
+                (i, kind, storm_client(via, &up, kind, i).await)
             });
         }
         let mut wrong = Vec::new();
@@ -2068,6 +2161,7 @@ async fn a_storm_of_faults_and_departures_leaves_nothing_behind() {
         }
     }
 
+    drop(h2_conns);
     // Descriptors: no client connection left, and no upstream connection but those the
     // upstream still holds open too (idle in the pool): none half-closed or reset.
     let deadline = Instant::now() + Duration::from_secs(10);
