@@ -411,9 +411,19 @@ impl InFlight {
         self.state = Some(state);
     }
 
+    /// The client's upload has not been read to its end (it may still be sending).
+    pub fn uploading(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| !s.is_done())
+    }
+
+    /// The request's upload state, for a task that outlives a borrow of the guard.
+    pub fn upload_state(&self) -> Option<Arc<RequestState>> {
+        self.state.clone()
+    }
+
     /// See [`RequestState::stamp_dropped`].
     /// The connection this request came on.
-    pub fn client(&self) -> &ClientConn {
+    pub fn client(&self) -> &Arc<ClientConn> {
         &self.client
     }
 

@@ -45,6 +45,10 @@ pub struct ProtectedBody {
     delivered: Option<oneshot::Sender<()>>,
     size_hint: SizeHint,
     ended: bool,
+    /// An HTTP/1 client's connection, whose write gate holds this body to the client's
+    /// socket as any response body (`write_gate.rs`): the task's frames wait in the
+    /// channel, then in the upstream's socket.
+    gated: Option<Arc<crate::outcome::ClientConn>>,
 }
 
 impl Body for ProtectedBody {
@@ -59,8 +63,18 @@ impl Body for ProtectedBody {
         if this.ended {
             return Poll::Ready(None);
         }
+        if let Some(client) = &this.gated
+            && client.writes().poll_room(cx).is_pending()
+        {
+            return Poll::Pending;
+        }
         match std::task::ready!(this.rx.poll_recv(cx)) {
             Some(Item { frame, last }) => {
+                if let (Some(client), Ok(f)) = (&this.gated, &frame)
+                    && let Some(data) = f.data_ref()
+                {
+                    client.writes().handed(data.len());
+                }
                 // hyper stops polling once a declared length is written: the end must be
                 // confirmed with the last frame, not after it.
                 if last {
@@ -183,13 +197,21 @@ impl Call {
         let (mut parts, mut body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         let status = parts.status.as_u16();
-        let (tx, rx) = mpsc::channel(2);
+        // One frame: with the one the task waits to send, two reads of the upstream are
+        // between it and the client's write gate.
+        let (tx, rx) = mpsc::channel(1);
         let (delivered_tx, delivered_rx) = oneshot::channel();
+        let client_conn = self.guard.client();
+        let gated = (!client_conn.is_h2()).then(|| {
+            client_conn.writes().restart();
+            client_conn.clone()
+        });
         let client_body = ProtectedBody {
             rx,
             delivered: Some(delivered_tx),
             size_hint: body.size_hint(),
             ended: false,
+            gated,
         };
         self.answer(Response::from_parts(
             parts,
@@ -232,9 +254,18 @@ impl Call {
                         frame: Ok(frame),
                         last,
                     };
+                    let upload = self.guard.upload_state();
                     let delivered = match &client {
                         Some(tx) => tokio::select! {
                             r = tx.send(item) => r.is_ok(),
+                            // A client behind on its download may still be uploading: the
+                            // rest of its upload goes on out meanwhile (as in `body.rs`).
+                            () = poll_fn(|cx| {
+                                if upload.as_ref().is_some_and(|u| !u.is_done()) {
+                                    let _ = conn.poll_drive(cx);
+                                }
+                                Poll::Pending
+                            }) => unreachable!("never ready"),
                             _ = fired(&mut timer) => {
                                 self.stop(Outcome::Timeout, 504, CancelledBy::Timeout, client.take()).await;
                                 return;

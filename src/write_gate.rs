@@ -18,8 +18,9 @@
 //!
 //! HTTP/1 clients only: an HTTP/2 connection carries many streams, and h2's flow control
 //! bounds each of them already. Over TLS the count is of what rustls took, so rustls's
-//! own buffer of records is limited to [`AHEAD`] too (`server.rs`). Protected routes
-//! (`protected.rs`) hand their frames through a channel of their own and are not gated.
+//! own buffer of records is limited to [`AHEAD`] too (`server.rs`). A protected route's
+//! body (`protected.rs`) is gated the same way; its frames wait in the channel from the
+//! task that reads the upstream, one at a time.
 
 use std::io;
 use std::sync::Mutex;
@@ -33,10 +34,13 @@ use std::task::{Context, Poll, Waker};
 /// keeps up, the body waits once per 16 to 24 KiB, for the flush that follows.
 ///
 /// Measured and not taken (2026-12-07, 200 stalled downloads, six alternating 1 GiB
-/// downloads per build): 8 KiB took 55 → 47 KiB per stalled download, at 15 % more CPU per
-/// GiB downloaded (0.73 → 0.84 s: half the batch per write). Holding the body back, once
-/// a write found the socket full, until hyper's queue was empty saved as much at 9 % more
-/// (0.68 → 0.74 s: more waits while a fast client's socket fills and empties).
+/// downloads per build, while a stalled download held 55 KiB): 8 KiB took it to 47 KiB,
+/// at 15 % more CPU per GiB downloaded (0.73 → 0.84 s: half the batch per write). Holding
+/// the body back, once a write found the socket full, until hyper's queue was empty saved
+/// as much at 9 % more (0.68 → 0.74 s: more waits while a fast client's socket fills and
+/// empties). The same 8 KiB then came for nothing from `body.rs`: a body behind its
+/// client no longer drives the upstream connection once the upload is over, which had
+/// let hyper read one more chunk for a client that was not reading.
 pub const AHEAD: usize = 16 * 1024;
 
 #[derive(Default)]

@@ -741,6 +741,119 @@ async fn an_answer_before_the_body_closes_with_a_fin_after_the_body() {
     assert_alive(&proxy);
 }
 
+/// An upstream that answers at once with `Content-Length: down` and writes that body from a
+/// task of its own while it reads the request's body to its end; returns its address and
+/// a count of the body bytes it has read.
+async fn answering_while_reading_upstream(down: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("upstream address");
+    let read = Arc::new(AtomicUsize::new(0));
+    let counted = read.clone();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut pending = Vec::new();
+        if read_raw_head(&mut s, &mut pending).await.is_none() {
+            return;
+        }
+        counted.fetch_add(pending.len(), Ordering::SeqCst);
+        let (mut rd, mut wr) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {down}\r\n\r\n");
+            wr.write_all(head.as_bytes()).await?;
+            let block = vec![b'd'; 64 * 1024];
+            let mut left = down;
+            while left > 0 {
+                let n = left.min(block.len());
+                wr.write_all(&block[..n]).await?;
+                left -= n;
+            }
+            Ok::<_, std::io::Error>(wr)
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            counted.fetch_add(n, Ordering::SeqCst);
+        }
+        let _ = writer.await;
+    });
+    (addr, read)
+}
+
+/// A client that reads nothing of its response until it has sent its whole upload, from
+/// an upstream that answers at once, with more than the client's socket and the write
+/// gate hold, while it still reads. The response waits at the gate; the upload must not:
+/// the proxy goes on driving the upstream connection while the client is behind but still
+/// uploading (stopped, both would wait on each other for good: each test failed so, at
+/// its 10 s bound, with the drive taken out). The upload of 64 MiB, more than the sockets
+/// on its way absorb, finishes within 10 s (a quarter of a second when nothing holds it),
+/// then the 4 MiB response arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_on_its_download_still_finishes_its_upload() {
+    behind_on_download_while_uploading("").await;
+}
+
+/// The same on a protected route, whose task reads the upstream and waits for the client
+/// to take each frame: it drives the upload on meanwhile too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_on_its_protected_download_still_finishes_its_upload() {
+    behind_on_download_while_uploading("on_client_disconnect = \"continue\"").await;
+}
+
+async fn behind_on_download_while_uploading(route_extra: &str) {
+    const UP: usize = 64 << 20;
+    const DOWN: usize = 4 << 20;
+    let (addr, read) = answering_while_reading_upstream(DOWN).await;
+    let proxy = Proxy::start(&config_for_url(&http_url(addr), "", route_extra)).await;
+    let mut c = connect_small_receiver(proxy.addr()).await;
+    let head = format!("POST /both-ways HTTP/1.1\r\nHost: t\r\nContent-Length: {UP}\r\n\r\n");
+    c.write_all(head.as_bytes()).await.expect("request head");
+    let block = vec![b'u'; 64 * 1024];
+    within(
+        Duration::from_secs(10),
+        format!("the whole upload ({UP} bytes) while the response waits unread"),
+        async {
+            for _ in 0..UP / block.len() {
+                c.write_all(&block).await.expect("upload");
+            }
+        },
+    )
+    .await;
+    let mut pending = Vec::new();
+    let head = within(
+        WAIT,
+        "the response head",
+        read_raw_head(&mut c, &mut pending),
+    )
+    .await
+    .expect("a response head");
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut got = pending.len();
+    let mut buf = vec![0u8; 64 * 1024];
+    within(WAIT * 2, "the whole response", async {
+        while got < DOWN {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, DOWN, "the response arrives whole");
+    poll_until(WAIT, "the upstream read the whole upload", || {
+        read.load(Ordering::SeqCst) >= UP
+    })
+    .await;
+    assert_alive(&proxy);
+}
+
 /// The upstream answers 200 before it has the body, then reads and drops the rest (as
 /// nginx's `return` does). cutoff must not keep that connection for the next request while
 /// the upload still runs through it: idle, nobody polls it, and the client's upload stalls

@@ -1858,6 +1858,17 @@ pub async fn read_raw_head<R: AsyncRead + Unpin>(
     }
 }
 
+/// A connection to `addr` whose receive buffer is 4 KiB: a client that reads nothing
+/// takes little of what it is sent into the kernel, so what is held for it shows in the
+/// proxy.
+pub async fn connect_small_receiver(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    within(WAIT, format!("connect to {addr}"), socket.connect(addr))
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
 /// A raw HTTP/1.1 client connection.
 pub struct Client {
     stream: TcpStream,
