@@ -33,6 +33,9 @@ pub mod defaults {
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const POOL_MAX_IDLE: usize = 256;
+    /// What an HTTP/2 upstream may send of one response ahead of its client (see
+    /// `upstream/h2.rs`).
+    pub const H2_STREAM_WINDOW: usize = 1 << 20;
 }
 
 /// Upper bounds that no working setup comes near. A value beyond them is a typo, and taking
@@ -45,6 +48,10 @@ pub mod limits {
     pub const MAX_COUNT: usize = 1 << 24;
     pub const MAX_WORKERS: usize = 1024;
     pub const MAX_HEADER_BYTES: usize = 16 << 20;
+    /// One HTTP/2 frame of the default size, and 256 MiB: the window is memory the
+    /// upstream may fill for a client that stopped reading.
+    pub const MIN_H2_STREAM_WINDOW: usize = 16 * 1024;
+    pub const MAX_H2_STREAM_WINDOW: usize = 256 << 20;
 }
 
 /// A configuration error, located in the file so that it can be fixed in one step.
@@ -170,6 +177,8 @@ pub struct UpstreamConfig {
     pub queue_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// The flow-control window granted to each stream of an HTTP/2 upstream, in bytes.
+    pub h2_stream_window: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +267,7 @@ struct RawUpstream {
     queue_timeout: Option<Spanned<String>>,
     pool_idle_timeout: Option<Spanned<String>>,
     pool_max_idle: Option<Spanned<i64>>,
+    h2_stream_window: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -645,6 +655,14 @@ fn upstream(at: &Locator<'_>, name: String, u: RawUpstream) -> Result<UpstreamCo
             0,
             limits::MAX_COUNT,
         )?,
+        // Within the bounds, which are below HTTP/2's 2^31 - 1.
+        h2_stream_window: count_or(
+            at,
+            &u.h2_stream_window,
+            defaults::H2_STREAM_WINDOW,
+            limits::MIN_H2_STREAM_WINDOW,
+            limits::MAX_H2_STREAM_WINDOW,
+        )? as u32,
     })
 }
 

@@ -367,6 +367,16 @@ fn out_of_range_values() {
             with_upstream_line("queue_timeout = \"0s\""),
             "queue_timeout",
         ),
+        (
+            "small_h2_stream_window",
+            with_upstream_line("h2_stream_window = 1000"),
+            "h2_stream_window",
+        ),
+        (
+            "huge_h2_stream_window",
+            with_upstream_line("h2_stream_window = 4294967296"),
+            "h2_stream_window",
+        ),
     ];
     for (name, text, key) in cases {
         assert_rejected(name, &text, key);

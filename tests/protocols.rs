@@ -2349,6 +2349,74 @@ async fn h2_upstream_slow_readers_do_not_stall_other_calls_on_the_shared_connect
     drop(stalled);
 }
 
+/// An HTTP/2 upstream (the h2 crate's server, to see its flow control) that answers its
+/// first call with a head, then waits until its stream's send capacity reaches `want`
+/// bytes and reports the capacity it then has: how much of the response it may send
+/// before the proxy passes any of it on. No data is sent, so nothing is released, and the
+/// capacity stops at the stream's window: above `want` at once if the window is larger,
+/// never reaching it (the test's bound) if smaller.
+async fn window_reporting_upstream(
+    want: usize,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<usize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("upstream address");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        // The h2 crate caps a stream's capacity at its send buffer (400 KiB by default).
+        let mut conn = h2::server::Builder::new()
+            .max_send_buffer_size(64 << 20)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        let Some(Ok((_req, mut respond))) = conn.accept().await else {
+            return;
+        };
+        // The connection must go on being polled for the client's WINDOW_UPDATEs.
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let mut stream = respond
+            .send_response(http::Response::new(()), false)
+            .expect("response head");
+        stream.reserve_capacity(64 << 20);
+        // Capacity comes as the client's windows open: the connection's (65 535 until the
+        // client's first WINDOW_UPDATE), then the stream's.
+        while let Some(Ok(n)) = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            if n >= want {
+                let _ = tx.send(n);
+                break;
+            }
+        }
+        // Hold the stream open while the test looks.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    (addr, rx)
+}
+
+/// `h2_stream_window` is the window the proxy grants each stream of an HTTP/2 upstream:
+/// what the upstream may send of a response before the proxy passes any of it on, and so
+/// what a client that stops reading can hold in the proxy. 1 MiB by default; 64 KiB here
+/// when set so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_stream_window_is_what_the_upstream_may_send_ahead() {
+    for (extra, want) in [("", 1 << 20), ("h2_stream_window = 65536", 64 << 10)] {
+        let (addr, granted) = window_reporting_upstream(want).await;
+        let upstream = format!("protocol = \"h2\"\n{extra}");
+        let proxy = Proxy::start(&config(&http_url(addr), &upstream, "", None)).await;
+        let mut c = Client::connect(proxy.addr()).await;
+        c.get("/big").await;
+        let head = c.read_head(WAIT).await;
+        assert_eq!(head.status, 200);
+        let granted = within(WAIT, "the upstream's send capacity", granted)
+            .await
+            .expect("the upstream reported its capacity");
+        assert_eq!(granted, want, "upstream settings: {extra:?}");
+    }
+}
+
 /// An HTTP/2 upstream that allows one stream at a time (`SETTINGS_MAX_CONCURRENT_STREAMS =
 /// 1`), busy with a long call. A second call waits for a stream; its route timeout fires
 /// (504). That call is over: when the long call ends and a stream frees, the upstream must

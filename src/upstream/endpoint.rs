@@ -167,6 +167,8 @@ pub struct Endpoint {
     pub config: EndpointConfig,
     pub(super) host_header: HeaderValue,
     pub(super) connect_timeout: Duration,
+    /// `h2_stream_window`: the window each HTTP/2 stream is granted.
+    pub(super) h2_stream_window: u32,
     pool_idle_timeout: Duration,
     pool_max_idle: usize,
     protocol: Protocol,
@@ -223,6 +225,7 @@ impl Endpoint {
             upstream: upstream.name.clone(),
             host_header,
             connect_timeout: upstream.connect_timeout,
+            h2_stream_window: upstream.h2_stream_window,
             pool_idle_timeout: upstream.pool_idle_timeout,
             pool_max_idle: upstream.pool_max_idle,
             protocol: upstream.protocol,

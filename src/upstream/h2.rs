@@ -38,7 +38,6 @@ use crate::body::RequestBody;
 
 type Sender = SendRequest<RequestBody>;
 
-const STREAM_WINDOW: u32 = 1 << 20;
 /// What set-up produced: a sender, or (status, reason) of its failure.
 type SetUp = Option<Result<H2Sender, (u16, String)>>;
 
@@ -283,7 +282,7 @@ impl H2Pool {
         endpoint: &Arc<Endpoint>,
         io: UpstreamIo,
     ) -> Result<H2Sender, UpstreamError> {
-        let sender = handshake(io, endpoint.connect_timeout)
+        let sender = handshake(io, endpoint.connect_timeout, endpoint.h2_stream_window)
             .await
             .map_err(|(status, reason)| UpstreamError::H2 { status, reason })
             // No set-up task counts this one against the endpoint (see `set_up`).
@@ -327,7 +326,7 @@ async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
             endpoint.checkin(super::endpoint::Idle::Io(io), Instant::now());
             Err((NOT_H2, "the upstream chose HTTP/1.1".to_string()))
         }
-        Ok(io) => handshake(io, endpoint.connect_timeout).await,
+        Ok(io) => handshake(io, endpoint.connect_timeout, endpoint.h2_stream_window).await,
         Err(e) => Err((e.status(), e.to_string())),
     };
     match &result {
@@ -346,7 +345,11 @@ async fn set_up(endpoint: Arc<Endpoint>, tx: watch::Sender<SetUp>) {
 /// hyper's handshake, then the upstream's SETTINGS (within `settings_within`): a call let
 /// through before they are read would go by hyper's default stream limit, and one beyond
 /// the upstream's own is refused (`REFUSED_STREAM`, a 502 here).
-async fn handshake(io: UpstreamIo, settings_within: Duration) -> Result<H2Sender, (u16, String)> {
+async fn handshake(
+    io: UpstreamIo,
+    settings_within: Duration,
+    stream_window: u32,
+) -> Result<H2Sender, (u16, String)> {
     let streams = Arc::new(Streams {
         open: AtomicUsize::new(0),
         max: AtomicUsize::new(UNLIMITED),
@@ -364,10 +367,12 @@ async fn handshake(io: UpstreamIo, settings_within: Duration) -> Result<H2Sender
     // share of the connection's window, which every call to the endpoint shares. With
     // hyper's defaults (2 MiB per stream, 5 MiB per connection) three clients that stop
     // reading stalled every other call. So the connection's window is as large as HTTP/2
-    // allows, and each stream's is what bounds what a slow reader can hold (1 MiB).
+    // allows, and each stream's is what bounds what a slow reader can hold: the upstream's
+    // `h2_stream_window` (1 MiB by default). A stream's throughput is at most its window
+    // per round trip, so a distant upstream wants more, and a near one does with less.
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_stream_window_size(stream_window)
         .initial_connection_window_size(i32::MAX as u32)
         .handshake::<_, RequestBody>(TokioIo::new(io))
         .await
