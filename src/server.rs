@@ -93,7 +93,12 @@ impl ServerSettings {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(max_header_bytes.min(u32::MAX as usize) as u32)
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(256)
+            // What a stream may have queued for a client's socket, as the write gate
+            // allows an HTTP/1 response (`write_gate.rs`). hyper's 400 KiB a stream let
+            // a client that grants a large window and reads nothing pin 512 KiB per
+            // stream, 128 MiB over one connection's 256 streams.
+            .max_send_buf_size(crate::write_gate::AHEAD);
         ServerSettings {
             header_read_timeout,
             keepalive_timeout,

@@ -16,8 +16,9 @@
 //! chunks from the body before it flushes any: a gate that closed only when a write
 //! blocked would close with hyper's queue already full.
 //!
-//! HTTP/1 clients only: an HTTP/2 connection carries many streams, and h2's flow control
-//! bounds each of them already. Over TLS the count is of what rustls took, so rustls's
+//! HTTP/1 clients only: an HTTP/2 connection carries many streams, each held by hyper's
+//! send buffer for it instead, which `server.rs` limits to [`AHEAD`] too (hyper's 400 KiB
+//! let a client that grants a large window and reads nothing pin 512 KiB per stream). Over TLS the count is of what rustls took, so rustls's
 //! own buffer of records is limited to [`AHEAD`] too (`server.rs`). A protected route's
 //! body (`protected.rs`) is gated the same way; its frames wait in the channel from the
 //! task that reads the upstream, one at a time.

@@ -802,6 +802,83 @@ async fn stalled_protected_downloads_keep_little_memory_each() {
     .await;
 }
 
+/// Waits until every upstream connection of a [`flooding_upstream`] has blocked, then for
+/// the proxy's memory to stop growing; returns it. A write can block for a moment while
+/// the proxy is busy with other connections, so the count alone may come early.
+async fn stalled_rss(proxy: &Proxy, blocked: &AtomicUsize, n: usize) -> u64 {
+    within(WAIT * 2, "every upstream's writes blocked", async {
+        while blocked.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    settled_rss(proxy).await
+}
+
+/// The proxy's RSS once three readings 100 ms apart are within 64 KiB of each other.
+async fn settled_rss(proxy: &Proxy) -> u64 {
+    within(WAIT * 2, "the proxy's memory to settle", async {
+        let mut last = proxy.rss_kib();
+        let mut same = 0;
+        while same < 3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = proxy.rss_kib();
+            same = if now.abs_diff(last) <= 64 {
+                same + 1
+            } else {
+                0
+            };
+            last = now;
+        }
+        last
+    })
+    .await
+}
+
+/// Streams of one HTTP/2 connection whose client grants the largest windows HTTP/2
+/// allows and reads nothing, through a 4 KiB receive buffer: hyper's HTTP/2 server keeps
+/// each stream's frames for a socket that takes none of them, up to its send buffer
+/// (400 KiB a stream by default). It is limited to the write gate's 16 KiB (`server.rs`):
+/// 512 KiB per stalled stream before (debug build), 72–82 after, over an upstream
+/// connection of its own each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_streams_keep_little_memory_each() {
+    const N: usize = 100;
+    const PER_STREAM_KIB: u64 = 128;
+    let (addr, blocked) = flooding_upstream().await;
+    let config = config_for_url(&http_url(addr), BURST_CONNECT_TIMEOUT, r#"timeout = "off""#);
+    let proxy = Proxy::start(&config).await;
+    let base = proxy.rss_kib();
+    let tcp = connect_small_receiver(proxy.addr()).await;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let mut heads = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut client = within(WAIT, "a stream", client.clone().ready())
+            .await
+            .expect("a stream");
+        let req = http::Request::get(format!("http://t/flood-{i}"))
+            .body(())
+            .expect("request");
+        let (resp, _) = client.send_request(req, true).expect("send");
+        heads.push(resp);
+    }
+    let mut bodies = Vec::with_capacity(N);
+    for resp in heads {
+        let resp = within(WAIT, "a response head", resp).await.expect("head");
+        assert_eq!(resp.status(), 200);
+        bodies.push(resp.into_body());
+    }
+    let grown = stalled_rss(&proxy, &blocked, N).await.saturating_sub(base);
+    assert_little_memory_each(grown, N, PER_STREAM_KIB, "stalled HTTP/2 streams");
+    drop(bodies);
+}
+
 /// 200 clients with a 4 KiB receive buffer ask a flooding upstream through a route with
 /// `route_extra`, and read nothing; the proxy's memory per download once it settles must
 /// stay under `per_request_kib`.
@@ -819,31 +896,7 @@ async fn stalled_downloads(route_extra: &str, what: &str, per_request_kib: u64) 
         clients.push(c);
     }
     // The proxy stopped reading from every upstream connection: all N are stalled.
-    within(WAIT * 2, "every upstream's writes blocked", async {
-        while blocked.load(Ordering::SeqCst) < N {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    // A write can block for a moment while the proxy is busy with other connections, so
-    // the count alone may come early: the memory is read once it stops growing.
-    let settled = within(WAIT * 2, "the proxy's memory to settle", async {
-        let mut last = proxy.rss_kib();
-        let mut same = 0;
-        while same < 3 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = proxy.rss_kib();
-            same = if now.abs_diff(last) <= 64 {
-                same + 1
-            } else {
-                0
-            };
-            last = now;
-        }
-        last
-    })
-    .await;
-    let grown = settled.saturating_sub(base);
+    let grown = stalled_rss(&proxy, &blocked, N).await.saturating_sub(base);
     eprintln!("[cancellation] {what}: {} KiB each", grown / N as u64);
     assert_little_memory_each(grown, N, per_request_kib, what);
     drop(clients);
