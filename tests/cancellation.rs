@@ -839,7 +839,7 @@ async fn settled_rss(proxy: &Proxy) -> u64 {
 /// allows and reads nothing, through a 4 KiB receive buffer: hyper's HTTP/2 server keeps
 /// each stream's frames for a socket that takes none of them, up to its send buffer
 /// (400 KiB a stream by default). It is limited to the write gate's 16 KiB (`server.rs`):
-/// 512 KiB per stalled stream before (debug build), 72–82 after, over an upstream
+/// 512 KiB per stalled stream before (debug build), 70–82 after, over an upstream
 /// connection of its own each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_http2_streams_keep_little_memory_each() {
