@@ -16,6 +16,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -47,8 +48,15 @@ pub struct ProtectedBody {
     ended: bool,
     /// An HTTP/1 client's connection, whose write gate holds this body to the client's
     /// socket as any response body (`write_gate.rs`): the task's frames wait in the
-    /// channel, then in the upstream's socket.
+    /// channel, then in the upstream's socket. Its count restarts at the first poll, on
+    /// the connection's own task (the only one that counts).
     gated: Option<Arc<crate::outcome::ClientConn>>,
+    started: bool,
+    /// Set by the task once the upstream's response is complete. A channel that closes
+    /// without it is a response cut short (a timeout, a shutdown, an upstream failure
+    /// whose error frame found the channel full): it must end in an error, never as a
+    /// whole body, which for a chunked response would hand the client a clean end.
+    complete: Arc<AtomicBool>,
 }
 
 impl Body for ProtectedBody {
@@ -63,10 +71,14 @@ impl Body for ProtectedBody {
         if this.ended {
             return Poll::Ready(None);
         }
-        if let Some(client) = &this.gated
-            && client.writes().poll_room(cx).is_pending()
-        {
-            return Poll::Pending;
+        if let Some(client) = &this.gated {
+            if !this.started {
+                this.started = true;
+                client.writes().restart();
+            }
+            if client.writes().poll_room(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
         match std::task::ready!(this.rx.poll_recv(cx)) {
             Some(Item { frame, last }) => {
@@ -84,6 +96,12 @@ impl Body for ProtectedBody {
                     }
                 }
                 Poll::Ready(Some(frame))
+            }
+            None if !this.complete.load(Ordering::Acquire) => {
+                this.ended = true;
+                Poll::Ready(Some(Err(Box::new(StreamTimeout(
+                    "protected call stopped before its response's end",
+                )))))
             }
             None => {
                 this.ended = true;
@@ -202,16 +220,16 @@ impl Call {
         let (tx, rx) = mpsc::channel(1);
         let (delivered_tx, delivered_rx) = oneshot::channel();
         let client_conn = self.guard.client();
-        let gated = (!client_conn.is_h2()).then(|| {
-            client_conn.writes().restart();
-            client_conn.clone()
-        });
+        let gated = (!client_conn.is_h2()).then(|| client_conn.clone());
+        let complete = Arc::new(AtomicBool::new(false));
         let client_body = ProtectedBody {
             rx,
             delivered: Some(delivered_tx),
             size_hint: body.size_hint(),
             ended: false,
             gated,
+            started: false,
+            complete: complete.clone(),
         };
         self.answer(Response::from_parts(
             parts,
@@ -287,7 +305,7 @@ impl Call {
                         self.guard.add_discarded(n);
                     }
                     if last {
-                        self.finish(conn, client, delivered_rx, &mut timer, status)
+                        self.finish(conn, client, &complete, delivered_rx, &mut timer, status)
                             .await;
                         return;
                     }
@@ -296,18 +314,18 @@ impl Call {
                     self.guard.decide(Outcome::UpstreamError, 502, None);
                     self.guard
                         .reason(format!("upstream response body failed: {e}"));
+                    // Not waited for: a client that is not reading would hold the call
+                    // (the channel closing unfinished ends its body in an error anyway).
                     if let Some(tx) = client.take() {
-                        let _ = tx
-                            .send(Item {
-                                frame: Err(Box::new(e)),
-                                last: true,
-                            })
-                            .await;
+                        let _ = tx.try_send(Item {
+                            frame: Err(Box::new(e)),
+                            last: true,
+                        });
                     }
                     return;
                 }
                 None => {
-                    self.finish(conn, client, delivered_rx, &mut timer, status)
+                    self.finish(conn, client, &complete, delivered_rx, &mut timer, status)
                         .await;
                     return;
                 }
@@ -321,6 +339,7 @@ impl Call {
         &mut self,
         mut conn: crate::upstream::Conn,
         client: Option<mpsc::Sender<Item>>,
+        complete: &AtomicBool,
         delivered_rx: oneshot::Receiver<()>,
         timer: &mut DeadlineTimer,
         status: u16,
@@ -329,6 +348,7 @@ impl Call {
         conn.exchanged(now, self.guard.upload_finished());
         drop(conn);
         let still_there = client.is_some();
+        complete.store(true, Ordering::Release);
         drop(client);
         let delivered = still_there
             && tokio::select! {

@@ -789,7 +789,7 @@ async fn stalled_downloads_keep_little_memory_each() {
 /// The same on a protected route (`on_client_disconnect = "continue"`), whose response
 /// comes from a task of its own through a channel (`protected.rs`): its body is held to
 /// the client's socket the same way. The channel's frame and the one the task waits to
-/// send add two reads of 8 KiB to the bound. Debug build, eight runs each: 83–147 KiB per
+/// send add two reads of 8 KiB, and the bound has room for two more. Debug build, eight runs each: 83–147 KiB per
 /// download before (over the bound in half the runs), 62–87 with the gate and a channel
 /// of one frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -797,7 +797,7 @@ async fn stalled_protected_downloads_keep_little_memory_each() {
     stalled_downloads(
         "timeout = \"off\"\non_client_disconnect = \"continue\"",
         "stalled downloads on a protected route",
-        80 + 16,
+        80 + 32,
     )
     .await;
 }
@@ -856,7 +856,16 @@ async fn stalled_http2_streams_keep_little_memory_each() {
         .handshake::<_, bytes::Bytes>(tcp)
         .await
         .expect("HTTP/2 handshake");
-    tokio::spawn(conn);
+    // The client's connection is driven until every response head is in, then held
+    // unpolled: it reads nothing more, so its socket fills and the proxy's stall.
+    let (pause, paused) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut conn = conn;
+        tokio::select! {
+            _ = &mut conn => {}
+            _ = paused => std::future::pending::<()>().await,
+        }
+    });
     let mut heads = Vec::with_capacity(N);
     for i in 0..N {
         let mut client = within(WAIT, "a stream", client.clone().ready())
@@ -874,6 +883,7 @@ async fn stalled_http2_streams_keep_little_memory_each() {
         assert_eq!(resp.status(), 200);
         bodies.push(resp.into_body());
     }
+    let _ = pause.send(());
     let grown = stalled_rss(&proxy, &blocked, N).await.saturating_sub(base);
     assert_little_memory_each(grown, N, PER_STREAM_KIB, "stalled HTTP/2 streams");
     drop(bodies);

@@ -319,6 +319,33 @@ async fn protected_call_is_bounded_by_the_route_timeout() {
     assert_eq!(line["protected"], false, "{line}");
 }
 
+/// A protected chunked response that the route's timeout cuts while its client is not
+/// reading: the task's last frames find the channel to the client full, and the channel
+/// closes. That must reach the client as a body cut short (no final chunk), never as a
+/// whole one. (The connection's own watch of the deadline ends it too, so this passes
+/// without `ProtectedBody`'s check that the task saw the response's end; that check is
+/// for an `idle_timeout` firing just when the channel is full, which no test can time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protected_response_cut_while_its_client_is_behind_ends_unfinished() {
+    let (up, proxy) = start("500ms").await;
+    let mut c = Client::over(connect_small_receiver(proxy.addr()).await);
+    c.get("/pay/stream/cut?chunks=1000000&every=0&size=4096")
+        .await;
+    up.wait_request("/stream/cut", WAIT).await;
+    // The client reads nothing until the call is over.
+    let line = access_line(&proxy, "/pay/stream/cut").await;
+    assert_eq!(line["outcome"], "timeout", "{line}");
+    let head = c.read_head(WAIT).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.framing(), Framing::Chunked, "{head:?}");
+    let (body, end) = c.read_body_until_end(&head, WAIT).await;
+    assert!(
+        end.is_err(),
+        "the client got a whole chunked body ({} bytes) of a response the timeout cut",
+        body.len()
+    );
+}
+
 /// `idle_timeout` holds on a protected route too: an upstream silent for longer between two
 /// chunks is cut (504 `timeout`), whether or not its client stays, instead of holding the
 /// call until the route's whole timeout.

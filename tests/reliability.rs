@@ -788,8 +788,8 @@ async fn answering_while_reading_upstream(down: usize) -> (SocketAddr, Arc<Atomi
 /// gate hold, while it still reads. The response waits at the gate; the upload must not:
 /// the proxy goes on driving the upstream connection while the client is behind but still
 /// uploading (stopped, both would wait on each other for good: each test failed so, at
-/// its 10 s bound, with the drive taken out). The upload of 64 MiB, more than the sockets
-/// on its way absorb, finishes within 10 s (a quarter of a second when nothing holds it),
+/// its bound, with the drive taken out). The upload of 64 MiB, more than the sockets on
+/// its way absorb, finishes within 30 s (a quarter of a second when nothing holds it),
 /// then the 4 MiB response arrives whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_behind_on_its_download_still_finishes_its_upload() {
@@ -813,7 +813,7 @@ async fn behind_on_download_while_uploading(route_extra: &str) {
     c.write_all(head.as_bytes()).await.expect("request head");
     let block = vec![b'u'; 64 * 1024];
     within(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         format!("the whole upload ({UP} bytes) while the response waits unread"),
         async {
             for _ in 0..UP / block.len() {

@@ -1887,6 +1887,14 @@ impl Client {
         }
     }
 
+    /// A client on a stream already connected (say by [`connect_small_receiver`]).
+    pub fn over(stream: TcpStream) -> Client {
+        Client {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }

@@ -60,13 +60,13 @@ pub async fn run(args: &Args) -> Result<(), String> {
     // is the headline: the first half takes up what the allocator kept of the warm-up
     // (freed pages it has not handed back to the kernel yet, a varying amount), which
     // would otherwise be counted as free.
-    let t_open = Instant::now();
     let first = (held / 2).max(1);
-    let (mut conns, mut ids, arrived_1, rss_half, _) =
+    let (mut conns, mut ids, arrived_1, rss_half, _, open_1) =
         hold_batch(&up, proxy, pid, 1, first, upload, download).await?;
-    let (more, more_ids, arrived_2, rss1, settle_s) =
+    let (more, more_ids, arrived_2, rss1, settle_s, open_2) =
         hold_batch(&up, proxy, pid, 1 + first, held - first, upload, download).await?;
-    let open_s = t_open.elapsed().as_secs_f64();
+    // The time to hold them all: each half's, from its first connect to its last arrival.
+    let open_s = open_1 + open_2;
     conns.extend(more);
     ids.extend(more_ids);
     let arrived = arrived_1 + arrived_2;
@@ -132,7 +132,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
 
 /// Holds `n` more requests (ids from `first`) and waits until they have all reached the
 /// upstream (and, for downloads, stalled); returns them, how many arrived, the proxy's
-/// settled VmRSS, and the seconds from the last arrival to that reading.
+/// settled VmRSS, the seconds from the last arrival to that reading, and the seconds
+/// from the first connect to the last arrival.
 async fn hold_batch(
     up: &Upstream,
     proxy: std::net::SocketAddr,
@@ -141,14 +142,16 @@ async fn hold_batch(
     n: u64,
     upload: usize,
     download: bool,
-) -> Result<(Vec<(u64, TcpStream)>, Vec<u64>, usize, u64, f64), String> {
+) -> Result<(Vec<(u64, TcpStream)>, Vec<u64>, usize, u64, f64, f64), String> {
     let stalled_before = up.stalled.load(Ordering::Relaxed);
+    let t_open = Instant::now();
     let conns = hold(proxy, first, n, upload).await;
     let ids: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
     let arrived = up
         .wait_arrived(&ids, Instant::now() + Duration::from_secs(20))
         .await;
     let t_arrived = Instant::now();
+    let open_s = t_open.elapsed().as_secs_f64();
     if download {
         // Until the proxy stops reading the floods, it forwards them into the kernel's
         // buffers, which can take a while and keeps its memory still: a reading then is
@@ -167,7 +170,14 @@ async fn hold_batch(
         }
     }
     let rss = settled_rss(pid).await?;
-    Ok((conns, ids, arrived, rss, t_arrived.elapsed().as_secs_f64()))
+    Ok((
+        conns,
+        ids,
+        arrived,
+        rss,
+        t_arrived.elapsed().as_secs_f64(),
+        open_s,
+    ))
 }
 
 /// The proxy's VmRSS once it stops moving: read every 100 ms

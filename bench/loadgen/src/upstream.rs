@@ -374,23 +374,22 @@ async fn discard(fd: &AsyncFd<TcpStream>, mut n: usize) -> io::Result<()> {
 }
 
 /// Writes `block` after `block` until the connection fails; counts the connection in
-/// `stalled` the first time a write waits [`STALLED_AFTER`] for room. (A block cut short
-/// by that wait is not resumed: what a flood sends does not matter, only that it never
-/// stops.)
+/// `stalled` the first time a write of 16 KiB waits [`STALLED_AFTER`] for room (a proxy
+/// that reads steadily takes that much sooner). A block cut short by that wait is not
+/// resumed: what a flood sends does not matter, only that it never stops. Once counted,
+/// the writes go on without a timer.
 async fn flood(up: &Upstream, fd: &AsyncFd<TcpStream>, block: &[u8]) {
-    let mut counted = false;
+    let piece = &block[..block.len().min(16 * 1024)];
     loop {
-        match tokio::time::timeout(STALLED_AFTER, write_all(fd, block)).await {
+        match tokio::time::timeout(STALLED_AFTER, write_all(fd, piece)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
-            Err(_) if !counted => {
-                counted = true;
-                up.stalled.fetch_add(1, Ordering::Relaxed);
-                up.changed.notify_waiters();
-            }
-            Err(_) => {}
+            Err(_) => break,
         }
     }
+    up.stalled.fetch_add(1, Ordering::Relaxed);
+    up.changed.notify_waiters();
+    while write_all(fd, block).await.is_ok() {}
 }
 
 async fn write_all(fd: &AsyncFd<TcpStream>, mut data: &[u8]) -> io::Result<()> {
