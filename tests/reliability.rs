@@ -2042,8 +2042,11 @@ async fn storm_client_h2(
 struct FdCensus {
     /// Listening TCP sockets.
     listening: usize,
-    /// TCP connections, in any state the kernel still lists.
+    /// TCP connections to the upstream's port, established.
     tcp: usize,
+    /// Any other TCP connection, in any state the kernel still lists: a client's, or an
+    /// upstream connection half closed.
+    stray: usize,
     /// Sockets in no table: TCP connections the kernel has closed (reset) whose
     /// descriptor the proxy still holds.
     dead: usize,
@@ -2097,11 +2100,13 @@ fn proxy_fds(proxy: &Proxy) -> Vec<(String, String)> {
 }
 
 impl FdCensus {
-    fn of(proxy: &Proxy) -> FdCensus {
+    /// The census of `proxy`'s descriptors, its upstream at `upstream_port`.
+    fn of(proxy: &Proxy, upstream_port: u16) -> FdCensus {
         let tables = socket_tables();
         let mut census = FdCensus {
             listening: 0,
             tcp: 0,
+            stray: 0,
             dead: 0,
             other: 0,
         };
@@ -2109,10 +2114,11 @@ impl FdCensus {
             let inode = link
                 .strip_prefix("socket:[")
                 .and_then(|l| l.strip_suffix(']'));
-            match inode.map(|i| tables.get(i).map(|(state, ..)| state.as_str())) {
-                Some(Some("0A")) => census.listening += 1,
-                Some(Some("unix" | "udp")) | None => census.other += 1,
-                Some(Some(_)) => census.tcp += 1,
+            match inode.map(|i| tables.get(i).map(|(state, _, r)| (state.as_str(), *r))) {
+                Some(Some(("0A", _))) => census.listening += 1,
+                Some(Some(("unix" | "udp", _))) | None => census.other += 1,
+                Some(Some(("01", r))) if r == upstream_port => census.tcp += 1,
+                Some(Some(_)) => census.stray += 1,
                 Some(None) => census.dead += 1,
             }
         }
@@ -2190,10 +2196,11 @@ async fn storm(h2: bool) {
     // What the proxy holds between requests: counted once the warm-up's client
     // connections are gone, and every upstream connection it holds is one the upstream
     // holds too.
-    let mut before = FdCensus::of(&proxy);
+    let census = || FdCensus::of(&proxy, up.addr.port());
+    let mut before = census();
     poll_until(WAIT, "the warm-up's client connections closed", || {
-        before = FdCensus::of(&proxy);
-        before.dead == 0 && before.tcp == up.open()
+        before = census();
+        before.dead == 0 && before.stray == 0 && before.tcp == up.open()
     })
     .await;
     let seed = fastrand::u64(..);
@@ -2275,15 +2282,16 @@ async fn storm(h2: bool) {
     }
 
     drop(h2_conns);
-    // Descriptors: no client connection left, and no upstream connection but those the
-    // upstream still holds open too (idle in the pool): none half-closed or reset.
+    // Descriptors: no client connection left, and no upstream connection but established
+    // ones the upstream still holds open too (idle in the pool): none half closed or
+    // reset.
     let deadline = Instant::now() + Duration::from_secs(10);
     let expected = |open| FdCensus {
         tcp: open,
         ..before
     };
     loop {
-        let (now, open) = (FdCensus::of(&proxy), up.open());
+        let (now, open) = (census(), up.open());
         if now == expected(open) {
             break;
         }
