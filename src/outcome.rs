@@ -416,11 +416,6 @@ impl InFlight {
         self.state.as_ref().is_some_and(|s| !s.is_done())
     }
 
-    /// The request's upload state, for a task that outlives a borrow of the guard.
-    pub fn upload_state(&self) -> Option<Arc<RequestState>> {
-        self.state.clone()
-    }
-
     /// See [`RequestState::stamp_dropped`].
     /// The connection this request came on.
     pub fn client(&self) -> &Arc<ClientConn> {

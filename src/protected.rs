@@ -272,14 +272,13 @@ impl Call {
                         frame: Ok(frame),
                         last,
                     };
-                    let upload = self.guard.upload_state();
                     let delivered = match &client {
                         Some(tx) => tokio::select! {
                             r = tx.send(item) => r.is_ok(),
                             // A client behind on its download may still be uploading: the
                             // rest of its upload goes on out meanwhile (as in `body.rs`).
                             () = poll_fn(|cx| {
-                                if upload.as_ref().is_some_and(|u| !u.is_done()) {
+                                if self.guard.uploading() {
                                     let _ = conn.poll_drive(cx);
                                 }
                                 Poll::Pending

@@ -2083,18 +2083,20 @@ fn socket_tables() -> std::collections::HashMap<String, (String, u16, u16)> {
     out
 }
 
-/// The proxy's descriptors as (fd, what it is).
-fn proxy_fds(proxy: &Proxy) -> Vec<(String, String)> {
+/// The proxy's descriptors as (fd, the socket's inode: None for anything but a socket).
+fn proxy_fds(proxy: &Proxy) -> Vec<(String, Option<String>)> {
     let dir = format!("/proc/{}/fd", proxy.pid());
     std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("read {dir}: {e}"))
         .filter_map(|e| {
             let e = e.ok()?;
             let link = std::fs::read_link(e.path()).ok()?; // None: closed meanwhile
-            Some((
-                e.file_name().to_string_lossy().into_owned(),
-                link.to_string_lossy().into_owned(),
-            ))
+            let link = link.to_string_lossy();
+            let inode = link
+                .strip_prefix("socket:[")
+                .and_then(|l| l.strip_suffix(']'))
+                .map(str::to_string);
+            Some((e.file_name().to_string_lossy().into_owned(), inode))
         })
         .collect()
 }
@@ -2110,11 +2112,8 @@ impl FdCensus {
             dead: 0,
             other: 0,
         };
-        for (_, link) in proxy_fds(proxy) {
-            let inode = link
-                .strip_prefix("socket:[")
-                .and_then(|l| l.strip_suffix(']'));
-            match inode.map(|i| tables.get(i).map(|(state, _, r)| (state.as_str(), *r))) {
+        for (_, inode) in proxy_fds(proxy) {
+            match inode.map(|i| tables.get(&i).map(|(state, _, r)| (state.as_str(), *r))) {
                 Some(Some(("0A", _))) => census.listening += 1,
                 Some(Some(("unix" | "udp", _))) | None => census.other += 1,
                 Some(Some(("01", r))) if r == upstream_port => census.tcp += 1,
@@ -2129,14 +2128,11 @@ impl FdCensus {
     fn connections(proxy: &Proxy) -> String {
         let tables = socket_tables();
         let mut out = Vec::new();
-        for (fd, link) in proxy_fds(proxy) {
-            let Some(inode) = link
-                .strip_prefix("socket:[")
-                .and_then(|l| l.strip_suffix(']'))
-            else {
+        for (fd, inode) in proxy_fds(proxy) {
+            let Some(inode) = inode else {
                 continue;
             };
-            match tables.get(inode) {
+            match tables.get(&inode) {
                 Some((state, l, r)) if !matches!(state.as_str(), "0A" | "unix" | "udp") => {
                     out.push(format!("fd {fd}: port {l} -> {r}, TCP state {state}"))
                 }

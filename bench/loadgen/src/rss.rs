@@ -61,15 +61,15 @@ pub async fn run(args: &Args) -> Result<(), String> {
     // (freed pages it has not handed back to the kernel yet, a varying amount), which
     // would otherwise be counted as free.
     let first = (held / 2).max(1);
-    let (mut conns, mut ids, arrived_1, rss_half, _, open_1) =
-        hold_batch(&up, proxy, pid, 1, first, upload, download).await?;
-    let (more, more_ids, arrived_2, rss1, settle_s, open_2) =
-        hold_batch(&up, proxy, pid, 1 + first, held - first, upload, download).await?;
+    let one = hold_batch(&up, proxy, pid, 1, first, upload, download).await?;
+    let two = hold_batch(&up, proxy, pid, 1 + first, held - first, upload, download).await?;
+    let (rss_half, rss1, settle_s) = (one.rss_kib, two.rss_kib, two.settle_s);
+    let (arrived_2, arrived) = (two.arrived, one.arrived + two.arrived);
     // The time to hold them all: each half's, from its first connect to its last arrival.
-    let open_s = open_1 + open_2;
-    conns.extend(more);
-    ids.extend(more_ids);
-    let arrived = arrived_1 + arrived_2;
+    let open_s = one.open_s + two.open_s;
+    let mut conns = one.conns;
+    conns.extend(two.conns);
+    let ids: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
     let fd1 = http::fd_count(pid)?;
     let n = conns.len() as u64;
     drop(conns);
@@ -130,10 +130,21 @@ pub async fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// One batch of held requests, once the proxy's memory settled.
+struct Batch {
+    conns: Vec<(u64, TcpStream)>,
+    /// Requests that reached the upstream.
+    arrived: usize,
+    /// The proxy's settled VmRSS.
+    rss_kib: u64,
+    /// From the last arrival to that reading.
+    settle_s: f64,
+    /// From the first connect to the last arrival.
+    open_s: f64,
+}
+
 /// Holds `n` more requests (ids from `first`) and waits until they have all reached the
-/// upstream (and, for downloads, stalled); returns them, how many arrived, the proxy's
-/// settled VmRSS, the seconds from the last arrival to that reading, and the seconds
-/// from the first connect to the last arrival.
+/// upstream (and, for downloads, stalled), then for the proxy's memory to settle.
 async fn hold_batch(
     up: &Upstream,
     proxy: std::net::SocketAddr,
@@ -142,7 +153,7 @@ async fn hold_batch(
     n: u64,
     upload: usize,
     download: bool,
-) -> Result<(Vec<(u64, TcpStream)>, Vec<u64>, usize, u64, f64, f64), String> {
+) -> Result<Batch, String> {
     let stalled_before = up.stalled.load(Ordering::Relaxed);
     let t_open = Instant::now();
     let conns = hold(proxy, first, n, upload).await;
@@ -169,15 +180,14 @@ async fn hold_batch(
             );
         }
     }
-    let rss = settled_rss(pid).await?;
-    Ok((
+    let rss_kib = settled_rss(pid).await?;
+    Ok(Batch {
         conns,
-        ids,
         arrived,
-        rss,
-        t_arrived.elapsed().as_secs_f64(),
+        rss_kib,
+        settle_s: t_arrived.elapsed().as_secs_f64(),
         open_s,
-    ))
+    })
 }
 
 /// The proxy's VmRSS once it stops moving: read every 100 ms
