@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # cutoff's benchmark suite, one command: bench/run.sh [--save]
 #
-# Builds cutoff and bench/loadgen, installs nginx, haproxy and wrk if missing, and
-# measures cutoff against nginx and HAProxy on 127.0.0.1 only: cancellation propagation,
-# timeout precision, throughput (keep-alive, and one request per connection), memory per
-# held request and a soak. Writes
+# Builds cutoff and bench/loadgen, installs nginx, haproxy, wrk and valgrind if missing,
+# and measures cutoff against nginx and HAProxy on 127.0.0.1 only: cancellation
+# propagation, timeout precision, throughput (keep-alive, and one request per connection),
+# bulk transfer, instructions per request (callgrind), memory per held request and a soak.
+# Writes
 # bench/results/latest.md (and prints it); --save also copies it to bench/RESULTS.md.
 # Throughput and memory also measure `loadgen floor` ("hyper-floor"), a bare hyper
 # forwarding loop: a baseline for what hyper alone costs, never an incumbent.
@@ -15,7 +16,8 @@
 #   few samples)
 #   CUTOFF_BIN=path (skip `cargo build --release` and measure that binary)  KEEP=1 (keep
 #   the temp dir with configs and logs)
-#   SECTIONS="cancel timeout throughput close bulk rss soak" (run only the sections named)
+#   SECTIONS="cancel timeout throughput close bulk instructions rss soak" (run only the
+#   sections named)  IC_SECONDS=5 (each measured wrk run under callgrind)
 #   RSS_UPLOAD_HELD=1000  RSS_DOWNLOAD_HELD=200  BULK_GIB=1
 #   AWAKE=1 (the default; 0 turns it off): during the cancellation and timeout sections a
 #   nice-19 busy loop keeps the proxy's core from halting between departures, so that
@@ -34,8 +36,9 @@ SOAK_PROXIES=${SOAK_PROXIES:-$PROXIES}
 SOAK_N=${SOAK_N:-100000}
 RSS_HELD=${RSS_HELD:-9000}
 WRK_SECONDS=${WRK_SECONDS:-5}
+IC_SECONDS=${IC_SECONDS:-5}
 QUICK=${QUICK:-0}
-SECTIONS=${SECTIONS:-"cancel timeout throughput close bulk rss soak"}
+SECTIONS=${SECTIONS:-"cancel timeout throughput close bulk instructions rss soak"}
 RSS_UPLOAD_HELD=${RSS_UPLOAD_HELD:-1000}
 RSS_DOWNLOAD_HELD=${RSS_DOWNLOAD_HELD:-200}
 BULK_GIB=${BULK_GIB:-1}
@@ -45,7 +48,7 @@ HELDS="1 100 1000"
 PHASES="headers body upload"
 TIMEOUT_N=${TIMEOUT_N:-1000}
 if [[ "$QUICK" == 1 ]]; then
-  HELDS="1 100"; SOAK_N=5000; RSS_HELD=500; WRK_SECONDS=2; TIMEOUT_N=100
+  HELDS="1 100"; SOAK_N=5000; RSS_HELD=500; WRK_SECONDS=2; IC_SECONDS=2; TIMEOUT_N=100
   RSS_UPLOAD_HELD=100; RSS_DOWNLOAD_HELD=50
 fi
 SUITE_START=$(date +%s)
@@ -54,7 +57,7 @@ say() { printf '\n== %s\n' "$*"; }
 
 # --- tools -------------------------------------------------------------------------------
 need_apt=()
-for t in nginx haproxy wrk; do command -v "$t" >/dev/null || need_apt+=("$t"); done
+for t in nginx haproxy wrk valgrind; do command -v "$t" >/dev/null || need_apt+=("$t"); done
 command -v taskset >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
   say "installing ${need_apt[*]}"
@@ -499,6 +502,78 @@ if section bulk; then
 fi
 
 for p in $PROXIES; do stop "$p"; done
+
+# --- instructions: userland work per request, counted by callgrind (no clock involved) -----
+# Each target runs once more under valgrind's callgrind, counting nothing until the load
+# starts: wrk -c64 (keep-alive, then one request per connection) through it to the origin,
+# and instructions ÷ requests served. Unlike CPU time this does not move with the rest of
+# the machine (three runs agree within 0.5 %), so it shows what a change to the code costs
+# or saves where CPU time is lost in noise. It counts the process's user-space instructions
+# only: the kernel's work (the system calls, which are alike, see bench/README.md) is not
+# in it, nor how fast each instruction runs.
+# $1: the target; sets IC_PID.
+ic_start() {
+  local p=$1 cmd
+  cmd=(taskset -c 1 valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$WORK/cg-$p.%p")
+  case $p in
+    cutoff) cmd+=("$CUTOFF" --config "$WORK/cutoff.toml") ;;
+    nginx) cmd+=(nginx -g 'master_process off;' -p "$WORK/nginx/" -e "$WORK/nginx/error.log"
+      -c "$WORK/nginx.conf") ;;
+    haproxy) cmd+=(haproxy -db -f "$WORK/haproxy.cfg") ;;
+    hyper-floor) cmd+=("$LG" floor --listen "127.0.0.1:${PORT[hyper-floor]}"
+      --upstream "127.0.0.1:$ORIGIN_PORT") ;;
+  esac
+  env -u RUST_LOG "${cmd[@]}" >>"$WORK/callgrind-$p.log" 2>&1 &
+  IC_PID=$!
+  lg wait-port "127.0.0.1:${PORT[$p]}" --timeout-ms 60000 >/dev/null 2>&1
+}
+
+# One measured wrk run against target $1 in mode $2 (its valgrind is $IC_PID); the counts
+# go to the dump numbered $3.
+ic_measure() {
+  local p=$1 mode=$2 n=$3 out reqs ins
+  local hdr=()
+  [[ $mode == close ]] && hdr=(-H 'Connection: close')
+  local url="http://127.0.0.1:${PORT[$p]}/w/hello.txt"
+  callgrind_control -i on "$IC_PID" >/dev/null
+  out=$(taskset -c 0 wrk -t1 -c64 -d"${IC_SECONDS}s" "${hdr[@]}" "$url" 2>&1) || true
+  callgrind_control -i off "$IC_PID" >/dev/null
+  callgrind_control -d "$IC_PID" >/dev/null
+  reqs=$(printf '%s\n' "$out" | awk '/requests in/ {print $1}')
+  ins=$(awk '/^totals:/ {print $2; exit}' "$WORK/cg-$p.$IC_PID.$n" 2>/dev/null || true)
+  if [[ -z "$reqs" || -z "$ins" || "$reqs" == 0 ]] || printf '%s' "$out" | grep -q 'Non-2xx'; then
+    event "$p" "callgrind ($mode): no clean count ($(printf '%s' "$out" | grep -m1 'Non-2xx\|requests in' || echo 'no output'))"
+    return 0
+  fi
+  if printf '%s' "$out" | grep -q 'Socket errors'; then
+    event "$p" "callgrind ($mode): wrk $(printf '%s' "$out" | grep -m1 'Socket errors' | sed 's/^ *//')"
+  fi
+  printf '{"bench":"instructions","proxy":"%s","mode":"%s","requests":%s,"instructions":%s}\n' \
+    "$p" "$mode" "$reqs" "$ins" >>"$RES"
+  echo "  $p ($mode): $((ins / reqs)) instructions per request over $reqs requests"
+}
+
+if section instructions; then
+  if command -v valgrind >/dev/null && command -v callgrind_control >/dev/null; then
+    say "instructions per request (callgrind, wrk -t1 -c64 -d${IC_SECONDS}s through each)"
+    rotate "$PROXIES hyper-floor"
+    for p in "${ORDERED[@]}"; do
+      if ! ic_start "$p"; then
+        event "$p" "did not start under valgrind"
+      else
+        # A warm-up outside the count: the pool filled, the code paths paged in.
+        taskset -c 0 wrk -t1 -c64 -d2s "http://127.0.0.1:${PORT[$p]}/w/hello.txt" >/dev/null 2>&1 || true
+        ic_measure "$p" keepalive 1
+        # hyper-floor opens an upstream connection per client connection (see `close`).
+        [[ $p != hyper-floor ]] && ic_measure "$p" close 2
+      fi
+      kill -TERM "$IC_PID" 2>/dev/null || true
+      wait "$IC_PID" 2>/dev/null || true
+    done
+  else
+    event callgrind "valgrind not installed: instructions section skipped"
+  fi
+fi
 
 # --- B: memory per held request (a fresh process each) --------------------------------------
 # One rss round: each proxy and hyper-floor in a fresh process, holding $1 requests;
