@@ -474,8 +474,9 @@ fn instructions_table(out: &mut String, rows: &[&Value]) {
         "User-space instructions each proxy process executed while serving the requests, \
          ÷ requests served, counted by valgrind's callgrind from the start of the measured \
          run to its end. It moves with the code, not with the machine (repeat runs agree \
-         within about 0.5 %), so it shows what CPU time hides in noise; it leaves out the \
-         kernel's share of the CPU (the system calls) and how fast each instruction runs. \
+         within a few per cent, cutoff's within 0.5 %), so it shows what CPU time hides in \
+         noise; it leaves out the kernel's share of the CPU (the system calls) and how fast \
+         each instruction runs. \
          Ratio: cutoff ÷ the leaner incumbent (below 1× is better).\n\n",
     );
     out.push_str("| target | keep-alive instructions / request | vs best | one request per connection | vs best |\n");
