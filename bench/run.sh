@@ -287,17 +287,26 @@ awake_off() {
 
 lg() { taskset -c 0 "$LG" "$@"; }
 
+# The command line of target $1 (into CMD): what `start` runs, and the callgrind runs too.
+proxy_cmd() {
+  case $1 in
+    cutoff) CMD=("$CUTOFF" --config "$WORK/cutoff.toml") ;;
+    nginx) CMD=(nginx -p "$WORK/nginx/" -e "$WORK/nginx/error.log" -c "$WORK/nginx.conf") ;;
+    haproxy) CMD=(haproxy -db -f "$WORK/haproxy.cfg") ;;
+    hyper-floor) CMD=("$LG" floor --listen "127.0.0.1:${PORT[hyper-floor]}" --upstream "$FLOOR_UP") ;;
+    origin) CMD=(nginx -p "$WORK/origin/" -e "$WORK/origin/error.log" -c "$WORK/origin.conf") ;;
+  esac
+}
+
 start() {
   local p=$1
+  proxy_cmd "$p"
   case $p in
-    cutoff) env -u RUST_LOG taskset -c 1 "$CUTOFF" --config "$WORK/cutoff.toml" 2>>"$WORK/cutoff.log" & ;;
-    nginx) taskset -c 1 nginx -p "$WORK/nginx/" -e "$WORK/nginx/error.log" -c "$WORK/nginx.conf" \
-      2>>"$WORK/nginx/stderr.log" & ;;
-    haproxy) taskset -c 1 haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 & ;;
-    hyper-floor) taskset -c 1 "$LG" floor --listen "127.0.0.1:${PORT[hyper-floor]}" \
-      --upstream "$FLOOR_UP" 2>>"$WORK/hyper-floor.log" & ;;
-    origin) taskset -c 0 nginx -p "$WORK/origin/" -e "$WORK/origin/error.log" -c "$WORK/origin.conf" \
-      2>>"$WORK/origin/stderr.log" & ;;
+    cutoff) env -u RUST_LOG taskset -c 1 "${CMD[@]}" 2>>"$WORK/cutoff.log" & ;;
+    nginx) taskset -c 1 "${CMD[@]}" 2>>"$WORK/nginx/stderr.log" & ;;
+    haproxy) taskset -c 1 "${CMD[@]}" >>"$WORK/haproxy.log" 2>&1 & ;;
+    hyper-floor) taskset -c 1 "${CMD[@]}" 2>>"$WORK/hyper-floor.log" & ;;
+    origin) taskset -c 0 "${CMD[@]}" 2>>"$WORK/origin/stderr.log" & ;;
   esac
   PID[$p]=$!
   local port=${PORT[$p]:-$ORIGIN_PORT}
@@ -513,17 +522,12 @@ for p in $PROXIES; do stop "$p"; done
 # in it, nor how fast each instruction runs.
 # $1: the target; sets IC_PID.
 ic_start() {
-  local p=$1 cmd
-  cmd=(taskset -c 1 valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$WORK/cg-$p.%p")
-  case $p in
-    cutoff) cmd+=("$CUTOFF" --config "$WORK/cutoff.toml") ;;
-    nginx) cmd+=(nginx -g 'master_process off;' -p "$WORK/nginx/" -e "$WORK/nginx/error.log"
-      -c "$WORK/nginx.conf") ;;
-    haproxy) cmd+=(haproxy -db -f "$WORK/haproxy.cfg") ;;
-    hyper-floor) cmd+=("$LG" floor --listen "127.0.0.1:${PORT[hyper-floor]}"
-      --upstream "127.0.0.1:$ORIGIN_PORT") ;;
-  esac
-  env -u RUST_LOG "${cmd[@]}" >>"$WORK/callgrind-$p.log" 2>&1 &
+  local p=$1
+  proxy_cmd "$p"
+  # nginx's one worker is the process itself, so that valgrind sees it.
+  [[ $p == nginx ]] && CMD+=(-g 'master_process off;')
+  env -u RUST_LOG taskset -c 1 valgrind --tool=callgrind --instr-atstart=no \
+    "--callgrind-out-file=$WORK/cg-$p.%p" "${CMD[@]}" >>"$WORK/callgrind-$p.log" 2>&1 &
   IC_PID=$!
   lg wait-port "127.0.0.1:${PORT[$p]}" --timeout-ms 60000 >/dev/null 2>&1
 }
@@ -556,6 +560,8 @@ ic_measure() {
 if section instructions; then
   if command -v valgrind >/dev/null && command -v callgrind_control >/dev/null; then
     say "instructions per request (callgrind, wrk -t1 -c64 -d${IC_SECONDS}s through each)"
+    # hyper-floor forwards /w/hello.txt to the origin, as in the throughput passes.
+    FLOOR_UP="127.0.0.1:$ORIGIN_PORT"
     rotate "$PROXIES hyper-floor"
     for p in "${ORDERED[@]}"; do
       if ! ic_start "$p"; then

@@ -433,11 +433,26 @@ impl Idle {
         match self {
             Idle::Io(io) => still_open(io.tcp()),
             Idle::Ready(sender, conn) => {
-                // One poll lets hyper notice a close; it must still want a request.
                 let mut cx = Context::from_waker(std::task::Waker::noop());
-                conn.poll_without_shutdown(&mut cx).is_pending() && sender.is_ready()
+                poll_ready_for_more(sender, conn, &mut cx) == Poll::Ready(true)
             }
         }
+    }
+}
+
+/// Whether a kept hyper connection can carry another request: `Ready(false)` once it has
+/// closed, `Ready(true)` once hyper wants a request again, `Pending` while it is still
+/// busy with the last one (writing the end of its body, say). The poll also lets hyper
+/// notice a close and settle a finished exchange.
+pub(super) fn poll_ready_for_more(
+    sender: &H1Sender,
+    conn: &mut H1Conn,
+    cx: &mut Context<'_>,
+) -> Poll<bool> {
+    match conn.poll_without_shutdown(cx) {
+        Poll::Ready(_) => Poll::Ready(false),
+        Poll::Pending if sender.is_ready() => Poll::Ready(true),
+        Poll::Pending => Poll::Pending,
     }
 }
 

@@ -742,15 +742,14 @@ impl Conn {
     ///
     /// `upload_read`: the request's body was read from the client to its end (what hyper
     /// still has of it is written before the connection is checked in: see
-    /// [`finish_upload`]). An
-    /// upstream may answer before it has the whole body (nginx's `return`, an early 413):
-    /// the rest of the upload is then still on its way through hyper's connection, and an
-    /// idle connection is polled by nobody. Checked in, it held the client's upload until
-    /// the next use or the pool's sweep: measured, a 1 GiB upload that got its 200 at
-    /// once stalled for 4 to 5 s, the client's window shut. Such a connection is reset
-    /// instead (its upstream gets no truncated body it could take for a whole one), which
-    /// ends the upload: an HTTP/1 client connection closes after its answer and discards
-    /// the rest (a lingering close, see `linger.rs`).
+    /// [`finish_upload`]). An upstream may answer before it has the whole body (nginx's
+    /// `return`, an early 413): the rest of the upload is then still on its way through
+    /// hyper's connection, and an idle connection is polled by nobody. Checked in, it held
+    /// the client's upload until the next use or the pool's sweep: measured, a 1 GiB
+    /// upload that got its 200 at once stalled for 4 to 5 s, the client's window shut.
+    /// Such a connection is reset instead (its upstream gets no truncated body it could
+    /// take for a whole one), which ends the upload: an HTTP/1 client connection closes
+    /// after its answer and discards the rest (a lingering close, see `linger.rs`).
     pub fn exchanged(&mut self, at: Instant, upload_read: bool) {
         if !upload_read {
             // Dropped unexchanged: reset.
@@ -808,26 +807,21 @@ const UPLOAD_TAIL_BOUND: Duration = Duration::from_secs(10);
 /// its own until hyper is ready for another request.
 fn finish_upload(endpoint: Arc<Endpoint>, sender: H1Sender, mut conn: Box<H1Conn>, at: Instant) {
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    if conn.poll_without_shutdown(&mut cx).is_ready() {
-        return;
-    }
-    if sender.is_ready() {
-        endpoint.checkin(Idle::Ready(sender, conn), at);
-        return;
-    }
-    tokio::spawn(async move {
-        let written = tokio::time::timeout(
-            UPLOAD_TAIL_BOUND,
-            poll_fn(|cx| match conn.poll_without_shutdown(cx) {
-                // Closed (by the upstream, or on an error): nothing to keep.
-                Poll::Ready(_) => Poll::Ready(false),
-                Poll::Pending if sender.is_ready() => Poll::Ready(true),
-                Poll::Pending => Poll::Pending,
-            }),
-        )
-        .await;
-        if written == Ok(true) {
-            endpoint.checkin(Idle::Ready(sender, conn), Instant::now());
+    match endpoint::poll_ready_for_more(&sender, &mut conn, &mut cx) {
+        Poll::Ready(true) => endpoint.checkin(Idle::Ready(sender, conn), at),
+        // Closed (by the upstream, or on an error): nothing to keep.
+        Poll::Ready(false) => {}
+        Poll::Pending => {
+            tokio::spawn(async move {
+                let ready = tokio::time::timeout(
+                    UPLOAD_TAIL_BOUND,
+                    poll_fn(|cx| endpoint::poll_ready_for_more(&sender, &mut conn, cx)),
+                )
+                .await;
+                if ready == Ok(true) {
+                    endpoint.checkin(Idle::Ready(sender, conn), Instant::now());
+                }
+            });
         }
-    });
+    }
 }
