@@ -142,14 +142,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
         let before = buf.filled().len();
         let cap = self.cap;
         let io = Pin::new(&mut self.io);
-        let polled = if cap == Cap::On {
-            crate::read_cap::poll_capped(buf, |buf| io.poll_read(cx, buf))
-        } else {
-            io.poll_read(cx, buf)
+        let polled = match cap.limit() {
+            Some(limit) => crate::read_cap::poll_capped(buf, limit, |buf| io.poll_read(cx, buf)),
+            None => io.poll_read(cx, buf),
         };
-        if buf.filled().len() > before {
-            if let Cap::Undecided(_) = cap {
-                self.cap.saw(&buf.filled()[before..]);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            match cap {
+                Cap::Undecided(_) => self.cap.saw(&buf.filled()[before..]),
+                Cap::On(_) => self.cap.read(n),
+                Cap::Bulk | Cap::Off => {}
             }
             self.client.bytes_arrived();
         }
@@ -277,5 +279,38 @@ mod tests {
         assert!(poll(&mut timer, &client).is_pending());
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(poll(&mut timer, &client).is_pending());
+    }
+
+    /// An HTTP/1 connection reads 8 KiB at a time until 1 MiB has come in reads that
+    /// filled that, then 64 KiB at a time (see `read_cap.rs`). Through an in-memory pipe
+    /// holding the whole upload, so that every read can fill what it asks for.
+    #[tokio::test]
+    async fn reads_grow_once_a_connection_carries_a_bulk_upload() {
+        use crate::read_cap::{BULK_AFTER, BULK_READ, MAX_READ};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let total = 4 << 20;
+        let (mut tx, rx) = tokio::io::duplex(total);
+        tx.write_all(&vec![b'u'; total])
+            .await
+            .expect("fill the pipe");
+        let client = std::sync::Arc::new(ClientConn::default());
+        let mut io = HeadBytes::new(rx, Bytes::new(), client, Cap::On(0));
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sizes = Vec::new();
+        let mut read = 0;
+        while read < total {
+            let n = io.read(&mut buf).await.expect("read");
+            sizes.push(n);
+            read += n;
+        }
+        let switch = usize::from(BULK_AFTER);
+        assert!(sizes[..switch].iter().all(|&n| n == MAX_READ), "{sizes:?}");
+        assert!(
+            sizes[switch..sizes.len() - 1]
+                .iter()
+                .all(|&n| n == BULK_READ),
+            "{sizes:?}"
+        );
+        assert_eq!(io.cap, Cap::Bulk);
     }
 }

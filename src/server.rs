@@ -367,7 +367,7 @@ async fn serve_io<I>(
 {
     let client = cx.client.clone();
     let cap = match speaks {
-        Speaks::Http1 => Cap::On,
+        Speaks::Http1 => Cap::On(0),
         Speaks::Unsure => Cap::Undecided(0),
     };
     let io = TokioIo::new(HeadBytes::new(io, first, client.clone(), cap));

@@ -625,6 +625,47 @@ async fn one_gib_upload_streams_through_in_bounded_memory() {
     assert_access(&line, 200, "ok", None);
 }
 
+/// A large upload comes through byte for byte. Its client connection switches to 64 KiB
+/// reads partway (after 1 MiB read in full 8 KiB reads, see `read_cap.rs`), and hyper's
+/// buffer grows under it: the upstream's digest of the body covers the bytes before,
+/// across and after the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_upload_arrives_byte_for_byte() {
+    const LEN: usize = 24 << 20;
+    let (up, proxy) = pair(r#"timeout = "off""#).await;
+    // xorshift64: no block repeats, so a chunk dropped, doubled or moved changes the hash.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let body: Vec<u8> = (0..LEN / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    let want = format!("{LEN} {:016x}", fnv1a(FNV_OFFSET, &body));
+
+    let mut c = Client::connect(proxy.addr()).await;
+    c.send_head(
+        "POST",
+        "/digest/bulk",
+        &[("Content-Length", &LEN.to_string())],
+    )
+    .await;
+    for block in body.chunks(256 * 1024) {
+        c.send(block).await;
+    }
+    let resp = c.read_response(Duration::from_secs(60)).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.text(),
+        want,
+        "the upstream's length and digest of the body"
+    );
+    let rec = up.wait_request("/digest/bulk", WAIT).await;
+    up.wait_finished(rec.id, WAIT).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_download_streams_through_in_bounded_memory() {
     let (up, proxy) = pair(r#"timeout = "off""#).await;

@@ -96,7 +96,9 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        crate::read_cap::poll_capped(buf, |buf| this.poll_read_uncapped(cx, buf))
+        crate::read_cap::poll_capped(buf, crate::read_cap::MAX_READ, |buf| {
+            this.poll_read_uncapped(cx, buf)
+        })
     }
 }
 

@@ -1172,6 +1172,19 @@ impl UpShared {
     }
 }
 
+/// FNV-1a's 64-bit offset basis: the hash of nothing.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64 over `bytes`, from `hash` (start at [`FNV_OFFSET`]): the upstream's `/digest`,
+/// for a test to tell a body that arrived byte for byte from one that only arrived whole.
+pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
 /// A recording HTTP/1.1 upstream on 127.0.0.1, port chosen by the OS.
 ///
 /// Behaviour by the first path segment (a test may add more segments as a tag, as in
@@ -1184,6 +1197,7 @@ impl UpShared {
 /// | `/big?bytes=N` | read the body, answer 200 with Content-Length N, `z` bytes written from one reused 64 KiB buffer |
 /// | `/echo` | stream the body back as it reads it, same length (Content-Length if the request had one, else chunked) |
 /// | `/sink` | read and count the whole body, answer 200 with the count in decimal |
+/// | `/digest` | read the whole body, answer 200 `LEN HASH`: its length and its FNV-1a 64 hash (see [`fnv1a`]) in hex |
 /// | `/hold-body?ms=N` | leave the body unread for N ms, then read it and answer 200 with its length |
 /// | anything else | read the body, answer 200 `ok` |
 ///
@@ -1761,6 +1775,16 @@ impl Conn {
             "sink" => {
                 let n = self.drain_body(id, &mut dec).await?;
                 self.respond(n.to_string().as_bytes()).await
+            }
+            "digest" => {
+                let (mut n, mut hash) = (0u64, FNV_OFFSET);
+                while let Some(piece) = self.body_piece(&mut dec).await? {
+                    self.count_body(id, piece.len());
+                    n += piece.len() as u64;
+                    hash = fnv1a(hash, &piece);
+                }
+                self.body_complete(id);
+                self.respond(format!("{n} {hash:016x}").as_bytes()).await
             }
             // Answers before reading the body, then reads and drops it, as nginx's
             // `return` does: an upstream that needs none of the upload.
