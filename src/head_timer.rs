@@ -146,13 +146,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadBytes<T> {
             Some(limit) => crate::read_cap::poll_capped(buf, limit, |buf| io.poll_read(cx, buf)),
             None => io.poll_read(cx, buf),
         };
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            match cap {
-                Cap::Undecided(_) => self.cap.saw(&buf.filled()[before..]),
-                Cap::On(_) => self.cap.read(n),
-                Cap::Bulk | Cap::Off => {}
-            }
+        if buf.filled().len() > before {
+            self.cap.read(&buf.filled()[before..]);
             self.client.bytes_arrived();
         }
         polled

@@ -81,16 +81,19 @@ impl Cap {
         }
     }
 
-    /// Takes note of a capped read of `n` bytes.
+    /// Takes note of bytes just read: the protocol, while it is not known, and on HTTP/1
+    /// whether the read filled its cap.
     #[inline]
-    pub fn read(&mut self, n: usize) {
-        if let Cap::On(full) = self
-            && n == MAX_READ
-        {
-            *full += 1;
-            if *full >= BULK_AFTER {
-                *self = Cap::Bulk;
+    pub fn read(&mut self, bytes: &[u8]) {
+        match self {
+            Cap::Undecided(_) => self.saw(bytes),
+            Cap::On(full) if bytes.len() == MAX_READ => {
+                *full += 1;
+                if *full >= BULK_AFTER {
+                    *self = Cap::Bulk;
+                }
             }
+            Cap::On(_) | Cap::Bulk | Cap::Off => {}
         }
     }
 
@@ -210,19 +213,19 @@ mod tests {
         let mut cap = Cap::On(0);
         // Reads that do not fill the cap never count, however many.
         for _ in 0..1000 {
-            cap.read(MAX_READ - 1);
+            cap.read(&[0; MAX_READ - 1]);
         }
         assert_eq!(cap, Cap::On(0));
         for _ in 1..BULK_AFTER {
-            cap.read(MAX_READ);
+            cap.read(&[0; MAX_READ]);
         }
         assert_eq!(cap, Cap::On(BULK_AFTER - 1));
         assert_eq!(cap.limit(), Some(MAX_READ));
-        cap.read(MAX_READ);
+        cap.read(&[0; MAX_READ]);
         assert_eq!(cap, Cap::Bulk);
         assert_eq!(cap.limit(), Some(BULK_READ));
         // And it stays bulk.
-        cap.read(10);
+        cap.read(&[0; 10]);
         assert_eq!(cap, Cap::Bulk);
         assert_eq!(Cap::Off.limit(), None);
         assert_eq!(Cap::Undecided(3).limit(), None);

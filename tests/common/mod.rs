@@ -1662,10 +1662,21 @@ impl Conn {
 
     /// Reads and counts the whole request body.
     async fn drain_body(&mut self, id: usize, dec: &mut BodyDecoder) -> Result<u64, Stop> {
+        self.drain_body_each(id, dec, |_| {}).await
+    }
+
+    /// Reads the whole body, counting it and handing each piece to `each`; its length.
+    async fn drain_body_each(
+        &mut self,
+        id: usize,
+        dec: &mut BodyDecoder,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<u64, Stop> {
         let mut total = 0u64;
         while let Some(piece) = self.body_piece(dec).await? {
             total += piece.len() as u64;
             self.count_body(id, piece.len());
+            each(&piece);
         }
         self.body_complete(id);
         Ok(total)
@@ -1777,13 +1788,10 @@ impl Conn {
                 self.respond(n.to_string().as_bytes()).await
             }
             "digest" => {
-                let (mut n, mut hash) = (0u64, FNV_OFFSET);
-                while let Some(piece) = self.body_piece(&mut dec).await? {
-                    self.count_body(id, piece.len());
-                    n += piece.len() as u64;
-                    hash = fnv1a(hash, &piece);
-                }
-                self.body_complete(id);
+                let mut hash = FNV_OFFSET;
+                let n = self
+                    .drain_body_each(id, &mut dec, |piece| hash = fnv1a(hash, piece))
+                    .await?;
                 self.respond(format!("{n} {hash:016x}").as_bytes()).await
             }
             // Answers before reading the body, then reads and drops it, as nginx's
