@@ -1185,6 +1185,36 @@ pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     hash
 }
 
+/// Bytes that never repeat a block (xorshift64), so that a chunk dropped, doubled or moved
+/// changes their hash: what `/noise` sends and what a test checks it against.
+pub struct Noise(u64);
+
+impl Default for Noise {
+    fn default() -> Noise {
+        Noise(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+impl Noise {
+    /// Fills `out` with the next bytes. Every call but the last must fill a multiple of 8.
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for word in out.chunks_mut(8) {
+            let x = &mut self.0;
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
+        }
+    }
+
+    /// The first `len` bytes.
+    pub fn bytes(len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        Noise::default().fill(&mut out);
+        out
+    }
+}
+
 /// A recording HTTP/1.1 upstream on 127.0.0.1, port chosen by the OS.
 ///
 /// Behaviour by the first path segment (a test may add more segments as a tag, as in
@@ -1195,6 +1225,7 @@ pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
 /// | `/delay?ms=N` | read the body, wait N ms, answer 200 `done` |
 /// | `/stream?chunks=N&every=MS&size=B` | read the body, answer 200 chunked: N chunks of B bytes (default 10, 100, 16), the first at once, then one every MS ms; chunk i is B copies of `b'a' + i % 26` |
 /// | `/big?bytes=N` | read the body, answer 200 with Content-Length N, `z` bytes written from one reused 64 KiB buffer |
+/// | `/noise?bytes=N` | the same, with the first N bytes of [`Noise`] |
 /// | `/echo` | stream the body back as it reads it, same length (Content-Length if the request had one, else chunked) |
 /// | `/sink` | read and count the whole body, answer 200 with the count in decimal |
 /// | `/digest` | read the whole body, answer 200 `LEN HASH`: its length and its FNV-1a 64 hash (see [`fnv1a`]) in hex |
@@ -1741,7 +1772,7 @@ impl Conn {
                 }
                 self.send(b"0\r\n\r\n").await
             }
-            "big" => {
+            "big" | "noise" => {
                 self.drain_body(id, &mut dec).await?;
                 let total = q("bytes", 0);
                 self.send(
@@ -1749,10 +1780,14 @@ impl Conn {
                         .as_bytes(),
                 )
                 .await?;
-                let block = vec![b'z'; 64 * 1024];
+                let mut block = vec![b'z'; 64 * 1024];
+                let mut noise = (kind == "noise").then(Noise::default);
                 let mut left = total;
                 while left > 0 {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(block.len());
+                    if let Some(noise) = noise.as_mut() {
+                        noise.fill(&mut block[..n]);
+                    }
                     self.send(&block[..n]).await?;
                     left -= n as u64;
                 }
