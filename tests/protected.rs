@@ -402,7 +402,8 @@ async fn protected_idle_timeout_does_not_count_a_slow_clients_pauses() {
     SockRef::from(c.stream())
         .set_recv_buffer_size(64 * 1024)
         .expect("SO_RCVBUF");
-    c.get(&format!("/pay/big/slow-reader?bytes={total}")).await;
+    c.get(&format!("/pay/noise/slow-reader?bytes={total}"))
+        .await;
     let head = c.read_head(WAIT).await;
     assert_eq!(head.status, 200);
     let mut dec = BodyDecoder::new(head.framing());
@@ -411,13 +412,14 @@ async fn protected_idle_timeout_does_not_count_a_slow_clients_pauses() {
         .read_body_pausing(&mut dec, 1536 * 1024, Duration::from_millis(300))
         .await;
     if let Err((end, got)) = got {
-        let line = access_line(&proxy, "/pay/big/slow-reader").await;
+        let line = access_line(&proxy, "/pay/noise/slow-reader").await;
         panic!(
             "the body was cut short ({end:?}) after {got} of {total} bytes; \
              the upstream never paused: {line}"
         );
     }
-    assert_eq!(got, Ok(total));
-    let line = access_line(&proxy, "/pay/big/slow-reader").await;
+    let want = fnv1a(FNV_OFFSET, &Noise::bytes(total));
+    assert_eq!(got, Ok((total, want)), "length and digest of the body");
+    let line = access_line(&proxy, "/pay/noise/slow-reader").await;
     assert_access(&line, 200, "ok", None);
 }

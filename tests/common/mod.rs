@@ -2073,19 +2073,24 @@ impl Client {
     }
 
     /// Reads the whole body like a slow reader: a pause of `pause` after every `every`
-    /// bytes. `Ok(total)`, or `Err((how it ended, bytes read))` if it was cut short.
+    /// bytes. `Ok((total, its FNV-1a digest))`, or `Err((how it ended, bytes read))` if it
+    /// was cut short.
     pub async fn read_body_pausing(
         &mut self,
         dec: &mut BodyDecoder,
         every: usize,
         pause: Duration,
-    ) -> Result<usize, (ReadEnd, usize)> {
+    ) -> Result<(usize, u64), (ReadEnd, usize)> {
         let mut got = 0usize;
+        let mut digest = FNV_OFFSET;
         let mut pause_at = every;
         loop {
             match self.next_piece(dec, WAIT).await {
-                Ok(Some(b)) => got += b.len(),
-                Ok(None) => return Ok(got),
+                Ok(Some(b)) => {
+                    got += b.len();
+                    digest = fnv1a(digest, &b);
+                }
+                Ok(None) => return Ok((got, digest)),
                 Err(end) => return Err((end, got)),
             }
             if got >= pause_at {
