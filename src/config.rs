@@ -36,6 +36,8 @@ pub mod defaults {
     /// What an HTTP/2 upstream may send of one response ahead of its client (see
     /// `upstream/h2.rs`).
     pub const H2_STREAM_WINDOW: usize = 1 << 20;
+    /// What a socket the proxy writes to may hold unsent (see `send_queue.rs`).
+    pub const TCP_NOTSENT_LOWAT: usize = 128 * 1024;
 }
 
 /// Upper bounds that no working setup comes near. A value beyond them is a typo, and taking
@@ -52,6 +54,8 @@ pub mod limits {
     /// upstream may fill for a client that stopped reading.
     pub const MIN_H2_STREAM_WINDOW: usize = 16 * 1024;
     pub const MAX_H2_STREAM_WINDOW: usize = 256 << 20;
+    /// Beyond the kernel's largest send buffer by default (4 MiB), many times over.
+    pub const MAX_TCP_NOTSENT_LOWAT: usize = 256 << 20;
 }
 
 /// A configuration error, located in the file so that it can be fixed in one step.
@@ -109,6 +113,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Whether the hang-up thread asks for real-time priority (see `hangup.rs`).
     pub hangup_realtime: bool,
+    /// Bytes a client's or an upstream's socket may hold unsent; 0 leaves the kernel's
+    /// default (see `send_queue.rs`).
+    pub tcp_notsent_lowat: u32,
     pub tls: Option<TlsConfig>,
 }
 
@@ -231,6 +238,7 @@ struct RawServer {
     body_read_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<i64>>,
     hangup_realtime: Option<bool>,
+    tcp_notsent_lowat: Option<Spanned<i64>>,
     tls: Option<RawTls>,
 }
 
@@ -413,6 +421,13 @@ fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             limits::MAX_HEADER_BYTES,
         )?,
         hangup_realtime: s.hangup_realtime.unwrap_or(true),
+        tcp_notsent_lowat: count_or(
+            at,
+            &s.tcp_notsent_lowat,
+            defaults::TCP_NOTSENT_LOWAT,
+            0,
+            limits::MAX_TCP_NOTSENT_LOWAT,
+        )? as u32,
         tls: s
             .tls
             .map(|t| -> Result<TlsConfig, ConfigError> {
@@ -917,6 +932,30 @@ upstream = "news"
         assert_eq!((e.line, e.key.as_str()), (8, "upstreams.news.urls"), "{e}");
         let e = check(&BASE.replace("[server]\n", "[server]\nworkers = -1\n")).unwrap_err();
         assert_eq!(e.key, "server.workers", "{e}");
+    }
+
+    #[test]
+    fn tcp_notsent_lowat_defaults_to_128_kib_and_0_turns_it_off() {
+        let with = |v: &str| {
+            BASE.replace(
+                "[server]\n",
+                &format!("[server]\ntcp_notsent_lowat = {v}\n"),
+            )
+        };
+        assert_eq!(check(BASE).unwrap().server.tcp_notsent_lowat, 128 * 1024);
+        assert_eq!(check(&with("0")).unwrap().server.tcp_notsent_lowat, 0);
+        assert_eq!(
+            check(&with("1048576")).unwrap().server.tcp_notsent_lowat,
+            1 << 20
+        );
+        for bad in ["-1", "268435457", "\"128k\""] {
+            let e = check(&with(bad)).unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (3, "server.tcp_notsent_lowat"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub mod proxy;
 pub mod read_cap;
 pub mod reload;
 pub mod routes;
+pub mod send_queue;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
@@ -189,6 +190,7 @@ pub async fn run(
     // change by the reload watch, never mistaken for what is already serving.
     let applied_certs = reload::cert_bytes(&config);
     hangup::set_realtime(config.server.hangup_realtime);
+    send_queue::set_limit(config.server.tcp_notsent_lowat, &listeners.proxy);
     let table = RouteTable::build(&config, None)?;
     let tls = config
         .server

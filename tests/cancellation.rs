@@ -9,14 +9,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 
 /// A long upstream call that only a cancellation can end within a test's lifetime.
 const LONG_MS: u64 = 30_000;
@@ -803,48 +800,6 @@ async fn held_uploads_keep_little_memory_each() {
     let grown = proxy.rss_kib().saturating_sub(base);
     assert_little_memory_each(grown, N, PER_REQUEST_KIB, "held uploads of 64 KiB");
     drop(clients);
-}
-
-/// An upstream that sends an endless body (a 1 TiB `Content-Length`, in 64 KiB writes
-/// as fast as its socket takes them), counting the connections whose writes blocked:
-/// the proxy stopped reading from them.
-async fn flooding_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("upstream address");
-    let blocked = Arc::new(AtomicUsize::new(0));
-    let counted = blocked.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let blocked = counted.clone();
-            tokio::spawn(async move {
-                if read_raw_head(&mut s, &mut Vec::new()).await.is_none() {
-                    return;
-                }
-                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n";
-                if s.write_all(answer).await.is_err() {
-                    return;
-                }
-                let block = vec![b'f'; 64 * 1024];
-                let mut counted_once = false;
-                loop {
-                    match s.try_write(&block) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            if !counted_once {
-                                counted_once = true;
-                                blocked.fetch_add(1, Ordering::SeqCst);
-                            }
-                            if s.writable().await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-    });
-    (addr, blocked)
 }
 
 /// Downloads whose clients read nothing keep little memory each. hyper queues up to

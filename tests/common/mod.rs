@@ -23,6 +23,7 @@
 //! - Polling waits, for what has no change event: [`poll_until`], [`wait_log_count`],
 //!   [`wait_started`] (the proxy's signal handlers and config watch are installed).
 //! - Prometheus text parsing, in `metrics.rs`: [`metric_value`], [`metric`], [`Scrape`].
+//! - The kernel's socket queues, in `kernel.rs`: [`kernel_sockets`], [`settled_send_queue`].
 //! - Small helpers: [`refused_addr`], [`HangingListener`] (a loopback address whose
 //!   connects hang), access-log assertions and [`access_line`].
 //!
@@ -31,8 +32,12 @@
 
 #![allow(dead_code)]
 
+mod kernel;
 mod metrics;
 
+// Not every test file reads the kernel's queues.
+#[allow(unused_imports)]
+pub use kernel::*;
 pub use metrics::*;
 
 use std::fmt::{Display, Write as _};
@@ -1923,6 +1928,48 @@ pub async fn read_raw_head<R: AsyncRead + Unpin>(
             _ => return None,
         }
     }
+}
+
+/// An upstream that sends an endless body (a 1 TiB `Content-Length`, in 64 KiB writes
+/// as fast as its socket takes them), counting the connections whose writes blocked:
+/// the proxy stopped reading from them.
+pub async fn flooding_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("upstream address");
+    let blocked = Arc::new(AtomicUsize::new(0));
+    let counted = blocked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let blocked = counted.clone();
+            tokio::spawn(async move {
+                if read_raw_head(&mut s, &mut Vec::new()).await.is_none() {
+                    return;
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+                let block = vec![b'f'; 64 * 1024];
+                let mut counted_once = false;
+                loop {
+                    match s.try_write(&block) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if !counted_once {
+                                counted_once = true;
+                                blocked.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if s.writable().await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    (addr, blocked)
 }
 
 /// A connection to `addr` whose receive buffer is 4 KiB: a client that reads nothing

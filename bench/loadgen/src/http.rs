@@ -168,6 +168,41 @@ pub fn rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// The bytes the kernel holds in the proxy's sockets, as `(send, receive)` queue sums from
+/// `/proc/net/tcp`: memory that the proxy's VmRSS does not show. The proxy's sockets are
+/// the connected ones on its port `proxy_port` (to its clients) and those connected to
+/// `upstream` from any other port (to the upstream; the upstream's own have its port).
+pub fn proxy_socket_queues(proxy_port: u16, upstream: std::net::SocketAddr) -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
+        return (0, 0);
+    };
+    let hex_port = |a: &str| {
+        a.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    let up_port = upstream.port();
+    let (mut send, mut recv) = (0, 0);
+    for line in text.lines().skip(1) {
+        // `sl local remote st tx_queue:rx_queue …`; st 01 is ESTABLISHED (a listener's
+        // queues count its backlog instead).
+        let f: Vec<&str> = line.split_whitespace().take(5).collect();
+        let [_, local, remote, "01", queues] = f[..] else {
+            continue;
+        };
+        let (Some(lp), Some(rp)) = (hex_port(local), hex_port(remote)) else {
+            continue;
+        };
+        if lp != proxy_port && (rp != up_port || lp == up_port) {
+            continue;
+        }
+        if let Some((tx, rx)) = queues.split_once(':') {
+            send += u64::from_str_radix(tx, 16).unwrap_or(0);
+            recv += u64::from_str_radix(rx, 16).unwrap_or(0);
+        }
+    }
+    (send, recv)
+}
+
 /// Open descriptors of a process.
 pub fn fd_count(pid: u32) -> Result<u64, String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -558,10 +558,12 @@ fn rss_table(out: &mut String, rows: &[&Value], kind: &str) {
         "VmRSS of the proxy process (nginx: its one worker) before and while holding the \
          requests; KiB per held request = (held − before) ÷ requests that reached the \
          upstream. Ratio: cutoff ÷ the leaner incumbent; hyper-floor (a bare hyper forwarding \
-         loop) is a baseline, never an incumbent.\n\n",
+         loop) is a baseline, never an incumbent. Kernel KiB: what the proxy's sockets held \
+         in their send and receive queues meanwhile (`/proc/net/tcp`), ÷ the same count: \
+         memory of the host that VmRSS does not show.\n\n",
     );
-    out.push_str("| proxy | held | time to hold all s | RSS before MiB | RSS held MiB | KiB / held request | vs best | fds before → held → after | RSS after release MiB |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|\n");
+    out.push_str("| proxy | held | time to hold all s | RSS before MiB | RSS held MiB | KiB / held request | vs best | kernel KiB / held request | fds before → held → after | RSS after release MiB |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|\n");
     let best = incumbents(&rows)
         .into_iter()
         .filter_map(|r| f(&r["kib_per_request"]))
@@ -574,7 +576,7 @@ fn rss_table(out: &mut String, rows: &[&Value], kind: &str) {
         };
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} | {} | {} | {:.1} | {vs} | {} → {} → {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {:.1} | {vs} | {} | {} → {} → {} | {} |",
             s(&r["proxy"]),
             s(&r["held_ok"]),
             s(&r["held"]),
@@ -582,6 +584,7 @@ fn rss_table(out: &mut String, rows: &[&Value], kind: &str) {
             mib(&r["rss_before_kib"]),
             mib(&r["rss_held_kib"]),
             f(&r["kib_per_request"]).unwrap_or(f64::NAN),
+            f(&r["kernel_kib_per_request"]).map_or("—".into(), |k| format!("{k:.1}")),
             s(&r["fds_before"]),
             s(&r["fds_held"]),
             s(&r["fds_after"]),

@@ -71,6 +71,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     conns.extend(two.conns);
     let ids: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
     let fd1 = http::fd_count(pid)?;
+    let (kernel_send, kernel_recv) = http::proxy_socket_queues(proxy.port(), up_addr);
     let n = conns.len() as u64;
     drop(conns);
     // The proxy closes the calls of the clients that left; only then does the upstream let
@@ -102,11 +103,18 @@ pub async fn run(args: &Args) -> Result<(), String> {
         let all = per_of(rss0, rss1, arrived);
         (all, all)
     };
+    let kernel_kib = if arrived > 0 {
+        (kernel_send + kernel_recv) as f64 / 1024.0 / arrived as f64
+    } else {
+        0.0
+    };
     println!(
         "rss {label} pid={pid}: held {arrived}/{held} (opened {n} in {open_s:.1}s); \
          VmRSS {rss0} → {rss_half} → {rss1} KiB (settled {settle_s:.1}s after the last \
          arrival) = {per:.2} KiB per held request of the second half ({per_all:.2} over \
-         all); fds {fd0} → {fd1}; after release: VmRSS {rss2} KiB, fds {fd2}"
+         all); fds {fd0} → {fd1}; after release: VmRSS {rss2} KiB, fds {fd2}; \
+         in the kernel's socket queues meanwhile: {kernel_kib:.1} KiB per held request \
+         ({kernel_send} bytes to send, {kernel_recv} unread)"
     );
     emit(json!({
         "bench": "rss",
@@ -120,6 +128,9 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "rss_after_kib": rss2,
         "kib_per_request": (per * 100.0).round() / 100.0,
         "kib_per_request_all": (per_all * 100.0).round() / 100.0,
+        "kernel_kib_per_request": (kernel_kib * 10.0).round() / 10.0,
+        "kernel_send_bytes": kernel_send,
+        "kernel_recv_bytes": kernel_recv,
         "fds_before": fd0,
         "fds_held": fd1,
         "fds_after": fd2,

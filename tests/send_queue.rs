@@ -1,0 +1,139 @@
+//! What a reader that stops reading costs in the kernel: the bytes the proxy's own socket
+//! holds for it, read from `/proc/net/tcp` (see `src/send_queue.rs`). A client that stops
+//! reading a download, and an upstream that stops reading an upload, each leave at most
+//! `tcp_notsent_lowat` unsent in the proxy's socket (128 KiB by default), where the
+//! kernel's own limit, the send buffer it grows for a fast connection, is megabytes.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+/// The default limit, and room for the write that crosses it: a socket takes a whole write
+/// while its unsent bytes are below the limit (hyper writes up to 24 KiB at once).
+const BOUND: u64 = 128 * 1024 + 64 * 1024;
+
+fn within_the_limit(what: &str, held: u64) {
+    eprintln!("[send_queue] {what}: {} KiB unsent", held / 1024);
+    assert!(
+        held <= BOUND,
+        "for {what} the proxy's socket holds {held} bytes (bound {BOUND})"
+    );
+}
+
+/// With the limit off the kernel takes far more, so the limit is what bounds the tests
+/// that stay within it. (The kernel's own limit is the maximum of `net.ipv4.tcp_wmem`,
+/// 4 MiB by default.)
+fn beyond_the_limit(what: &str, held: u64) {
+    eprintln!("[send_queue] {what}, no limit: {} KiB unsent", held / 1024);
+    assert!(
+        held > 2 * BOUND,
+        "with tcp_notsent_lowat = 0 the socket held only {held} bytes for {what}: is the \
+         limit still what bounds it?"
+    );
+}
+
+/// A client that reads nothing of an endless download. Returns what the proxy's socket to
+/// it holds once the proxy has stopped reading from the upstream and the queue settled.
+async fn stalled_download(server_extra: &str) -> u64 {
+    let (up, blocked) = flooding_upstream().await;
+    let config = single_route_config(
+        server_extra,
+        &format!("url = \"{}\"", http_url(up)),
+        r#"timeout = "off""#,
+    );
+    let proxy = Proxy::start(&config).await;
+    let mut c = connect_small_receiver(proxy.addr()).await;
+    c.write_all(b"GET /flood HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("request");
+    within(WAIT * 2, "the upstream's writes to block", async {
+        while blocked.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let client = c.local_addr().expect("client address");
+    settled_send_queue(proxy.addr(), client).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_leaves_little_unsent_in_the_proxys_socket() {
+    within_the_limit("a stalled download", stalled_download("").await);
+}
+
+/// The same with the limit off: the kernel's send buffer, grown while the download went
+/// fast, takes far more (4 MiB per stalled download measured with the kernel's default
+/// `tcp_wmem`). So the limit is what bounds the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_limit_a_stalled_download_fills_the_kernels_buffer() {
+    beyond_the_limit(
+        "a stalled download",
+        stalled_download("tcp_notsent_lowat = 0").await,
+    );
+}
+
+/// An upload to an upstream that reads none of it (for a minute). Returns what the
+/// proxy's socket to the upstream holds once its queue settled; the rest of the upload
+/// waits in the client's socket.
+async fn unread_upload(server_extra: &str) -> u64 {
+    const LEN: usize = 64 << 20;
+    let up = Upstream::start().await;
+    let config = single_route_config(
+        server_extra,
+        &format!("url = \"{}\"", http_url(up.addr())),
+        r#"timeout = "off""#,
+    );
+    let proxy = Proxy::start(&config).await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr())
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /hold-body/unread?ms=60000 HTTP/1.1\r\nHost: t\r\nContent-Length: {LEN}\r\n\r\n"
+    );
+    // Writes until the proxy stops taking the body; the test ends long before it would
+    // finish.
+    let writer = tokio::spawn(async move {
+        if c.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let block = Noise::bytes(256 * 1024);
+        for _ in 0..LEN / block.len() {
+            if c.write_all(&block).await.is_err() {
+                return;
+            }
+        }
+    });
+    up.wait_request("/hold-body/unread", WAIT).await;
+    let held = settled_send_queues_to(up.addr()).await;
+    assert!(!writer.is_finished(), "the whole upload went through");
+    writer.abort();
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_does_not_read_leaves_little_unsent_in_the_proxys_socket() {
+    within_the_limit("an unread upload", unread_upload("").await);
+}
+
+/// The same with the limit off: 4 MiB measured. So the limit is set on the upstream's
+/// sockets too, and is what bounds the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_limit_an_unread_upload_fills_the_kernels_buffer() {
+    beyond_the_limit(
+        "an unread upload",
+        unread_upload("tcp_notsent_lowat = 0").await,
+    );
+}
+
+#[test]
+fn the_harness_parses_a_line_of_proc_net_tcp() {
+    let line = "   3: 0100007F:1F90 0100007F:D1A2 01 0001F000:00000010 00:00000000 00000000     0        0 12345 1 0000000000000000 20 4 30 10 -1";
+    let s = parse_line(line).expect("parsed");
+    assert_eq!(s.local, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(s.remote, "127.0.0.1:53666".parse().unwrap());
+    assert_eq!((s.send_queue, s.recv_queue), (0x1F000, 0x10));
+}
