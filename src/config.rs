@@ -36,8 +36,8 @@ pub mod defaults {
     /// What an HTTP/2 upstream may send of one response ahead of its client (see
     /// `upstream/h2.rs`).
     pub const H2_STREAM_WINDOW: usize = 1 << 20;
-    /// What a socket the proxy writes to may hold unsent (see `send_queue.rs`).
-    pub const TCP_NOTSENT_LOWAT: usize = 128 * 1024;
+    /// What a client's socket may hold unsent (see `send_queue.rs`).
+    pub const TCP_NOTSENT_LOWAT: usize = 512 * 1024;
 }
 
 /// Upper bounds that no working setup comes near. A value beyond them is a typo, and taking
@@ -113,8 +113,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Whether the hang-up thread asks for real-time priority (see `hangup.rs`).
     pub hangup_realtime: bool,
-    /// Bytes a client's or an upstream's socket may hold unsent; 0 leaves the kernel's
-    /// default (see `send_queue.rs`).
+    /// Bytes a client's socket may hold unsent; 0 leaves the kernel's default (see
+    /// `send_queue.rs`).
     pub tcp_notsent_lowat: u32,
     pub tls: Option<TlsConfig>,
 }
@@ -935,14 +935,14 @@ upstream = "news"
     }
 
     #[test]
-    fn tcp_notsent_lowat_defaults_to_128_kib_and_0_turns_it_off() {
+    fn tcp_notsent_lowat_defaults_to_512_kib_and_0_turns_it_off() {
         let with = |v: &str| {
             BASE.replace(
                 "[server]\n",
                 &format!("[server]\ntcp_notsent_lowat = {v}\n"),
             )
         };
-        assert_eq!(check(BASE).unwrap().server.tcp_notsent_lowat, 128 * 1024);
+        assert_eq!(check(BASE).unwrap().server.tcp_notsent_lowat, 512 * 1024);
         assert_eq!(check(&with("0")).unwrap().server.tcp_notsent_lowat, 0);
         assert_eq!(
             check(&with("1048576")).unwrap().server.tcp_notsent_lowat,

@@ -190,7 +190,7 @@ pub async fn run(
     // change by the reload watch, never mistaken for what is already serving.
     let applied_certs = reload::cert_bytes(&config);
     hangup::set_realtime(config.server.hangup_realtime);
-    send_queue::set_limit(config.server.tcp_notsent_lowat, &listeners.proxy);
+    send_queue::limit_clients(config.server.tcp_notsent_lowat, &listeners.proxy);
     let table = RouteTable::build(&config, None)?;
     let tls = config
         .server

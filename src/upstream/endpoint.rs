@@ -389,7 +389,6 @@ impl Endpoint {
                     source,
                 })?;
             let _ = tcp.set_nodelay(true);
-            crate::send_queue::apply(&tcp);
             match &self.tls {
                 None => Ok(UpstreamIo::Plain(tcp)),
                 Some((any, h1, name)) => {

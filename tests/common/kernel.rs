@@ -61,19 +61,6 @@ pub async fn settled_send_queue(local: SocketAddr, remote: SocketAddr) -> u64 {
     .await
 }
 
-/// The send queues of every socket connected to `remote`, summed, once the sum has
-/// stopped moving and is not zero.
-pub async fn settled_send_queues_to(remote: SocketAddr) -> u64 {
-    settled(&format!("the send queues to {remote}"), || {
-        kernel_sockets()
-            .iter()
-            .filter(|s| s.remote == remote)
-            .map(|s| s.send_queue)
-            .sum()
-    })
-    .await
-}
-
 async fn settled(what: &str, read: impl Fn() -> u64) -> u64 {
     within(WAIT * 2, format!("{what} to settle"), async {
         let mut last = (u64::MAX, 0);
