@@ -13,11 +13,17 @@
 //! With `TCP_NOTSENT_LOWAT` a socket counts as full once this many bytes wait unsent,
 //! whatever its buffer could hold. Bytes sent and not yet acknowledged are not counted, so
 //! the window a fast client needs in flight is untouched; the limit only asks the proxy to
-//! write again before the unsent bytes run out (512 KiB last 4 ms at 1 Gbit/s). The
-//! default is the smallest whose cost the measurements could not see (2026-12-08, 1 GiB
-//! downloads alternating with the limit off, eight each): 512 KiB, 0.905 s of CPU per GiB
-//! against 0.915 (medians); 128 KiB, 1.105 against 0.94, since a loopback client that
-//! keeps up still finds the socket full now and then, and each time costs a wait.
+//! write again before the unsent bytes run out (512 KiB last 4 ms at 1 Gbit/s).
+//!
+//! What it costs a client that keeps up, measured on loopback (2026-12-08, 1 GiB
+//! downloads through a release build, the limit against the limit off): a loopback client
+//! still finds the socket full now and then, and each time the proxy waits for room.
+//! Full sockets per GiB: 76–196 off, 184–406 at 512 KiB, 776–934 at 128 KiB. CPU per GiB,
+//! which moves ±15 % from run to run on these machines: at 128 KiB 1.105 s against 0.94
+//! (medians of eight alternating runs each); at 512 KiB 0.905 against 0.915 in one such
+//! series and 1.10× in another of sixteen back-to-back pairs (quartiles 0.85–1.23×). So
+//! 512 KiB costs at most about a tenth on a download that runs at loopback speed, and
+//! holds a stalled download to a sixth of what the kernel would.
 //!
 //! Client sockets only. On an upstream's socket the same limit bounds an upload to an
 //! upstream that reads slowly (4 MiB held without it), but an upstream that reads slower
