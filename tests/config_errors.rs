@@ -353,6 +353,16 @@ fn out_of_range_values() {
             "max_header_bytes",
         ),
         (
+            "huge_tcp_notsent_lowat",
+            with_server_line("tcp_notsent_lowat = 4294967296"),
+            "tcp_notsent_lowat",
+        ),
+        (
+            "negative_tcp_notsent_lowat",
+            with_server_line("tcp_notsent_lowat = -1"),
+            "tcp_notsent_lowat",
+        ),
+        (
             "huge_max_inflight",
             with_upstream_line("max_inflight = 9000000000000000000"),
             "max_inflight",
