@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -833,33 +833,13 @@ async fn stalled_protected_downloads_keep_little_memory_each() {
 /// the proxy's memory to stop growing; returns it. A write can block for a moment while
 /// the proxy is busy with other connections, so the count alone may come early.
 async fn stalled_rss(proxy: &Proxy, blocked: &AtomicUsize, n: usize) -> u64 {
-    within(WAIT * 2, "every upstream's writes blocked", async {
-        while blocked.load(Ordering::SeqCst) < n {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    wait_blocked(blocked, n).await;
     settled_rss(proxy).await
 }
 
 /// The proxy's RSS once three readings 100 ms apart are within 64 KiB of each other.
 async fn settled_rss(proxy: &Proxy) -> u64 {
-    within(WAIT * 2, "the proxy's memory to settle", async {
-        let mut last = proxy.rss_kib();
-        let mut same = 0;
-        while same < 3 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = proxy.rss_kib();
-            same = if now.abs_diff(last) <= 64 {
-                same + 1
-            } else {
-                0
-            };
-            last = now;
-        }
-        last
-    })
-    .await
+    settled("the proxy's memory", 64, 3, || proxy.rss_kib()).await
 }
 
 /// Streams of one HTTP/2 connection whose client grants the largest windows HTTP/2

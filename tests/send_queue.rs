@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
-use std::time::Duration;
-
 use common::*;
 use tokio::io::AsyncWriteExt;
 
@@ -61,12 +58,7 @@ async fn stalled_download(server_extra: &str) -> u64 {
     c.write_all(b"GET /flood HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
         .expect("request");
-    within(WAIT * 2, "the upstream's writes to block", async {
-        while blocked.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    wait_blocked(&blocked, 1).await;
     let client = c.local_addr().expect("client address");
     settled_send_queue(proxy.addr(), client).await
 }

@@ -1,10 +1,8 @@
 //! What the kernel holds in a socket's queues, read from `/proc/net/tcp`: the proxy's
 //! memory that its own RSS does not show.
 
+use super::settled;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::Duration;
-
-use super::{WAIT, within};
 
 /// One IPv4 TCP socket of the machine: its two ends, and the bytes in its send queue
 /// (written and not yet acknowledged, whether sent or not) and its receive queue (arrived
@@ -52,30 +50,16 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
 /// The send queue of the socket from `local` to `remote`, once it has stopped moving
 /// (three readings 100 ms apart agree) and is not empty.
 pub async fn settled_send_queue(local: SocketAddr, remote: SocketAddr) -> u64 {
-    settled(&format!("the send queue of {local} → {remote}"), || {
-        kernel_sockets()
-            .iter()
-            .find(|s| s.local == local && s.remote == remote)
-            .map_or(0, |s| s.send_queue)
-    })
-    .await
-}
-
-async fn settled(what: &str, read: impl Fn() -> u64) -> u64 {
-    within(WAIT * 2, format!("{what} to settle"), async {
-        let mut last = (u64::MAX, 0);
-        loop {
-            let now = read();
-            if now != 0 && now == last.0 {
-                last.1 += 1;
-                if last.1 == 2 {
-                    return now;
-                }
-            } else {
-                last = (now, 0);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+    settled(
+        format!("the send queue of {local} → {remote}"),
+        0,
+        2,
+        || {
+            kernel_sockets()
+                .iter()
+                .find(|s| s.local == local && s.remote == remote)
+                .map_or(0, |s| s.send_queue)
+        },
+    )
     .await
 }

@@ -24,6 +24,8 @@
 //!   [`wait_started`] (the proxy's signal handlers and config watch are installed).
 //! - Prometheus text parsing, in `metrics.rs`: [`metric_value`], [`metric`], [`Scrape`].
 //! - The kernel's socket queues, in `kernel.rs`: [`kernel_sockets`], [`settled_send_queue`].
+//! - Waits: [`within`] (any future, bounded), [`settled`] (a reading that stops moving),
+//!   [`wait_blocked`] (a [`flooding_upstream`]'s connections stalled by the proxy).
 //! - Small helpers: [`refused_addr`], [`HangingListener`] (a loopback address whose
 //!   connects hang), access-log assertions and [`access_line`].
 //!
@@ -85,6 +87,33 @@ pub async fn within<F: Future>(dur: Duration, what: impl Display, fut: F) -> F::
         Ok(v) => v,
         Err(_) => panic!("timed out after {dur:?}: {what}"),
     }
+}
+
+/// Reads `read` every 100 ms until it stops moving: `times` readings in a row within
+/// `tolerance` of the one before, and not zero (a queue still empty has not filled yet).
+/// Bounded by twice [`WAIT`].
+pub async fn settled(
+    what: impl Display,
+    tolerance: u64,
+    times: u32,
+    read: impl Fn() -> u64,
+) -> u64 {
+    within(WAIT * 2, format!("{what} to settle"), async {
+        let mut last = read();
+        let mut same = 0;
+        while same < times {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = read();
+            same = if now != 0 && now.abs_diff(last) <= tolerance {
+                same + 1
+            } else {
+                0
+            };
+            last = now;
+        }
+        last
+    })
+    .await
 }
 
 /// A fresh, empty directory under the system temp dir, unique to this process and call.
@@ -1970,6 +1999,21 @@ pub async fn flooding_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, blocked)
+}
+
+/// Waits until `n` connections of a [`flooding_upstream`] have blocked: the proxy stopped
+/// reading from them.
+pub async fn wait_blocked(blocked: &AtomicUsize, n: usize) {
+    within(
+        WAIT * 2,
+        format!("{n} upstream connections' writes to block"),
+        async {
+            while blocked.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
 }
 
 /// A connection to `addr` whose receive buffer is 4 KiB: a client that reads nothing
