@@ -34,7 +34,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// two batches.
 ///
 /// Measured on 2026-12-08 (callgrind and `bench/run.sh` sections, wrk -c64):
-/// - one request per connection: 50 400 → 45 700–46 000 instructions per request;
+/// - one request per connection: 50 400 → 45 700–46 000 instructions per request, and
+///   55 600 → 49 600 with 512 connections;
 /// - keep-alive, whose buffers live as long as their connection: 35 000 before and after;
 /// - memory per held request (9 000 held): 18.4–18.8 → 17.6–18.3 KiB; after a 64 KiB
 ///   upload 27.9–28.1 → 27.2–27.3.
