@@ -40,15 +40,16 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// - memory per held request (9 000 held): 18.4–18.8 → 17.6–18.3 KiB; after a 64 KiB
 ///   upload 27.9–28.1 → 27.2–27.3.
 ///
-/// Measured and not taken: 200 cache slots for every size class instead (44 800
-/// instructions, but 18.5 KiB per held request).
-///
 /// jemalloc hands freed memory back to the system over 10 s (its decay), but without its
 /// background thread that clock only advances when the process allocates or frees: an
 /// idle proxy kept what a burst took. 9 000 held requests took VmRSS to 160 MiB, and it
 /// stayed at 141–160 MiB over the 25 s after their release; with the thread it was back
 /// to 15 MiB within 10 s. The thread woke about once a second under load and used no
 /// measurable CPU (0 clock ticks over 10 s of wrk); instructions per request unchanged.
+///
+/// Measured and not taken: 200 cache slots for every size class instead (44 800
+/// instructions, but 18.5 KiB per held request); `dirty_decay_ms:1000` beside the thread
+/// (the memory back at once, but purged ten times as eagerly while serving).
 #[cfg(feature = "jemalloc")]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: Option<&'static u8> =

@@ -774,29 +774,8 @@ async fn held_uploads_keep_little_memory_each() {
     );
     let proxy = Proxy::start(&config).await;
     let base = rss_baseline(&proxy).await;
-    let body = vec![b'u'; SENT];
-    let declared = (SENT + 1).to_string();
-    let mut clients = Vec::with_capacity(N);
-    for i in 0..N {
-        let mut c = Client::connect(proxy.addr()).await;
-        c.send_head(
-            "POST",
-            &format!("/sink/held-{i}"),
-            &[("Content-Length", &declared)],
-        )
-        .await;
-        c.send(&body).await;
-        clients.push(c);
-    }
     // Every upload has reached the upstream, all but its last byte: all N are held.
-    up.wait_for("every upload but its last byte", WAIT * 2, |records| {
-        records
-            .iter()
-            .filter(|r| r.path.starts_with("/sink/held-") && r.body_bytes == SENT as u64)
-            .count()
-            == N
-    })
-    .await;
+    let clients = hold_uploads(&proxy, &up, "held", N, SENT).await;
     let grown = proxy.rss_kib().saturating_sub(base);
     assert_little_memory_each(grown, N, PER_REQUEST_KIB, "held uploads of 64 KiB");
     drop(clients);

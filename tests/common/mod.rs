@@ -2016,6 +2016,42 @@ pub async fn wait_blocked(blocked: &AtomicUsize, n: usize) {
     .await;
 }
 
+/// Sends `n` uploads of `sent` bytes through `proxy` to `/sink/{tag}-{i}`, each one byte
+/// short of its `Content-Length`, and waits until `up` has read all of them: `n` requests
+/// held, each with its upload in flight. Dropping the clients lets them go.
+pub async fn hold_uploads(
+    proxy: &Proxy,
+    up: &Upstream,
+    tag: &str,
+    n: usize,
+    sent: usize,
+) -> Vec<Client> {
+    let body = vec![b'u'; sent];
+    let declared = (sent + 1).to_string();
+    let prefix = format!("/sink/{tag}-");
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = Client::connect(proxy.addr()).await;
+        c.send_head(
+            "POST",
+            &format!("{prefix}{i}"),
+            &[("Content-Length", &declared)],
+        )
+        .await;
+        c.send(&body).await;
+        clients.push(c);
+    }
+    up.wait_for("every upload but its last byte", WAIT * 2, |records| {
+        records
+            .iter()
+            .filter(|r| r.path.starts_with(&prefix) && r.body_bytes == sent as u64)
+            .count()
+            == n
+    })
+    .await;
+    clients
+}
+
 /// A connection to `addr` whose receive buffer is 4 KiB: a client that reads nothing
 /// takes little of what it is sent into the kernel, so what is held for it shows in the
 /// proxy.
