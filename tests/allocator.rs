@@ -60,16 +60,8 @@ async fn a_bursts_memory_goes_back_once_idle() {
     /// How much a burst of N held uploads must take at least, for the test to mean
     /// anything (about 11 MiB in the debug build the tests run).
     const BURST_AT_LEAST_KIB: u64 = 4 * 1024;
-    let up = Upstream::start().await;
-    let config = config_for_url(
-        &http_url(up.addr()),
-        BURST_CONNECT_TIMEOUT,
-        r#"timeout = "off""#,
-    );
-    let proxy = Proxy::start(&config).await;
-    let warm = http_get(proxy.addr(), "/warmup").await;
-    assert_eq!(warm.status, 200);
-    let base = proxy.rss_kib();
+    let (up, proxy) = burst_pair().await;
+    let base = rss_baseline(&proxy).await;
 
     let clients = hold_uploads(&proxy, &up, "burst", N, SENT).await;
     let peak = proxy.rss_kib();
@@ -90,19 +82,12 @@ async fn a_bursts_memory_goes_back_once_idle() {
     })
     .await;
     let goal = base + burst / 2;
-    let back = within(
+    poll_until(
         Duration::from_secs(40),
-        format!("the proxy's memory to fall from {peak} KiB to {goal} KiB or less (base {base})"),
-        async {
-            loop {
-                let now = proxy.rss_kib();
-                if now <= goal {
-                    return now;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        },
+        &format!("the proxy's memory to fall from {peak} KiB to {goal} KiB or less (base {base})"),
+        || proxy.rss_kib() <= goal,
     )
     .await;
+    let back = proxy.rss_kib();
     eprintln!("RSS {base} → {peak} → {back} KiB");
 }

@@ -581,13 +581,6 @@ const GIB: u64 = 1 << 30;
 /// How much the proxy's RSS may grow while a transfer is in flight.
 const RSS_GROWTH_KIB: u64 = 64 * 1024;
 
-/// Warms the proxy up (one exchange through the route) and returns its RSS then.
-async fn rss_baseline(proxy: &Proxy) -> u64 {
-    let resp = http_get(proxy.addr(), "/warmup").await;
-    assert_eq!(resp.status, 200);
-    proxy.rss_kib()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_upload_streams_through_in_bounded_memory() {
     let (up, proxy) = pair(r#"timeout = "off""#).await;
@@ -766,13 +759,7 @@ async fn held_uploads_keep_little_memory_each() {
     const N: usize = 200;
     const SENT: usize = 64 * 1024;
     const PER_REQUEST_KIB: u64 = 64;
-    let up = Upstream::start().await;
-    let config = config_for_url(
-        &http_url(up.addr()),
-        BURST_CONNECT_TIMEOUT,
-        r#"timeout = "off""#,
-    );
-    let proxy = Proxy::start(&config).await;
+    let (up, proxy) = burst_pair().await;
     let base = rss_baseline(&proxy).await;
     // Every upload has reached the upstream, all but its last byte: all N are held.
     let clients = hold_uploads(&proxy, &up, "held", N, SENT).await;

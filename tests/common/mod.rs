@@ -24,6 +24,7 @@
 //!   [`wait_started`] (the proxy's signal handlers and config watch are installed).
 //! - Prometheus text parsing, in `metrics.rs`: [`metric_value`], [`metric`], [`Scrape`].
 //! - The kernel's socket queues, in `kernel.rs`: [`kernel_sockets`], [`settled_send_queue`].
+//! - Bursts of held requests: [`burst_pair`], [`hold_uploads`], [`rss_baseline`].
 //! - Waits: [`within`] (any future, bounded), [`settled`] (a reading that stops moving),
 //!   [`wait_blocked`] (a [`flooding_upstream`]'s connections stalled by the proxy).
 //! - Small helpers: [`refused_addr`], [`HangingListener`] (a loopback address whose
@@ -2014,6 +2015,26 @@ pub async fn wait_blocked(blocked: &AtomicUsize, n: usize) {
         },
     )
     .await;
+}
+
+/// An upstream, and a proxy in front of it for bursts of held requests: the route has no
+/// timeout, and its connects wait up to 10 s.
+pub async fn burst_pair() -> (Upstream, Proxy) {
+    let up = Upstream::start().await;
+    let config = config_for_url(
+        &http_url(up.addr()),
+        BURST_CONNECT_TIMEOUT,
+        r#"timeout = "off""#,
+    );
+    let proxy = Proxy::start(&config).await;
+    (up, proxy)
+}
+
+/// Warms the proxy up (one exchange through the route) and returns its RSS then.
+pub async fn rss_baseline(proxy: &Proxy) -> u64 {
+    let resp = http_get(proxy.addr(), "/warmup").await;
+    assert_eq!(resp.status, 200);
+    proxy.rss_kib()
 }
 
 /// Sends `n` uploads of `sent` bytes through `proxy` to `/sink/{tag}-{i}`, each one byte
