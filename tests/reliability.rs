@@ -13,7 +13,8 @@
 //!   headers, reset mid-body, garbage, headers that never end, a body shorter than its
 //!   length. Each ends in the documented status and outcome, and the next request through
 //!   the same proxy works. Upstreams that close keep-alive connections (after every
-//!   response, or after 50 ms idle) never poison the pool.
+//!   response, or after 50 ms idle) never poison the pool, and a request passes over
+//!   kept connections closed while idle to one still open.
 //! - A storm: all of those faults at once, with clients that leave, 200 requests over one
 //!   upstream's shared connections. Each client gets what its fault should give, each
 //!   call left hanging is closed at the upstream, each request has the right access-log
@@ -1788,6 +1789,114 @@ async fn upstream_closing_idle_connections_never_poisons_the_pool() {
         conns >= 17,
         "every pause outlives the upstream's idle limit, so it needs a new connection: {conns}"
     );
+}
+
+/// Three kept connections, two of which the upstream closed while they sat idle: the next
+/// request passes over both and goes out on the third, without an error and without a
+/// new connection. The check-out does not poll a kept connection (it saves a pass of
+/// hyper's dispatcher per request): the request's first poll reads the close, hyper
+/// hands the request back untouched, and the next kept connection is checked.
+///
+/// The proxy's sweep (every second) also closes such connections, and when it runs between
+/// the upstream's close and the request, the request finds only the open one: the same
+/// outcome, without the path under test. So a round that did not take the path (no
+/// `trying the next one` in the debug log) is run again, on a new proxy, up to 3 times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_closed_while_idle_are_passed_over() {
+    for round in 1..=3 {
+        if passed_over_closed_kept_connections().await {
+            return;
+        }
+        eprintln!("[reliability] round {round}: the sweep closed them first; again");
+    }
+    panic!("in 3 rounds, no request passed over a kept connection closed while idle");
+}
+
+/// The next request head the proxy sends on `s`, as text.
+async fn request_head_on(s: &mut TcpStream, what: &str) -> String {
+    let head = within(WAIT, what, read_raw_head(s, &mut Vec::new()))
+        .await
+        .expect("a whole request head");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// One round of [`kept_connections_closed_while_idle_are_passed_over`]: whether the request
+/// took the path under test.
+async fn passed_over_closed_kept_connections() -> bool {
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("upstream address");
+    // One worker: one idle list for the three connections and the request after them.
+    let proxy = Proxy::start(&with_debug_logs(&config_with_server("workers = 1", addr))).await;
+
+    // Three requests at once make three upstream connections, each held by the test.
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut c = Client::connect(proxy.addr()).await;
+        c.send_head("GET", &format!("/kept/{i}"), &[]).await;
+        clients.push(c);
+    }
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let (mut s, _) = within(WAIT, "the proxy's connections", listener.accept())
+            .await
+            .expect("accept");
+        let head = request_head_on(&mut s, "a request head").await;
+        let i = (0..3)
+            .find(|i| head.starts_with(&format!("GET /kept/{i} ")))
+            .unwrap_or_else(|| panic!("an unexpected request: {head}"));
+        conns.push((i, s));
+    }
+    // Answered one by one, each client served before the next answer, so that they go
+    // back to the idle list in this order; the list hands out the last one first.
+    for (i, s) in &mut conns {
+        s.write_all(RESPONSE).await.expect("respond");
+        let client = &mut clients[*i];
+        let head = client.read_head(WAIT).await;
+        let (body, _) = client.read_body_until_end(&head, WAIT).await;
+        assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]));
+    }
+    // The two checked in last are closed, and the proxy's sockets see their FIN.
+    let (_, mut first) = conns.remove(0);
+    let mut closed = Vec::new();
+    for (_, s) in conns {
+        closed.push(s.peer_addr().expect("the proxy's end"));
+        drop(s);
+    }
+    poll_until(WAIT, "the proxy's ends in CLOSE_WAIT", || {
+        let sockets = kernel_sockets();
+        closed.iter().all(|end| {
+            sockets
+                .iter()
+                .any(|k| k.local == *end && k.remote == addr && k.state == CLOSE_WAIT)
+        })
+    })
+    .await;
+
+    let mut client = Client::connect(proxy.addr()).await;
+    client.send_head("GET", "/kept/again", &[]).await;
+    let head = request_head_on(&mut first, "the request on the connection still open").await;
+    assert!(head.starts_with("GET /kept/again "), "{head}");
+    first.write_all(RESPONSE).await.expect("respond");
+    let head = client.read_head(WAIT).await;
+    let (body, end) = client.read_body_until_end(&head, WAIT).await;
+    assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]), "{end:?}");
+    assert!(end.is_ok(), "{end:?}");
+    assert_alive(&proxy);
+
+    // Emitted before the request went out again, so it is on its way to the log by now.
+    let passed_over = |v: &Value| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("trying the next one"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while !proxy.logs().iter().any(passed_over) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// An upstream response with both `Content-Length` and `Transfer-Encoding: chunked`:

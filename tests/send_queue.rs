@@ -86,4 +86,5 @@ fn the_harness_parses_a_line_of_proc_net_tcp() {
     assert_eq!(s.local, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(s.remote, "127.0.0.1:53666".parse().unwrap());
     assert_eq!((s.send_queue, s.recv_queue), (0x1F000, 0x10));
+    assert_eq!(s.state, 0x01, "ESTABLISHED");
 }

@@ -245,10 +245,13 @@ impl Upstream {
                 true => match Box::pin(endpoint.h2.sender(&endpoint)).await {
                     Err(UpstreamError::H2 {
                         status: h2::NOT_H2, ..
-                    }) => endpoint.checkout().await.map(|(io, old)| Link::H1(io, old)),
+                    }) => endpoint
+                        .checkout(false)
+                        .await
+                        .map(|(io, old)| Link::H1(io, old)),
                     other => other.map(Link::H2),
                 },
-                false => match endpoint.checkout().await {
+                false => match endpoint.checkout(false).await {
                     // `auto` found HTTP/2 on a new connection after all.
                     Ok((Idle::Io(io), _)) if io.alpn_h2() => {
                         Box::pin(endpoint.h2.adopt(&endpoint, io))
@@ -337,17 +340,18 @@ impl Upstream {
             endpoint: endpoint.config.url.clone(),
             source,
         };
-        let (mut sender, conn, req) = match idle {
-            Idle::Ready(sender, conn) => (sender, conn, req),
-            Idle::Io(io) => {
-                let (sender, conn) = Box::pin(self.handshake(io)).await.map_err(http_err)?;
-                (sender, conn, req)
-            }
+        // Kept: a connection from the idle list, not polled since it went idle (see
+        // `Endpoint::checkout`).
+        let mut kept = matches!(idle, Idle::Ready(..));
+        let (mut sender, conn) = match idle {
+            Idle::Ready(sender, conn) => (sender, conn),
+            Idle::Io(io) => Box::pin(self.handshake(io)).await.map_err(http_err)?,
         };
-        // A kept connection that turns out not to take a request hands the request back
-        // untouched: it goes on a new connection (nothing was sent).
         let mut conn = Conn::new(endpoint, Some(conn));
         guard.dispatched(phase);
+        // Attempts on new connections after the first: a kept connection that hands the
+        // request back untouched (it was closed while idle) is not one, since each takes
+        // one off the idle list, whose length bounds them.
         let mut attempt = 0;
         // The box is freed as the request goes to hyper (`unbox`), not kept empty for the
         // whole exchange (328 bytes per request in flight); a request handed back, a rare
@@ -375,21 +379,22 @@ impl Upstream {
                     }
                 })
                 .await;
+                // `true`: handed back untouched, nothing of it sent.
                 match r {
                     Some(Ok(resp)) => break resp,
                     Some(Err(mut e)) if attempt == 0 => match e.take_message() {
-                        Some(back) => back,
+                        Some(back) => (back, true),
                         None => match replay.take() {
                             Some(replay) if closed_under_us(e.error()) => {
                                 tracing::debug!(error = %e.error(), "a kept connection closed as the request went out; sending it again on a new one");
-                                replay.request()
+                                (replay.request(), false)
                             }
                             _ => return Err(http_err(e.into_error())),
                         },
                     },
                     Some(Err(e)) => return Err(http_err(e.into_error())),
                     None => match replay.take() {
-                        Some(replay) if attempt == 0 => replay.request(),
+                        Some(replay) if attempt == 0 => (replay.request(), false),
                         _ => {
                             return Err(UpstreamError::ClosedEarly {
                                 endpoint: endpoint.config.url.clone(),
@@ -398,10 +403,26 @@ impl Upstream {
                     },
                 }
             };
+            let (back, untouched) = back;
             req = Some(Box::new(back));
-            attempt += 1;
-            let io = Box::pin(endpoint.connect()).await?;
-            let (s, c) = Box::pin(self.handshake(io)).await.map_err(http_err)?;
+            // A kept connection that never took the request: the next kept one, checked
+            // this time, or a new one. Anything else goes on a new connection.
+            let (next, may_be_closing) = if kept && untouched {
+                tracing::debug!(endpoint = %endpoint.config.url,
+                    "a kept connection was closed while idle; trying the next one");
+                Box::pin(endpoint.checkout(true)).await?
+            } else {
+                attempt += 1;
+                (Idle::Io(Box::pin(endpoint.connect()).await?), false)
+            };
+            if may_be_closing && replay.is_none() {
+                replay = req.as_deref().and_then(Replay::of);
+            }
+            kept = matches!(next, Idle::Ready(..));
+            let (s, c) = match next {
+                Idle::Ready(s, c) => (s, c),
+                Idle::Io(io) => Box::pin(self.handshake(io)).await.map_err(http_err)?,
+            };
             sender = s;
             conn = Conn::new(endpoint, Some(c));
         };
@@ -768,10 +789,10 @@ impl Conn {
         if self.uploads {
             finish_upload(self.endpoint.clone(), sender, conn, at);
         } else {
-            // Checked in without another poll: the check-out polls it anyway (to notice a
-            // close that came while it was idle), and that one poll also lets hyper settle
-            // the finished exchange. A poll here as well cost about 900 instructions per
-            // request.
+            // Checked in without another poll: the poll that read the response's end has
+            // made hyper ready for the next request already, and the next exchange's first
+            // poll notices a close that came while it sat idle (see `Endpoint::checkout`).
+            // A poll here cost about 900 instructions per request.
             self.endpoint.checkin(Idle::Ready(sender, conn), at);
         }
     }

@@ -4,13 +4,15 @@
 use super::settled;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-/// One IPv4 TCP socket of the machine: its two ends, and the bytes in its send queue
-/// (written and not yet acknowledged, whether sent or not) and its receive queue (arrived
-/// and not yet read).
+/// One IPv4 TCP socket of the machine: its two ends, its state, and the bytes in its
+/// send queue (written and not yet acknowledged, whether sent or not) and its receive
+/// queue (arrived and not yet read).
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSocket {
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// The kernel's TCP state: [`CLOSE_WAIT`] once the peer's FIN has arrived.
+    pub state: u8,
     pub send_queue: u64,
     pub recv_queue: u64,
 }
@@ -27,15 +29,19 @@ pub fn parse_line(line: &str) -> Option<KernelSocket> {
     let mut fields = line.split_whitespace().skip(1);
     let local = parse_addr(fields.next()?)?;
     let remote = parse_addr(fields.next()?)?;
-    let _state = fields.next()?;
+    let state = u8::from_str_radix(fields.next()?, 16).ok()?;
     let (tx, rx) = fields.next()?.split_once(':')?;
     Some(KernelSocket {
         local,
         remote,
+        state,
         send_queue: u64::from_str_radix(tx, 16).ok()?,
         recv_queue: u64::from_str_radix(rx, 16).ok()?,
     })
 }
+
+/// `TCP_CLOSE_WAIT` in the kernel's numbering: the peer has closed its side.
+pub const CLOSE_WAIT: u8 = 0x08;
 
 fn parse_addr(s: &str) -> Option<SocketAddr> {
     let (ip, port) = s.split_once(':')?;
