@@ -92,27 +92,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         }
     }
     if connection {
-        let usual =
-            |t: &[u8]| t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close");
-        // Taken out with all its lines in one lookup. `Connection: keep-alive` or `close`,
-        // nearly always: neither names a header that is not removed below anyway, and an
-        // empty list allocates nothing.
+        // Exact bytes first: nearly every peer writes these in lower case, and the compare
+        // that ignores case goes byte by byte (about 80 instructions for `keep-alive`).
+        let usual = |t: &[u8]| {
+            t == b"keep-alive"
+                || t == b"close"
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+        };
+        // `Connection: keep-alive` or `close`, nearly always: neither names a header that
+        // is not removed below anyway, and an empty list allocates nothing. The usual line
+        // is matched whole, before any splitting: about 200 instructions of `to_str`,
+        // `split` and `trim` spared on a `Connection: close` request.
         let mut named: Vec<HeaderName> = Vec::new();
-        if let header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
-            for line in e.remove_entry_mult().1 {
-                // The usual line whole, before any splitting: about 200 instructions of
-                // `to_str`, `split` and `trim` spared on a `Connection: close` request.
-                if usual(line.as_bytes().trim_ascii()) {
-                    continue;
-                }
-                let Ok(line) = line.to_str() else { continue };
-                named.extend(
-                    line.split(',')
-                        .map(str::trim)
-                        .filter(|t| !t.is_empty() && !usual(t.as_bytes()))
-                        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
-                );
+        let mut names_in = |line: HeaderValue| {
+            if usual(line.as_bytes().trim_ascii()) {
+                return;
             }
+            let Ok(line) = line.to_str() else { return };
+            named.extend(
+                line.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty() && !usual(t.as_bytes()))
+                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+            );
+        };
+        if headers.len() == headers.keys_len() {
+            // No name repeats, so `Connection` is one line: a plain removal, about 150
+            // instructions fewer than the entry's with all its lines.
+            if let Some(line) = headers.remove(header::CONNECTION) {
+                names_in(line);
+            }
+        } else if let header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
+            // Taken out with all its lines in one lookup.
+            e.remove_entry_mult().1.for_each(names_in);
         }
         for name in named {
             if name == header::TE {
@@ -442,6 +455,47 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
                 .collect();
             assert_eq!(after, before, "{names} names");
+        }
+    }
+
+    /// `Connection` on one line or on several (where another name repeats too, or
+    /// `Connection` itself does), in any case: every header it names goes, and so does it.
+    #[test]
+    fn every_connection_line_names_what_goes() {
+        let cases: [&[(&str, &str)]; 4] = [
+            &[
+                ("connection", "Keep-Alive, x-a"),
+                ("x-a", "1"),
+                ("x-kept", "k"),
+            ],
+            &[
+                ("connection", "x-a"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+                ("x-a", "1"),
+            ],
+            &[
+                ("connection", "x-a"),
+                ("connection", "CLOSE, x-b"),
+                ("x-a", "1"),
+                ("x-b", "2"),
+            ],
+            &[("connection", "close"), ("x-kept", "k")],
+        ];
+        for headers in cases {
+            let mut p = parts("/x", headers);
+            strip_hop_by_hop(&mut p.headers, false);
+            let left: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+            assert!(
+                left.iter()
+                    .all(|k| !matches!(*k, "connection" | "x-a" | "x-b")),
+                "{headers:?} left {left:?}"
+            );
+            for (name, _) in headers {
+                if matches!(*name, "x-kept" | "set-cookie") {
+                    assert!(p.headers.contains_key(*name), "{headers:?}: {name} went");
+                }
+            }
         }
     }
 
