@@ -560,10 +560,13 @@ fn rss_table(out: &mut String, rows: &[&Value], kind: &str) {
          upstream. Ratio: cutoff ÷ the leaner incumbent; hyper-floor (a bare hyper forwarding \
          loop) is a baseline, never an incumbent. Kernel KiB: what the proxy's sockets held \
          in their send and receive queues meanwhile (`/proc/net/tcp`), ÷ the same count: \
-         memory of the host that VmRSS does not show.\n\n",
+         memory of the host that VmRSS does not show. RSS after release: 1 s after the \
+         held requests ended; RSS idle, bodiless rounds only: once back within 2 % of \
+         RSS before, or 11 s after the release, whichever came first (seconds since the \
+         release in brackets).\n\n",
     );
-    out.push_str("| proxy | held | time to hold all s | RSS before MiB | RSS held MiB | KiB / held request | vs best | kernel KiB / held request | fds before → held → after | RSS after release MiB |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|\n");
+    out.push_str("| proxy | held | time to hold all s | RSS before MiB | RSS held MiB | KiB / held request | vs best | kernel KiB / held request | fds before → held → after | RSS after release MiB | RSS idle MiB (s) |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|\n");
     let best = incumbents(&rows)
         .into_iter()
         .filter_map(|r| f(&r["kib_per_request"]))
@@ -576,7 +579,7 @@ fn rss_table(out: &mut String, rows: &[&Value], kind: &str) {
         };
         let _ = writeln!(
             out,
-            "| {} | {}/{} | {} | {} | {} | {:.1} | {vs} | {} | {} → {} → {} | {} |",
+            "| {} | {}/{} | {} | {} | {} | {:.1} | {vs} | {} | {} → {} → {} | {} | {} ({}) |",
             s(&r["proxy"]),
             s(&r["held_ok"]),
             s(&r["held"]),
@@ -589,6 +592,8 @@ fn rss_table(out: &mut String, rows: &[&Value], kind: &str) {
             s(&r["fds_held"]),
             s(&r["fds_after"]),
             mib(&r["rss_after_kib"]),
+            mib(&r["rss_idle_kib"]),
+            s(&r["idle_s"]),
         );
     }
     floor_note(out, &rows, "kib_per_request", "KiB per held request");

@@ -86,6 +86,12 @@ pub async fn run(args: &Args) -> Result<(), String> {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let rss2 = http::rss_kib(pid).unwrap_or(0);
     let fd2 = http::fd_count(pid).unwrap_or(0);
+    // Only for the bodiless round, the headline: up to 11 s per proxy.
+    let idle = if upload == 0 && !download {
+        Some(idle_rss(pid, rss0, rss2).await)
+    } else {
+        None
+    };
 
     let per_of = |from: u64, to: u64, n: usize| {
         if n > 0 {
@@ -113,6 +119,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
          VmRSS {rss0} → {rss_half} → {rss1} KiB (settled {settle_s:.1}s after the last \
          arrival) = {per:.2} KiB per held request of the second half ({per_all:.2} over \
          all); fds {fd0} → {fd1}; after release: VmRSS {rss2} KiB, fds {fd2}; \
+         idle: {idle:?} (VmRSS KiB, after s); \
          in the kernel's socket queues meanwhile: {kernel_kib:.1} KiB per held request \
          ({kernel_send} bytes to send, {kernel_recv} unread)"
     );
@@ -126,6 +133,8 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "rss_half_kib": rss_half,
         "rss_held_kib": rss1,
         "rss_after_kib": rss2,
+        "rss_idle_kib": idle.map(|(kib, _)| kib),
+        "idle_s": idle.map(|(_, secs)| crate::stats::round1(secs)),
         "kib_per_request": (per * 100.0).round() / 100.0,
         "kib_per_request_all": (per_all * 100.0).round() / 100.0,
         "kernel_kib_per_request": (kernel_kib * 10.0).round() / 10.0,
@@ -269,4 +278,25 @@ async fn hold(
         eprintln!("rss: {failed} connections failed to open");
     }
     out
+}
+
+/// The proxy's memory once it has sat idle after the release, and after how long: read
+/// every half second until it is back within 2 % of `before` (nothing left to give back)
+/// or for 11 s after the release. What a burst leaves behind differs by allocator: nginx's
+/// pools and glibc keep it, jemalloc hands it back over its decay time (10 s) but only
+/// while something drives it, as cutoff's background thread does; the reading 1 s after
+/// the release (`rss_after_kib`) shows none of that.
+async fn idle_rss(pid: u32, before: u64, after_release: u64) -> (u64, f64) {
+    // The release was 1 s before `after_release` was read.
+    const SINCE_RELEASE: f64 = 1.0;
+    let start = Instant::now();
+    let mut last = after_release;
+    while last as f64 > before as f64 * 1.02 && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match http::rss_kib(pid) {
+            Ok(now) => last = now,
+            Err(_) => break,
+        }
+    }
+    (last, SINCE_RELEASE + start.elapsed().as_secs_f64())
 }
