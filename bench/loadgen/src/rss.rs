@@ -114,12 +114,15 @@ pub async fn run(args: &Args) -> Result<(), String> {
     } else {
         0.0
     };
+    let idle_text = idle.map_or("not read".to_string(), |(kib, secs)| {
+        format!("VmRSS {kib} KiB {secs:.1}s after the release")
+    });
     println!(
         "rss {label} pid={pid}: held {arrived}/{held} (opened {n} in {open_s:.1}s); \
          VmRSS {rss0} → {rss_half} → {rss1} KiB (settled {settle_s:.1}s after the last \
          arrival) = {per:.2} KiB per held request of the second half ({per_all:.2} over \
          all); fds {fd0} → {fd1}; after release: VmRSS {rss2} KiB, fds {fd2}; \
-         idle: {idle:?} (VmRSS KiB, after s); \
+         idle: {idle_text}; \
          in the kernel's socket queues meanwhile: {kernel_kib:.1} KiB per held request \
          ({kernel_send} bytes to send, {kernel_recv} unread)"
     );
