@@ -1803,13 +1803,59 @@ async fn upstream_closing_idle_connections_never_poisons_the_pool() {
 /// `trying the next one` in the debug log) is run again, on a new proxy, up to 3 times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_connections_closed_while_idle_are_passed_over() {
-    for round in 1..=3 {
-        if passed_over_closed_kept_connections().await {
+    in_rounds_that_pass_over(passed_over_closed_kept_connections).await;
+}
+
+/// Runs `round` (on a new proxy each time) until one takes the pass-over path, at most 3
+/// times: the proxy's sweep, every second, closes connections the upstream closed too, and
+/// when it runs between the upstream's close and the request, the request finds no such
+/// connection. Each round asserts what it tests whichever way it went.
+async fn in_rounds_that_pass_over<F: Future<Output = bool>>(round: impl Fn() -> F) {
+    for n in 1..=3 {
+        if round().await {
             return;
         }
-        eprintln!("[reliability] round {round}: the sweep closed them first; again");
+        eprintln!("[reliability] round {n}: the sweep closed them first; again");
     }
     panic!("in 3 rounds, no request passed over a kept connection closed while idle");
+}
+
+/// Waits until the proxy's ends of these upstream connections have seen their FIN.
+async fn in_close_wait(ends: &[SocketAddr], upstream: SocketAddr) {
+    poll_until(WAIT, "the proxy's ends in CLOSE_WAIT", || {
+        let sockets = kernel_sockets();
+        ends.iter().all(|end| {
+            sockets
+                .iter()
+                .any(|k| k.local == *end && k.remote == upstream && k.state == CLOSE_WAIT)
+        })
+    })
+    .await;
+}
+
+/// Whether the proxy logged a pass-over (at debug level). It is logged before the request
+/// goes out again, so after an answer it is on its way to the log.
+async fn logged_a_pass_over(proxy: &Proxy) -> bool {
+    let passed_over = |v: &Value| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("trying the next one"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while !proxy.logs().iter().any(passed_over) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// No connection waits in the upstream's accept queue: one the proxy made would be there
+/// before it sent anything on it.
+async fn no_new_connection(listener: &TcpListener, what: &str) {
+    if let Ok(Ok((_, from))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        panic!("{what}: the proxy opened another connection (from {from})");
+    }
 }
 
 /// The next request head the proxy sends on `s`, as text.
@@ -1863,15 +1909,7 @@ async fn passed_over_closed_kept_connections() -> bool {
         closed.push(s.peer_addr().expect("the proxy's end"));
         drop(s);
     }
-    poll_until(WAIT, "the proxy's ends in CLOSE_WAIT", || {
-        let sockets = kernel_sockets();
-        closed.iter().all(|end| {
-            sockets
-                .iter()
-                .any(|k| k.local == *end && k.remote == addr && k.state == CLOSE_WAIT)
-        })
-    })
-    .await;
+    in_close_wait(&closed, addr).await;
 
     let mut client = Client::connect(proxy.addr()).await;
     client.send_head("GET", "/kept/again", &[]).await;
@@ -1882,21 +1920,60 @@ async fn passed_over_closed_kept_connections() -> bool {
     let (body, end) = client.read_body_until_end(&head, WAIT).await;
     assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]), "{end:?}");
     assert!(end.is_ok(), "{end:?}");
+    no_new_connection(&listener, "a kept connection was still open").await;
     assert_alive(&proxy);
+    logged_a_pass_over(&proxy).await
+}
 
-    // Emitted before the request went out again, so it is on its way to the log by now.
-    let passed_over = |v: &Value| {
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("trying the next one"))
+/// A GET that passed over a kept connection closed after more than a second idle (the kind
+/// an upstream's keep-alive timeout closes, whose requests are sent again if the close
+/// crosses them) goes out on a new connection, which the upstream resets after reading
+/// it. That connection was not closing under the request: the client gets the 502, and
+/// the upstream sees the GET once, not again on a third connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_passed_over_a_closing_connection_is_not_sent_twice() {
+    in_rounds_that_pass_over(passed_over_a_closing_connection).await;
+}
+
+/// One round of [`a_request_that_passed_over_a_closing_connection_is_not_sent_twice`].
+async fn passed_over_a_closing_connection() -> bool {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("upstream address");
+    let proxy = Proxy::start(&with_debug_logs(&config_with_server("workers = 1", addr))).await;
+    let mut client = Client::connect(proxy.addr()).await;
+    client.send_head("GET", "/first", &[]).await;
+    let (mut kept, _) = within(WAIT, "the first connection", listener.accept())
+        .await
+        .expect("accept");
+    request_head_on(&mut kept, "the first request").await;
+    kept.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .expect("respond");
+    let head = client.read_head(WAIT).await;
+    let (body, _) = client.read_body_until_end(&head, WAIT).await;
+    assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]));
+    // The scenario itself, not a wait for an event: only a connection kept this long may
+    // be closing under a request (the proxy's `MAY_BE_CLOSING`).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let end = kept.peer_addr().expect("the proxy's end");
+    drop(kept);
+    in_close_wait(&[end], addr).await;
+
+    client.send_head("GET", "/second", &[]).await;
+    let (mut next, _) = within(WAIT, "a new connection", listener.accept())
+        .await
+        .expect("accept");
+    let head = request_head_on(&mut next, "the request on the new connection").await;
+    assert!(head.starts_with("GET /second "), "{head}");
+    reset(next);
+    let head = tokio::select! {
+        head = client.read_head(WAIT) => head,
+        third = listener.accept() => panic!("the GET was sent again, on a third connection ({third:?})"),
     };
-    tokio::time::timeout(Duration::from_secs(2), async {
-        while !proxy.logs().iter().any(passed_over) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .is_ok()
+    assert_eq!(head.status, 502, "the request went out once, and failed");
+    no_new_connection(&listener, "the GET was sent again").await;
+    assert_alive(&proxy);
+    logged_a_pass_over(&proxy).await
 }
 
 /// An upstream response with both `Content-Length` and `Transfer-Encoding: chunked`:

@@ -327,8 +327,13 @@ impl Endpoint {
                 break;
             };
             let idle_for = since.elapsed();
-            let open = (!check && matches!(conn, Idle::Ready(..))) || conn.still_open();
-            if idle_for < self.pool_idle_timeout && open {
+            if idle_for >= self.pool_idle_timeout {
+                continue;
+            }
+            // Unchecked, a kept hyper connection still has to want a request: one that
+            // does not would hand it back as well, but while open, and be closed for it.
+            let unchecked = !check && matches!(&conn, Idle::Ready(sender, _) if sender.is_ready());
+            if unchecked || conn.still_open() {
                 return Ok((conn, idle_for >= MAY_BE_CLOSING));
             }
         }

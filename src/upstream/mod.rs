@@ -364,7 +364,15 @@ impl Upstream {
             // and the reconnection below held them beside the request's copy, in the
             // future of every request (1 744 → 1 256 bytes).
             let back = {
-                let mut response = std::pin::pin!(sender.try_send_request(unbox(&mut req)));
+                // Unconstrained: once the connection is done, its end has filled the
+                // response's one-shot (the answer, an error, or the request handed back),
+                // and the poll below must read it at once. Under tokio's budget it could
+                // read `Pending`, which the `conn.done` arm takes for a connection that
+                // closed without a word: an answered request replayed or failed, a request
+                // never sent failed.
+                let mut response = std::pin::pin!(tokio::task::unconstrained(
+                    sender.try_send_request(unbox(&mut req))
+                ));
                 let r = poll_fn(|cx| {
                     if !conn.done {
                         // An error here reaches the response future too, with more context.
@@ -383,7 +391,13 @@ impl Upstream {
                 match r {
                     Some(Ok(resp)) => break resp,
                     Some(Err(mut e)) if attempt == 0 => match e.take_message() {
-                        Some(back) => (back, true),
+                        Some(back) => {
+                            if kept {
+                                tracing::debug!(endpoint = %endpoint.config.url, error = %e.error(),
+                                    "a kept connection was closed while idle; trying the next one");
+                            }
+                            (back, true)
+                        }
                         None => match replay.take() {
                             Some(replay) if closed_under_us(e.error()) => {
                                 tracing::debug!(error = %e.error(), "a kept connection closed as the request went out; sending it again on a new one");
@@ -408,16 +422,17 @@ impl Upstream {
             // A kept connection that never took the request: the next kept one, checked
             // this time, or a new one. Anything else goes on a new connection.
             let (next, may_be_closing) = if kept && untouched {
-                tracing::debug!(endpoint = %endpoint.config.url,
-                    "a kept connection was closed while idle; trying the next one");
                 Box::pin(endpoint.checkout(true)).await?
             } else {
                 attempt += 1;
                 (Idle::Io(Box::pin(endpoint.connect()).await?), false)
             };
-            if may_be_closing && replay.is_none() {
-                replay = req.as_deref().and_then(Replay::of);
-            }
+            // The copy goes with the connection that may be closing under the request:
+            // one reused within a second, or a new one, is sent on once, as ever.
+            replay = match may_be_closing {
+                true => replay.or_else(|| req.as_deref().and_then(Replay::of)),
+                false => None,
+            };
             kept = matches!(next, Idle::Ready(..));
             let (s, c) = match next {
                 Idle::Ready(s, c) => (s, c),
