@@ -1791,11 +1791,12 @@ async fn upstream_closing_idle_connections_never_poisons_the_pool() {
     );
 }
 
-/// Three kept connections, two of which the upstream closed while they sat idle: the next
-/// request passes over both and goes out on the third, without an error and without a
-/// new connection. The check-out does not poll a kept connection (it saves a pass of
-/// hyper's dispatcher per request): the request's first poll reads the close, hyper
-/// hands the request back untouched, and the next kept connection is checked.
+/// Three kept connections, two of which the upstream closed while they sat idle (one with
+/// a reset, one with a FIN): the next request passes over both and goes out on the third,
+/// without an error and without a new connection. The check-out does not poll a kept
+/// connection (it saves a pass of hyper's dispatcher per request): the request's first
+/// poll reads the close, hyper hands the request back untouched, and the next kept
+/// connection is checked.
 ///
 /// The proxy's sweep (every second) also closes such connections, and when it runs between
 /// the upstream's close and the request, the request finds only the open one: the same
@@ -1820,14 +1821,16 @@ async fn in_rounds_that_pass_over<F: Future<Output = bool>>(round: impl Fn() -> 
     panic!("in 3 rounds, no request passed over a kept connection closed while idle");
 }
 
-/// Waits until the proxy's ends of these upstream connections have seen their FIN.
-async fn in_close_wait(ends: &[SocketAddr], upstream: SocketAddr) {
-    poll_until(WAIT, "the proxy's ends in CLOSE_WAIT", || {
+/// Waits until the proxy's ends of these upstream connections have seen their FIN (in
+/// `CLOSE_WAIT`) or their reset (gone from the table, closed by the kernel).
+async fn seen_closed(ends: &[SocketAddr], upstream: SocketAddr) {
+    poll_until(WAIT, "the proxy's ends seeing the close", || {
         let sockets = kernel_sockets();
         ends.iter().all(|end| {
             sockets
                 .iter()
-                .any(|k| k.local == *end && k.remote == upstream && k.state == CLOSE_WAIT)
+                .find(|k| k.local == *end && k.remote == upstream)
+                .is_none_or(|k| k.state == CLOSE_WAIT)
         })
     })
     .await;
@@ -1902,14 +1905,19 @@ async fn passed_over_closed_kept_connections() -> bool {
         let (body, _) = client.read_body_until_end(&head, WAIT).await;
         assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]));
     }
-    // The two checked in last are closed, and the proxy's sockets see their FIN.
+    // The two checked in last are closed, and the proxy's sockets see it: the last one,
+    // which the request takes first, unchecked, with a reset (a crashed upstream), the
+    // other, which the check-out then checks, with a FIN.
     let (_, mut first) = conns.remove(0);
     let mut closed = Vec::new();
-    for (_, s) in conns {
+    for (n, (_, s)) in conns.into_iter().enumerate() {
         closed.push(s.peer_addr().expect("the proxy's end"));
-        drop(s);
+        match n {
+            1 => reset(s),
+            _ => drop(s),
+        }
     }
-    in_close_wait(&closed, addr).await;
+    seen_closed(&closed, addr).await;
 
     let mut client = Client::connect(proxy.addr()).await;
     client.send_head("GET", "/kept/again", &[]).await;
@@ -1957,7 +1965,7 @@ async fn passed_over_a_closing_connection() -> bool {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let end = kept.peer_addr().expect("the proxy's end");
     drop(kept);
-    in_close_wait(&[end], addr).await;
+    seen_closed(&[end], addr).await;
 
     client.send_head("GET", "/second", &[]).await;
     let (mut next, _) = within(WAIT, "a new connection", listener.accept())
