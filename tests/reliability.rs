@@ -1423,6 +1423,9 @@ async fn read_request_head(
     }
 }
 
+/// A healthy upstream's answer: `200`, body `ok`, kept alive.
+const OK_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
@@ -1498,16 +1501,12 @@ async fn fault_conn(
                 return;
             }
             Fault::IdleClose(_) | Fault::Healthy => {
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
+                let _ = stream.write_all(OK_RESPONSE).await;
                 continue;
             }
             Fault::Hold => true,
             Fault::CloseOnSecond if served == 1 => {
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
+                let _ = stream.write_all(OK_RESPONSE).await;
                 continue;
             }
             Fault::CloseOnSecond => return,
@@ -1869,10 +1868,18 @@ async fn request_head_on(s: &mut TcpStream, what: &str) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// Answers [`OK_RESPONSE`] on the upstream's end `s`, and reads it whole on `client`.
+async fn answer_ok(s: &mut TcpStream, client: &mut Client) {
+    s.write_all(OK_RESPONSE).await.expect("respond");
+    let head = client.read_head(WAIT).await;
+    let (body, end) = client.read_body_until_end(&head, WAIT).await;
+    assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]), "{end:?}");
+    assert!(end.is_ok(), "{end:?}");
+}
+
 /// One round of [`kept_connections_closed_while_idle_are_passed_over`]: whether the request
 /// took the path under test.
 async fn passed_over_closed_kept_connections() -> bool {
-    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("upstream address");
     // One worker: one idle list for the three connections and the request after them.
@@ -1899,11 +1906,7 @@ async fn passed_over_closed_kept_connections() -> bool {
     // Answered one by one, each client served before the next answer, so that they go
     // back to the idle list in this order; the list hands out the last one first.
     for (i, s) in &mut conns {
-        s.write_all(RESPONSE).await.expect("respond");
-        let client = &mut clients[*i];
-        let head = client.read_head(WAIT).await;
-        let (body, _) = client.read_body_until_end(&head, WAIT).await;
-        assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]));
+        answer_ok(s, &mut clients[*i]).await;
     }
     // The two checked in last are closed, and the proxy's sockets see it: the last one,
     // which the request takes first, unchecked, with a reset (a crashed upstream), the
@@ -1923,11 +1926,7 @@ async fn passed_over_closed_kept_connections() -> bool {
     client.send_head("GET", "/kept/again", &[]).await;
     let head = request_head_on(&mut first, "the request on the connection still open").await;
     assert!(head.starts_with("GET /kept/again "), "{head}");
-    first.write_all(RESPONSE).await.expect("respond");
-    let head = client.read_head(WAIT).await;
-    let (body, end) = client.read_body_until_end(&head, WAIT).await;
-    assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]), "{end:?}");
-    assert!(end.is_ok(), "{end:?}");
+    answer_ok(&mut first, &mut client).await;
     no_new_connection(&listener, "a kept connection was still open").await;
     assert_alive(&proxy);
     logged_a_pass_over(&proxy).await
@@ -1954,12 +1953,7 @@ async fn passed_over_a_closing_connection() -> bool {
         .await
         .expect("accept");
     request_head_on(&mut kept, "the first request").await;
-    kept.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        .await
-        .expect("respond");
-    let head = client.read_head(WAIT).await;
-    let (body, _) = client.read_body_until_end(&head, WAIT).await;
-    assert_eq!((head.status, body.as_slice()), (200, &b"ok"[..]));
+    answer_ok(&mut kept, &mut client).await;
     // The scenario itself, not a wait for an event: only a connection kept this long may
     // be closing under a request (the proxy's `MAY_BE_CLOSING`).
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -2046,9 +2040,7 @@ async fn an_idle_connection_the_upstream_closed_is_closed_within_a_sweep() {
             read_raw_head(&mut s, &mut Vec::new()).await.is_some(),
             "the proxy closed before its request was whole"
         );
-        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            .await
-            .expect("respond");
+        s.write_all(OK_RESPONSE).await.expect("respond");
         s
     });
     let resp = within(WAIT, "GET /idle", http_get(proxy.addr(), "/idle")).await;
